@@ -1,0 +1,419 @@
+"""Trial configuration: one small frozen dataclass per stage, nested in :class:`TrialConfig`.
+
+Defaults live here and only here; YAML files and CLI overrides hold changes, written as dotted keys
+(``ppo.kl_coef=0.05``) with one syntax everywhere. Loading validates everything and fails loudly:
+unknown keys get a "did you mean", type errors name the dotted key and the file, and rules that span fields
+(for example a full fine-tune on a 4-bit base) say how to fix the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional
+
+from .errors import ConfigError
+
+# Bump when a default below changes meaning, so trial ids (which hash the full config) move with it.
+CONFIG_VERSION = 1
+
+BUILTIN_MODELS = ("tiny-llama", "tiny-gpt2")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with help text (shown by ``--help-config`` and in the README table)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base_model: str = _f("tiny-llama", "Built-in tiny model (tiny-llama, tiny-gpt2), a hub id or a local path.")
+    quantization: Literal["none", "nf4", "fp4"] = _f(
+        "nf4", "Load the frozen base in 4-bit through bitsandbytes (nf4 or fp4), or 'none'.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "Compute dtype of 4-bit layers and of unquantized weights.")
+    double_quant: bool = _f(True, "bitsandbytes nested quantization of the 4-bit scales.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub. Off unless you ask for it.")
+    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) to pin.")
+    max_length: int = _f(192, "Maximum tokens of prompt + answer seen in training.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = _f("ko_sample", "'ko_sample' (bundled Korean data) or a directory holding sft/rm/ppo/eval files.")
+    format: Literal["auto", "kochatgpt", "aihub", "hf_pref", "hh", "messages"] = _f(
+        "auto", "Reader for the files in `source`; 'auto' detects it per file from the fields of the first row.")
+    sft_file: Optional[str] = _f(None, "SFT file (JSON array or JSON lines), relative to `source`.")
+    rm_file: Optional[str] = _f(None, "Ranked-group or preference-pair file, relative to `source`.")
+    ppo_file: Optional[str] = _f(None, "PPO prompt file, relative to `source`.")
+    eval_file: Optional[str] = _f(None, "Held-out prompts with reference answers, relative to `source`.")
+    version: str = _f("v1", "Data version: v1 (as read), v2 (cleaned) or a name from `custom_versions`.")
+    custom_versions: dict = _f({}, "Your own versions: name -> list of cleaning filters (see `data stats`).")
+    eval_fraction: float = _f(0.2, "Fraction of RM groups held out for RM eval (split by stable prompt id).")
+    split_seed: int = _f(0, "Seed of the stable train/eval split. Independent of the trial seed.")
+    skip_bad_rows: bool = _f(False, "Skip and count malformed rows instead of stopping at the first one.")
+    max_sft: int = _f(0, "Use at most this many SFT examples (0 = all).")
+    max_rm_groups: int = _f(0, "Use at most this many RM training groups (0 = all).")
+    max_ppo_prompts: int = _f(0, "Use at most this many PPO prompts (0 = all).")
+    max_eval: int = _f(0, "Use at most this many eval prompts (0 = all).")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    lora_rank: int = _f(8, "LoRA rank; 0 means a full fine-tune (needs model.quantization=none).")
+    lora_alpha: int = _f(0, "LoRA alpha; 0 means 2 * lora_rank.")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    learning_rate: float = _f(3e-3, "Peak learning rate.")
+    epochs: float = _f(3.0, "Training epochs over the SFT set.")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1 = use epochs).")
+    batch_size: int = _f(16, "Per-device batch size.")
+    grad_accum: int = _f(1, "Gradient accumulation steps.")
+    warmup_ratio: float = _f(0.05, "Linear warmup fraction.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    lora_rank: int = _f(8, "LoRA rank of the reward adapter (trains the score head too); 0 = full fine-tune.")
+    lora_alpha: int = _f(0, "LoRA alpha; 0 means 2 * lora_rank.")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    init_from: Literal["sft", "base"] = _f(
+        "sft", "Start the RM from the SFT model (shares PPO's base) or from the raw base model.")
+    learning_rate: float = _f(3e-3, "Peak learning rate.")
+    epochs: float = _f(3.0, "Training epochs over all pairs of the ranked groups.")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1 = use epochs).")
+    batch_size: int = _f(16, "Pairs per batch.")
+    grad_accum: int = _f(1, "Gradient accumulation steps.")
+    warmup_ratio: float = _f(0.05, "Linear warmup fraction.")
+    center_rewards_coefficient: float = _f(0.0, "TRL's auxiliary loss that centres rewards on zero.")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    lora_rank: int = _f(8, "Rank of the policy and value adapters; 0 = full copies (small models only).")
+    lora_alpha: int = _f(0, "LoRA alpha; 0 means 2 * lora_rank.")
+    learning_rate: float = _f(1e-3, "Learning rate of policy and value.")
+    total_episodes: int = _f(256, "Prompts rolled out in total (episodes).")
+    rollout_batch_size: int = _f(32, "Prompts per rollout (one PPO step).")
+    mini_batch_size: int = _f(16, "Rollouts per minibatch in the PPO epochs.")
+    grad_accum: int = _f(1, "Gradient accumulation steps per minibatch.")
+    ppo_epochs: int = _f(2, "Optimisation epochs over each rollout batch.")
+    max_new_tokens: int = _f(32, "Response length cap during rollouts.")
+    temperature: float = _f(1.0, "Sampling temperature of rollouts (N+ details: 1.0).")
+    kl_coef: float = _f(0.05, "Per-token KL penalty coefficient (beta). Initial value if adaptive_kl.")
+    adaptive_kl: bool = _f(False, "Ziegler et al. adaptive KL controller towards `kl_target`.")
+    kl_target: float = _f(6.0, "Target KL (nats per response) of the adaptive controller.")
+    kl_horizon: int = _f(10000, "Horizon (episodes) of the adaptive controller.")
+    kl_estimator: Literal["k1", "k3"] = _f("k1", "Per-token KL estimator in the penalty (Schulman's k1 or k3).")
+    gamma: float = _f(1.0, "Discount.")
+    lam: float = _f(0.95, "GAE lambda.")
+    cliprange: float = _f(0.2, "Policy ratio clip.")
+    cliprange_value: float = _f(0.2, "Value clip.")
+    vf_coef: float = _f(0.1, "Value loss coefficient.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    reward_norm: bool = _f(True, "Normalise RM scores by the SFT policy's reward mean/std (N+ details).")
+    whiten_rewards: bool = _f(False, "Whiten per-token rewards before GAE.")
+    missing_eos_penalty: float = _f(1.0, "Subtracted from the score of responses without EOS (0 = off).")
+    kl_stop: float = _f(50.0, "End the trial as diverged when the mean KL (nats) exceeds this.")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    lora_rank: int = _f(8, "LoRA rank of the DPO policy; 0 = full fine-tune.")
+    lora_alpha: int = _f(0, "LoRA alpha; 0 means 2 * lora_rank.")
+    beta: float = _f(0.1, "DPO beta.")
+    learning_rate: float = _f(1e-3, "Peak learning rate.")
+    epochs: float = _f(2.0, "Training epochs over the pairs.")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1 = use epochs).")
+    batch_size: int = _f(16, "Pairs per batch.")
+    grad_accum: int = _f(1, "Gradient accumulation steps.")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_new_tokens: int = _f(48, "Generation length cap for eval answers.")
+    do_sample: bool = _f(False, "Sample eval answers (False = greedy, deterministic).")
+    rouge_tokenizer: Literal["kiwi", "char"] = _f(
+        "kiwi", "Korean tokenization of ROUGE: kiwi morphemes or NFC characters.")
+    bleu_tokenize: Literal["char", "ko-mecab", "13a"] = _f("char", "sacrebleu tokenizer for BLEU.")
+    num_samples_logged: int = _f(8, "Sample generations kept in result.json and logged to W&B.")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    seed: int = _f(0, "Trial seed: sampling, init, data order. Splits use data.split_seed instead.")
+    method: Literal["ppo", "dpo"] = _f("ppo", "Alignment stage after SFT: PPO (with an RM) or DPO.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # ---- derived views -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Flat dotted keys, the form used in result.json, W&B config and Ray Tune."""
+        return flatten(self.to_dict())
+
+    @property
+    def trial_id(self) -> str:
+        """Stable id: a hash of the full config (defaults included) and CONFIG_VERSION."""
+        return "t" + config_hash({"config_version": CONFIG_VERSION, **self.to_dict()})[:10]
+
+    def replace(self, **dotted: Any) -> "TrialConfig":
+        return build_trial_config(apply_overrides(self.to_dict(), dotted, source="<replace>"), "<replace>")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generic helpers: flatten / dotted overrides / typed construction with good errors
+# ---------------------------------------------------------------------------------------------------------
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and key != "data.custom_versions":
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def all_keys(cls: type = TrialConfig, prefix: str = "") -> list[str]:
+    """Every valid dotted key, for "did you mean" suggestions and docs."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else _resolve(cls, f.name)):
+            keys.extend(all_keys(_resolve(cls, f.name), f"{prefix}{f.name}."))
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _resolve(cls: type, name: str) -> Any:
+    return _hints(cls)[name]
+
+
+def suggest(key: str, candidates: list[str]) -> str:
+    m = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if not m:  # try matching the last component alone (e.g. 'kl_coeff' -> 'ppo.kl_coef')
+        tails = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        t = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(tails), n=1, cutoff=0.75)
+        m = [tails[t[0]]] if t else []
+    return f" Did you mean '{m[0]}'?" if m else ""
+
+
+def apply_overrides(base: dict, overrides: Mapping[str, Any], source: str) -> dict:
+    """Apply dotted-key overrides to a nested dict (copy). Unknown keys raise ConfigError with a suggestion."""
+    import copy
+
+    out = copy.deepcopy(base)
+    valid = all_keys()
+    for dotted, value in overrides.items():
+        if not isinstance(dotted, str):
+            raise ConfigError(f"{source}: key {dotted!r} is not a string; write dotted keys like 'ppo.kl_coef'.")
+        if dotted not in valid:
+            # allow setting a whole section with a mapping, e.g. data.custom_versions or `ppo: {...}`
+            section = dotted in {f.name for f in dataclasses.fields(TrialConfig)}
+            if section and isinstance(value, Mapping):
+                out = apply_overrides(out, {f"{dotted}.{k}": v for k, v in value.items()}, source)
+                continue
+            raise ConfigError(f"{source}: unknown key '{dotted}'.{suggest(dotted, valid)}")
+        node = out
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value
+    return out
+
+
+def parse_cli_overrides(items: list[str]) -> dict[str, Any]:
+    """``['ppo.kl_coef=0.05', 'model.quantization=none']`` -> dict, values parsed as YAML scalars."""
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. ppo.kl_coef=0.05")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check (and minimally coerce: int -> float) a value against a type hint."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _check_type(value, non_none[0], key, source)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{source}: '{key}' must be one of {choices}, got {value!r}.")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r} ({type(value).__name__}).")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r} ({type(value).__name__}).")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r} ({type(value).__name__}).")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r} ({type(value).__name__}).")
+        return value
+    if tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}.")
+        return dict(value)
+    return value
+
+
+def _build(cls: type, d: Mapping[str, Any], source: str, prefix: str = "") -> Any:
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in d.items():
+        key = prefix + k
+        if k not in names:
+            raise ConfigError(f"{source}: unknown key '{key}'.{suggest(key, all_keys())}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{source}: '{key}' must be a section (mapping), got {v!r}.")
+            kwargs[k] = _build(tp, v, source, key + ".")
+        else:
+            kwargs[k] = _check_type(v, tp, key, source)
+    return cls(**kwargs)
+
+
+def build_trial_config(d: Mapping[str, Any], source: str) -> TrialConfig:
+    """Nested dict -> validated TrialConfig. Raises ConfigError naming the dotted key and `source`."""
+    cfg = _build(TrialConfig, d, source)
+    validate(cfg, source)
+    return cfg
+
+
+def trial_config_from_overrides(overrides: Mapping[str, Any], source: str = "<overrides>") -> TrialConfig:
+    return build_trial_config(apply_overrides(TrialConfig().to_dict(), overrides, source), source)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Value rules and cross-field rules
+# ---------------------------------------------------------------------------------------------------------
+
+def validate(cfg: TrialConfig, source: str) -> None:
+    def bad(key: str, msg: str) -> None:
+        raise ConfigError(f"{source}: '{key}' {msg}")
+
+    for stage in ("sft", "rm", "ppo", "dpo"):
+        sc = getattr(cfg, stage)
+        if sc.lora_rank < 0:
+            bad(f"{stage}.lora_rank", f"must be >= 0 (0 = full fine-tune), got {sc.lora_rank}.")
+        if sc.lora_alpha < 0:
+            bad(f"{stage}.lora_alpha", f"must be >= 0 (0 = 2 * rank), got {sc.lora_alpha}.")
+        if sc.learning_rate <= 0:
+            bad(f"{stage}.learning_rate", f"must be > 0, got {sc.learning_rate}.")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(sc, name, 1) < 1:
+                bad(f"{stage}.{name}", f"must be >= 1, got {getattr(sc, name)}.")
+        if getattr(sc, "epochs", 1.0) <= 0 and getattr(sc, "max_steps", -1) <= 0:
+            bad(f"{stage}.epochs", "must be > 0 (or set max_steps > 0).")
+    p = cfg.ppo
+    if p.kl_coef < 0:
+        bad("ppo.kl_coef", f"must be >= 0, got {p.kl_coef}.")
+    for name in ("total_episodes", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens"):
+        if getattr(p, name) < 1:
+            bad(f"ppo.{name}", f"must be >= 1, got {getattr(p, name)}.")
+    if p.rollout_batch_size % p.mini_batch_size:
+        bad("ppo.mini_batch_size", f"({p.mini_batch_size}) must divide ppo.rollout_batch_size "
+            f"({p.rollout_batch_size}).")
+    if p.temperature <= 0:
+        bad("ppo.temperature", f"must be > 0, got {p.temperature}.")
+    if not 0 <= p.gamma <= 1 or not 0 <= p.lam <= 1:
+        bad("ppo.gamma", "and ppo.lam must lie in [0, 1].")
+    if p.cliprange <= 0 or p.cliprange_value <= 0:
+        bad("ppo.cliprange", "and ppo.cliprange_value must be > 0.")
+    if cfg.dpo.beta <= 0:
+        bad("dpo.beta", f"must be > 0, got {cfg.dpo.beta}.")
+    if cfg.model.max_length < 16:
+        bad("model.max_length", f"must be >= 16, got {cfg.model.max_length}.")
+    if cfg.eval.max_new_tokens < 1:
+        bad("eval.max_new_tokens", f"must be >= 1, got {cfg.eval.max_new_tokens}.")
+    d = cfg.data
+    if not 0 < d.eval_fraction < 1:
+        bad("data.eval_fraction", f"must lie strictly between 0 and 1, got {d.eval_fraction}.")
+    for name in ("max_sft", "max_rm_groups", "max_ppo_prompts", "max_eval"):
+        if getattr(d, name) < 0:
+            bad(f"data.{name}", f"must be >= 0 (0 = all), got {getattr(d, name)}.")
+    known_versions = {"v1", "v2", *d.custom_versions}
+    if d.version not in known_versions:
+        bad("data.version", f"is {d.version!r}, which is neither v1, v2 nor defined in data.custom_versions "
+            f"({', '.join(sorted(d.custom_versions)) or 'none defined'}).")
+    for name, filters in d.custom_versions.items():
+        if not isinstance(filters, list) or not all(isinstance(x, str) for x in filters):
+            bad(f"data.custom_versions.{name}", "must be a list of filter names.")
+        from .data.versions import FILTERS  # local import: data imports config
+
+        for flt in filters:
+            if flt not in FILTERS:
+                bad(f"data.custom_versions.{name}", f"names unknown filter {flt!r}.{suggest(flt, list(FILTERS))} "
+                    f"Known filters: {', '.join(FILTERS)}.")
+    if cfg.model.base_model.strip() == "":
+        bad("model.base_model", "must not be empty.")
+
+    # Cross-field: a full fine-tune cannot train on a 4-bit base (bitsandbytes 4-bit weights are frozen).
+    if cfg.model.quantization != "none":
+        stages = ["sft"] + (["rm", "ppo"] if cfg.method == "ppo" else ["dpo"])
+        full = [s for s in stages if getattr(cfg, s).lora_rank == 0]
+        if full:
+            keys = ", ".join(f"{s}.lora_rank=0" for s in full)
+            raise ConfigError(
+                f"{source}: infeasible combination: {keys} (full fine-tune) with model.quantization="
+                f"{cfg.model.quantization!r}. 4-bit weights cannot be trained. Set model.quantization=none for "
+                f"rank-0 trials (in a sweep: an `overrides` entry with when: {{{full[0]}.lora_rank: 0}} and "
+                f"set: {{model.quantization: none}}), or use a LoRA rank > 0.")
+
+
+def help_table() -> str:
+    """Markdown table of every key, its default and help text (used by the README)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    flat = TrialConfig().flat()
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            tp = _resolve(cls, f.name)
+            if dataclasses.is_dataclass(tp):
+                walk(tp, prefix + f.name + ".")
+            else:
+                rows.append(f"| `{prefix}{f.name}` | `{flat.get(prefix + f.name)!r}` | {f.metadata.get('help', '')} |")
+
+    walk(TrialConfig, "")
+    return "\n".join(rows)

@@ -1,0 +1,1 @@
+"""Korean preference data: readers, canonical records, versions (cleaning), splits, stats."""
