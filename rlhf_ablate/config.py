@@ -267,7 +267,15 @@ def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]
-        return _check_type(value, non_none[0], key, source)
+        errors = []
+        for a in non_none:
+            try:
+                return _check_type(value, a, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(non_none) == 1 else ConfigError(
+            f"{source}: '{key}' must be one of the types {', '.join(getattr(a, '__name__', str(a)) for a in non_none)}"
+            f", got {value!r}.")
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
@@ -289,6 +297,12 @@ def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: '{key}' must be a string, got {value!r} ({type(value).__name__}).")
         return value
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}.")
+        inner = args[0] if args else None
+        items = [_check_type(v, inner, f"{key}[{i}]", source) if inner else v for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
     if tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}.")
@@ -296,19 +310,22 @@ def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
     return value
 
 
-def _build(cls: type, d: Mapping[str, Any], source: str, prefix: str = "") -> Any:
+def build_dataclass(cls: type, d: Any, source: str, prefix: str = "") -> Any:
+    """Mapping -> frozen dataclass `cls`, recursively, refusing unknown keys and checking types.
+
+    Errors name the dotted key (``prefix`` + field) and ``source`` (the file)."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'the file'}' must be a mapping, got {d!r}.")
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in d.items():
-        key = prefix + k
+        key = prefix + str(k)
         if k not in names:
-            raise ConfigError(f"{source}: unknown key '{key}'.{suggest(key, all_keys())}")
+            raise ConfigError(f"{source}: unknown key '{key}'.{suggest(key, all_keys(cls, prefix))}")
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
-            if not isinstance(v, Mapping):
-                raise ConfigError(f"{source}: '{key}' must be a section (mapping), got {v!r}.")
-            kwargs[k] = _build(tp, v, source, key + ".")
+            kwargs[k] = build_dataclass(tp, v, source, key + ".")
         else:
             kwargs[k] = _check_type(v, tp, key, source)
     return cls(**kwargs)
@@ -316,7 +333,7 @@ def _build(cls: type, d: Mapping[str, Any], source: str, prefix: str = "") -> An
 
 def build_trial_config(d: Mapping[str, Any], source: str) -> TrialConfig:
     """Nested dict -> validated TrialConfig. Raises ConfigError naming the dotted key and `source`."""
-    cfg = _build(TrialConfig, d, source)
+    cfg = build_dataclass(TrialConfig, d, source)
     validate(cfg, source)
     return cfg
 

@@ -1,0 +1,147 @@
+"""``python -m rlhf_ablate {sweep,trial,slurm,data,report}``.
+
+Every command exits 2 with a one-paragraph message on bad input (any RlhfAblateError) and writes nothing partial.
+Heavy imports (torch, ray) happen inside the commands, so ``--help`` and ``--dry-run`` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from .errors import RlhfAblateError
+
+
+def _add_sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_file", help="sweep YAML, e.g. sweeps/lora_rank.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides added to the sweep's base, e.g. model.base_model=meta-llama/Llama-3.2-1B")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<sweep name>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rlhf_ablate",
+        description="RLHF hyperparameter ablations: SFT -> reward model -> PPO/DPO per trial, Ray Tune or SLURM "
+                    "to run the grid, and comparison tables with confidence intervals.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("sweep", help="run every trial of a sweep file with Ray Tune")
+    _add_sweep_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the trial table and start nothing")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped sweep (rerunning the same command does the same: finished trials are "
+                        "never rerun)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="at most N trials at once")
+    p.add_argument("--no-cache", action="store_true", help="recompute every stage instead of reusing artifacts")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
+    p.add_argument("--no-report", action="store_true", help="do not write RUN_DIR/report at the end")
+
+    p = sub.add_parser("trial", help="run one trial of a sweep (what a SLURM array task runs)")
+    _add_sweep_args(p)
+    p.add_argument("--index", type=int, required=True, help="trial index, 0-based, as in `sweep --dry-run`")
+    p.add_argument("--no-cache", action="store_true", help="recompute every stage")
+
+    p = sub.add_parser("slurm", help="write (and with --submit, submit) the sbatch array and report jobs")
+    _add_sweep_args(p)
+    p.add_argument("--submit", action="store_true", help="submit with sbatch and print the job ids")
+    for opt in ("partition", "account", "time", "qos"):
+        p.add_argument(f"--{opt}", default=None, help=f"SLURM {opt} (overrides the sweep's slurm.{opt})")
+    p.add_argument("--max-concurrent", type=int, default=None, help="array throttle %%K")
+
+    try:
+        from .data.cli import add_parser as add_data_parser
+
+        add_data_parser(sub)
+    except ImportError:  # pragma: no cover - the data package is part of the distribution
+        pass
+
+    p = sub.add_parser("report", help="tables, plots and report.md from RUN_DIR/trials/*/result.json")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="report directory (default: RUN_DIR/report)")
+    return parser
+
+
+def run_dir_for(spec, out: Path | None) -> Path:
+    return (out or Path("runs") / spec.name).resolve()
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .config import parse_cli_overrides
+    from .sweep import expand, load_sweep, trial_table
+
+    spec = load_sweep(args.sweep_file, parse_cli_overrides(args.overrides))
+    trials = expand(spec)
+    if args.dry_run:
+        from .resources import estimate_column
+
+        print(f"sweep {spec.name} (version {spec.version}): {len(trials)} trials"
+              + (f"; Optuna samples {spec.search.num_samples} more from {sorted(spec.search.space)}"
+                 if spec.search.type == "optuna" else ""))
+        print(trial_table(trials, estimate_column(spec, trials)))
+        print(f"run directory: {run_dir_for(spec, args.out)}  (nothing started: --dry-run)")
+        return 0
+    from .tune import run_sweep
+
+    return run_sweep(spec, run_dir_for(spec, args.out), resume=args.resume, max_concurrent=args.max_concurrent,
+                     use_cache=not args.no_cache, address=args.address or os.environ.get("RAY_ADDRESS"),
+                     report=not args.no_report)
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    from .config import parse_cli_overrides
+    from .sweep import expand, load_sweep
+    from .errors import ConfigError
+
+    spec = load_sweep(args.sweep_file, parse_cli_overrides(args.overrides))
+    trials = expand(spec)
+    if not 0 <= args.index < len(trials):
+        raise ConfigError(f"{args.sweep_file}: --index {args.index} is out of range: the sweep has "
+                          f"{len(trials)} trials (indices 0..{len(trials) - 1}).")
+    from .trial import run_trial_in_sweep
+
+    result = run_trial_in_sweep(spec, trials[args.index], run_dir_for(spec, args.out), use_cache=not args.no_cache)
+    return 0 if result["status"] == "ok" else 1
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from .slurm import main as slurm_main
+
+    return slurm_main(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from analysis.cli import main as report_main
+
+    argv = [str(args.run_dir)] + (["--out", str(args.out)] if args.out else [])
+    return report_main(["report", *argv])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handlers = {"sweep": cmd_sweep, "trial": cmd_trial, "slurm": cmd_slurm, "report": cmd_report}
+    try:
+        if args.command == "data":
+            from .data.cli import main as data_main
+
+            return data_main(args)
+        return handlers[args.command](args)
+    except RlhfAblateError as e:
+        msg = textwrap.fill(str(e), width=110, break_long_words=False, break_on_hyphens=False)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished trials and stages are kept; rerun the same command to continue.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,416 @@
+"""Sweep files declare; a pure function expands.
+
+A sweep file (YAML, read with ``yaml.safe_load``)::
+
+    name: kl_coef                # run directory name: runs/<name>
+    version: 1                   # bump when you change the file's meaning
+    include: base.yaml           # optional: shared bases, merged first (lm-eval-harness style)
+    base:                        # dotted-key overrides of the TrialConfig defaults
+      model.base_model: tiny-llama
+    axes:                        # the grid
+      ppo.kl_coef: [0.01, 0.1, 1.0]
+      lora_rank:                 # a tied axis: its keys move together
+        keys: [sft.lora_rank, rm.lora_rank]
+        values: [0, 8, 16]       # or per-key lists: [[0, 0], [8, 8]]
+    seeds: [0, 1, 2]
+    overrides:                   # per-value overrides, applied after the axes
+      - when: {sft.lora_rank: 0}
+        set: {model.quantization: none}
+    search: {type: grid}         # or {type: optuna, metric: ppo/reward_mean, mode: max, num_samples: 8, space: ...}
+    scheduler: {type: none}      # or {type: asha, metric: ppo/objective/scores, mode: max, grace_period: 2}
+    resources: {gpu: auto, cpu: 2}
+    tracking: {wandb: offline, project: rlhf_ablate}
+    slurm: {partition: gpu, time: "04:00:00", max_concurrent: 4}
+
+``expand(spec)`` turns this into complete, validated :class:`Trial` objects with stable ids, and rejects
+infeasible combinations and duplicate trials before anything starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+import yaml
+
+from .config import (
+    TrialConfig,
+    all_keys,
+    apply_overrides,
+    build_dataclass,
+    build_trial_config,
+    suggest,
+)
+from .errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------------------
+# Sweep-level sections. They configure how trials run, not what a trial computes, so they are not part of the
+# trial id: moving a sweep from Ray to SLURM, or changing its W&B project, keeps every trial id and cache entry.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    type: Literal["grid", "optuna"] = "grid"
+    metric: str = "ppo/reward_mean"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = 8
+    space: dict = field(default_factory=dict)  # dotted key -> {loguniform|uniform|int|choice: [...]}
+    max_concurrent: int = 2
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    type: Literal["none", "asha"] = "none"
+    metric: str = "ppo/objective/scores"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = 2
+    reduction_factor: int = 2
+    max_t: int = 1000
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    gpu: Union[float, str] = "auto"  # "auto": 0 without GPUs; otherwise a fraction from the memory estimate
+    cpu: int = 1
+    memory_gb: Optional[float] = None  # override the GPU memory estimate of a trial
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "rlhf_ablate"
+    entity: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SlurmSpec:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "04:00:00"
+    max_concurrent: int = 4
+    cpus_per_task: Optional[int] = None
+    gpus_per_task: Optional[int] = None
+    mem: Optional[str] = None
+    extra: list = field(default_factory=list)  # extra "#SBATCH ..." lines, e.g. ["--constraint=a100"]
+    setup: list = field(default_factory=list)  # shell lines run before the trial (module load, conda activate)
+
+
+SWEEP_KEYS = ("name", "version", "description", "include", "base", "axes", "seeds", "overrides", "search",
+              "scheduler", "resources", "tracking", "slurm", "cache_dir", "max_concurrent")
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str
+    keys: tuple[str, ...]
+    values: tuple[tuple[Any, ...], ...]  # one tuple per value, one entry per key
+
+
+@dataclass(frozen=True)
+class Override:
+    when: dict
+    set: dict
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    version: int
+    path: str
+    base: dict
+    axes: tuple[Axis, ...]
+    seeds: tuple[int, ...]
+    overrides: tuple[Override, ...]
+    search: SearchSpec
+    scheduler: SchedulerSpec
+    resources: ResourceSpec
+    tracking: TrackingSpec
+    slurm: SlurmSpec
+    cache_dir: Optional[str] = None
+    max_concurrent: int = 0  # 0 = as many as resources allow
+    description: str = ""
+
+    def trial(self, values: Mapping[str, Any], seed: int, index: int, axes: Mapping[str, Any]) -> "Trial":
+        """One trial from the base, axis values (dotted keys), seed and the conditional overrides."""
+        src = f"{self.path}: trial {index} ({_fmt_axes(axes, seed)})"
+        d = apply_overrides(apply_overrides(default_dict(), self.base, self.path), values, src)
+        d["seed"] = seed
+        flat = _flat(d)
+        for ov in self.overrides:
+            if all(_same(flat.get(k), v) for k, v in ov.when.items()):
+                d = apply_overrides(d, ov.set, src)
+        cfg = build_trial_config(d, src)
+        return Trial(index=index, config=cfg, axes=dict(axes), seed=seed)
+
+
+@dataclass(frozen=True)
+class Trial:
+    index: int
+    config: TrialConfig
+    axes: dict
+    seed: int
+
+    @property
+    def trial_id(self) -> str:
+        return self.config.trial_id
+
+
+def default_dict() -> dict:
+    return TrialConfig().to_dict()
+
+
+def _flat(d: Mapping) -> dict:
+    from .config import flatten
+
+    return flatten(d)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b))
+    return a == b
+
+
+def _fmt_axes(axes: Mapping[str, Any], seed: int) -> str:
+    return ", ".join([f"{k}={v}" for k, v in axes.items()] + [f"seed={seed}"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    if not path.exists():
+        raise ConfigError(f"sweep file {path} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]} "
+                          f"({getattr(e, 'problem_mark', '') or ''})".strip()) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a sweep file must be a mapping with at least `name` and `axes`.")
+    for k in raw:
+        if k not in SWEEP_KEYS:
+            raise ConfigError(f"{path}: unknown top-level key '{k}'.{suggest(str(k), list(SWEEP_KEYS))} "
+                              f"Top-level keys: {', '.join(SWEEP_KEYS)}. Trial settings go under `base:` as "
+                              f"dotted keys.")
+    includes = raw.pop("include", None)
+    if includes is None:
+        return raw
+    merged: dict = {}
+    for inc in [includes] if isinstance(includes, str) else list(includes):
+        p = (path.parent / inc).resolve()
+        if p in chain:
+            raise ConfigError(f"{path}: include cycle through {p}.")
+        merged = _merge(merged, _read_yaml(p, chain + (path.resolve(),)))
+    return _merge(merged, raw)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if k in ("base", "search", "scheduler", "resources", "tracking", "slurm") and isinstance(v, dict):
+            out[k] = {**out.get(k, {}), **v}
+        else:
+            out[k] = v
+    return out
+
+
+def load_sweep(path: str | Path, cli_overrides: Mapping[str, Any] | None = None) -> SweepSpec:
+    """Read and validate a sweep file. ``cli_overrides`` (dotted keys) are added to ``base``."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    return parse_sweep(raw, str(path), cli_overrides)
+
+
+def parse_sweep(raw: Mapping[str, Any], source: str, cli_overrides: Mapping[str, Any] | None = None) -> SweepSpec:
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        raise ConfigError(f"{source}: 'name' must be a non-empty string without '/', got {name!r}.")
+    version = raw.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ConfigError(f"{source}: 'version' must be an integer, got {version!r}.")
+    base = dict(raw.get("base") or {})
+    if not isinstance(raw.get("base") or {}, Mapping):
+        raise ConfigError(f"{source}: 'base' must be a mapping of dotted keys, e.g. ppo.kl_coef: 0.05.")
+    base.update(cli_overrides or {})
+    # Validate the base alone first, so a typo is reported against `base`, not against trial 0.
+    apply_overrides(default_dict(), base, f"{source}: base")
+
+    axes = _parse_axes(raw.get("axes") or {}, source)
+    seeds = raw.get("seeds", [0])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds):
+        raise ConfigError(f"{source}: 'seeds' must be a non-empty list of integers, got {seeds!r}.")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{source}: 'seeds' lists a seed twice: {seeds}.")
+
+    overrides = []
+    for i, ov in enumerate(raw.get("overrides") or []):
+        if not isinstance(ov, Mapping) or set(ov) != {"when", "set"}:
+            raise ConfigError(f"{source}: overrides[{i}] must have exactly the keys `when` and `set`, got "
+                              f"{ov!r}.")
+        for part in ("when", "set"):
+            if not isinstance(ov[part], Mapping) or not ov[part]:
+                raise ConfigError(f"{source}: overrides[{i}].{part} must be a non-empty mapping of dotted keys.")
+            for k in ov[part]:
+                if k not in all_keys():
+                    raise ConfigError(f"{source}: overrides[{i}].{part}: unknown key '{k}'.{suggest(str(k), all_keys())}")
+        overrides.append(Override(when=dict(ov["when"]), set=dict(ov["set"])))
+
+    search = build_dataclass(SearchSpec, raw.get("search") or {}, source, "search.")
+    scheduler = build_dataclass(SchedulerSpec, raw.get("scheduler") or {}, source, "scheduler.")
+    resources = build_dataclass(ResourceSpec, raw.get("resources") or {}, source, "resources.")
+    tracking = build_dataclass(TrackingSpec, raw.get("tracking") or {}, source, "tracking.")
+    slurm = build_dataclass(SlurmSpec, raw.get("slurm") or {}, source, "slurm.")
+    _validate_sections(search, scheduler, resources, slurm, axes, source)
+    max_concurrent = raw.get("max_concurrent", 0)
+    if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 0:
+        raise ConfigError(f"{source}: 'max_concurrent' must be an integer >= 0, got {max_concurrent!r}.")
+    cache_dir = raw.get("cache_dir")
+    if cache_dir is not None and not isinstance(cache_dir, str):
+        raise ConfigError(f"{source}: 'cache_dir' must be a path string, got {cache_dir!r}.")
+    spec = SweepSpec(name=name, version=version, path=source, base=base, axes=tuple(axes), seeds=tuple(seeds),
+                     overrides=tuple(overrides), search=search, scheduler=scheduler, resources=resources,
+                     tracking=tracking, slurm=slurm, cache_dir=cache_dir, max_concurrent=max_concurrent,
+                     description=str(raw.get("description") or ""))
+    expand(spec)  # validate every trial now, so a bad combination fails at load time
+    return spec
+
+
+def _parse_axes(raw: Any, source: str) -> list[Axis]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: 'axes' must be a mapping: dotted key -> list of values, or name -> "
+                          f"{{keys: [...], values: [...]}} for tied axes.")
+    valid = all_keys()
+    axes = []
+    seen_keys: set[str] = set()
+    for name, spec in raw.items():
+        if isinstance(spec, Mapping):
+            extra = set(spec) - {"keys", "values"}
+            if extra or "keys" not in spec or "values" not in spec:
+                raise ConfigError(f"{source}: axes.{name} must have exactly `keys` and `values` "
+                                  f"(got {sorted(spec)}).")
+            keys, values = spec["keys"], spec["values"]
+            if isinstance(keys, str):
+                keys = [keys]
+        else:
+            keys, values = [name], spec
+        if not isinstance(keys, list) or not keys:
+            raise ConfigError(f"{source}: axes.{name}.keys must be a non-empty list of dotted keys.")
+        for k in keys:
+            if k == "seed":
+                raise ConfigError(f"{source}: axes.{name}: use the top-level `seeds:` list for seeds, not an axis.")
+            if k not in valid:
+                raise ConfigError(f"{source}: axes.{name}: unknown key '{k}'.{suggest(str(k), valid)}")
+            if k in seen_keys:
+                raise ConfigError(f"{source}: axes.{name}: key '{k}' is already swept by another axis.")
+            seen_keys.add(k)
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{source}: axes.{name} is empty: give at least one value.")
+        rows = []
+        for i, v in enumerate(values):
+            if len(keys) > 1 and isinstance(v, list):
+                if len(v) != len(keys):
+                    raise ConfigError(f"{source}: axes.{name}.values[{i}] has {len(v)} entries for "
+                                      f"{len(keys)} keys {keys}.")
+                rows.append(tuple(v))
+            else:
+                rows.append(tuple([v] * len(keys)))
+        if len(set(map(repr, rows))) != len(rows):
+            raise ConfigError(f"{source}: axes.{name} lists a value twice: {values}.")
+        axes.append(Axis(name=str(name), keys=tuple(keys), values=tuple(rows)))
+    return axes
+
+
+def _validate_sections(search: SearchSpec, scheduler: SchedulerSpec, resources: ResourceSpec, slurm: SlurmSpec,
+                       axes: list[Axis], source: str) -> None:
+    if search.type == "optuna":
+        if not search.space:
+            raise ConfigError(f"{source}: search.type=optuna needs search.space, e.g. "
+                              f"{{ppo.kl_coef: {{loguniform: [0.001, 1.0]}}}}.")
+        if search.num_samples < 1:
+            raise ConfigError(f"{source}: search.num_samples must be >= 1.")
+        for k, dist in search.space.items():
+            if k not in all_keys():
+                raise ConfigError(f"{source}: search.space: unknown key '{k}'.{suggest(str(k), all_keys())}")
+            if any(k in ax.keys for ax in axes):
+                raise ConfigError(f"{source}: search.space.{k} is also a grid axis; sweep it one way only.")
+            if (not isinstance(dist, Mapping) or len(dist) != 1
+                    or next(iter(dist)) not in ("loguniform", "uniform", "int", "choice")):
+                raise ConfigError(f"{source}: search.space.{k} must be one of {{loguniform: [lo, hi]}}, "
+                                  f"{{uniform: [lo, hi]}}, {{int: [lo, hi]}}, {{choice: [a, b, ...]}}.")
+            kind, arg = next(iter(dist.items()))
+            if not isinstance(arg, list) or (kind != "choice" and (len(arg) != 2 or not arg[0] < arg[1])):
+                raise ConfigError(f"{source}: search.space.{k}.{kind} needs [low, high] with low < high, "
+                                  f"got {arg!r}.")
+            if kind == "loguniform" and arg[0] <= 0:
+                raise ConfigError(f"{source}: search.space.{k}.loguniform needs low > 0, got {arg[0]}.")
+    if search.max_concurrent < 1:
+        raise ConfigError(f"{source}: search.max_concurrent must be >= 1.")
+    if scheduler.type == "asha" and (scheduler.grace_period < 1 or scheduler.reduction_factor < 2):
+        raise ConfigError(f"{source}: scheduler.grace_period must be >= 1 and scheduler.reduction_factor >= 2.")
+    if isinstance(resources.gpu, str) and resources.gpu != "auto":
+        raise ConfigError(f"{source}: resources.gpu must be a number (GPUs per trial, fractions allowed) or "
+                          f"'auto', got {resources.gpu!r}.")
+    if not isinstance(resources.gpu, str) and resources.gpu < 0:
+        raise ConfigError(f"{source}: resources.gpu must be >= 0, got {resources.gpu}.")
+    if resources.cpu < 1:
+        raise ConfigError(f"{source}: resources.cpu must be >= 1, got {resources.cpu}.")
+    if slurm.max_concurrent < 1:
+        raise ConfigError(f"{source}: slurm.max_concurrent must be >= 1, got {slurm.max_concurrent}.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Expansion
+# ---------------------------------------------------------------------------------------------------------
+
+def expand(spec: SweepSpec) -> list[Trial]:
+    """The grid (axes x seeds) as validated trials, in a stable order: seed-major, so that a partial sweep has
+    every axis value at the first seed before it starts the second.
+
+    For an Optuna search the trials are sampled at run time; ``expand`` then checks the space's corners and
+    returns the base configuration once per seed (the trials Optuna will refine)."""
+    trials: list[Trial] = []
+    combos = list(itertools.product(*[ax.values for ax in spec.axes])) if spec.axes else [()]
+    for seed in spec.seeds:
+        for combo in combos:
+            values: dict[str, Any] = {}
+            axes: dict[str, Any] = {}
+            for ax, row in zip(spec.axes, combo):
+                values.update(dict(zip(ax.keys, row)))
+                axes[ax.name] = row[0] if len(set(map(repr, row))) == 1 else list(row)
+            trials.append(spec.trial(values, seed, len(trials), axes))
+    if spec.search.type == "optuna":
+        for k, dist in spec.search.space.items():
+            kind, arg = next(iter(dist.items()))
+            for v in (arg if kind == "choice" else arg[:2]):
+                spec.trial({k: v}, spec.seeds[0], 0, {k: v})  # raises ConfigError if a corner is invalid
+    seen: dict[str, Trial] = {}
+    for t in trials:
+        if t.trial_id in seen:
+            other = seen[t.trial_id]
+            raise ConfigError(
+                f"{spec.path}: duplicate trials: ({_fmt_axes(other.axes, other.seed)}) and "
+                f"({_fmt_axes(t.axes, t.seed)}) give the same configuration (id {t.trial_id}). An override or a "
+                f"tied axis makes two grid points identical; remove one of the values.")
+        seen[t.trial_id] = t
+    return trials
+
+
+def trial_table(trials: list[Trial], extra: Mapping[str, list[str]] | None = None) -> str:
+    """Plain-text table for ``sweep --dry-run``: index, id, seed, axis values (and any extra columns)."""
+    names = list(dict.fromkeys(k for t in trials for k in t.axes))
+    header = ["#", "trial_id", "seed"] + names + list(extra or {})
+    rows = [[str(t.index), t.trial_id, str(t.seed)] + [str(t.axes.get(n, "")) for n in names]
+            + [col[i] for col in (extra or {}).values()] for i, t in enumerate(trials)]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
