@@ -1,0 +1,310 @@
+"""Content-addressed stage cache: keys, atomic writes, locks.
+
+Every stage of a trial (SFT, RM, PPO, DPO, eval) is a function that writes an artifact directory. The cache
+stores that directory under ``<root>/<stage>/<key>`` where ``key`` hashes everything the artifact depends on:
+
+- the stage's own config, the keys of its upstream stages and the data fingerprint (the caller builds this
+  ``payload``; see :meth:`StageCache.key`);
+- the *code version*: a hash of the source of the package files that compute stages (:func:`code_version`).
+
+So in a ``kl_coef`` sweep of K values the SFT and RM keys are identical across trials and those stages run once;
+only PPO fans out. The cache is shared by all trials of a sweep and across sweeps (and across users, if they point
+``cache_dir`` at the same place).
+
+Guarantees
+----------
+- **Nothing half-written is ever visible.** A build writes into ``<root>/<stage>/.tmp-<key>-<pid>-<rand>``, then
+  writes a ``COMPLETE`` marker, then ``os.rename``s the directory to its final name (atomic within a file
+  system). A build that raises has its temporary directory deleted and the exception re-raised. A process killed
+  with SIGKILL leaves a ``.tmp-*`` directory behind; no reader ever looks at those, and the next build of the same
+  key (which holds the key's lock, so no live process can own them) deletes them.
+- **No stage is computed twice concurrently.** A miss takes an exclusive ``fcntl.flock`` on
+  ``<root>/<stage>/<key>.lock``, re-checks, and only then builds. A second trial needing the same stage blocks on
+  the lock and then finds the finished artifact (a hit). The holder writes ``host pid time`` into the lock file,
+  so ``cat <key>.lock`` tells you who is building it. The kernel drops a flock when its holder dies, so a
+  SIGKILLed builder never leaves a stuck lock.
+- **Shared file systems.** ``flock`` is local-only on NFSv3 (each client sees only its own locks). On NFSv4 Linux
+  emulates flock with NFS byte-range locks, which the server arbitrates across clients; on Lustre it works when
+  the file system is mounted with the ``flock`` option (not ``localflock``). BeeGFS/GPFS behave like NFSv4 by
+  default. On a file system without cross-node locks two nodes could build the same stage at once; the rename
+  still keeps the result consistent (the loser's ``rename`` fails on a non-empty target and its copy is
+  discarded), it only wastes GPU time.
+
+The code version
+----------------
+:func:`code_version` hashes every ``.py`` file under ``rlhf_ablate/`` except the orchestration modules listed in
+:data:`ORCHESTRATION_FILES` (cli, tune, slurm, tracking, sweep, resources, and ``__main__``), which decide *how* and
+*where* trials run but not *what* a stage computes. Editing those keeps every cached artifact; editing a stage, the
+data readers, the model loading or the PPO math invalidates all of them, which is the safe direction. Set
+``RLHF_ABLATE_CODE_VERSION`` to pin the version explicitly (for example to reuse artifacts after a pure refactor);
+you then take responsibility for the artifacts matching the code.
+
+Each build (hit or not, cached or not) that actually ran a stage appends one JSON line to
+``<root>/executions.jsonl`` (stage, key, pid, host, seconds, status), which benchmarks and tests use to count
+stage executions.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+COMPLETE = "COMPLETE"
+EXECUTIONS_LOG = "executions.jsonl"
+KEY_HEX = 32  # 128 bits of sha256: collisions are not a practical concern for a cache
+
+# Modules that orchestrate trials but do not compute stage artifacts. Editing them must not invalidate the cache.
+ORCHESTRATION_FILES = frozenset({"cli.py", "tune.py", "slurm.py", "tracking.py", "sweep.py", "resources.py",
+                                 "__main__.py"})
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def code_version(package_dir: Optional[Path] = None) -> str:
+    """Hash of the source of the stage-computing modules (see the module docstring).
+
+    ``RLHF_ABLATE_CODE_VERSION`` in the environment overrides it."""
+    pinned = os.environ.get("RLHF_ABLATE_CODE_VERSION")
+    if pinned:
+        return pinned
+    return _code_version(str((package_dir or PACKAGE_DIR).resolve()))
+
+
+@functools.lru_cache(maxsize=8)
+def _code_version(package_dir: str) -> str:
+    root = Path(package_dir)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root)
+        if "__pycache__" in rel.parts or (len(rel.parts) == 1 and rel.name in ORCHESTRATION_FILES):
+            continue
+        h.update(rel.as_posix().encode() + b"\0")
+        h.update(p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON: sorted keys, no whitespace, non-JSON values (paths, tuples) as strings."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def default_cache_root(spec: Any = None) -> Path:
+    """``spec.cache_dir`` if the sweep sets it, else ``$RLHF_ABLATE_CACHE/stages``, else
+    ``~/.cache/rlhf_ablate/stages``. Relative ``cache_dir`` values are resolved against the current directory."""
+    cache_dir = getattr(spec, "cache_dir", None) if spec is not None else None
+    if cache_dir:
+        return Path(cache_dir).expanduser().resolve()
+    env = os.environ.get("RLHF_ABLATE_CACHE")
+    if env:
+        return (Path(env).expanduser() / "stages").resolve()
+    return (Path.home() / ".cache" / "rlhf_ablate" / "stages").resolve()
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """What :meth:`StageCache.run` returns."""
+
+    stage: str
+    key: str
+    path: Path        # the complete artifact directory
+    hit: bool         # True: reused (possibly after waiting on another process's build)
+    seconds: float    # build seconds (about 0 on a hit)
+    waited: float = 0.0  # seconds spent waiting on the lock held by another builder
+
+    def timing(self) -> dict:
+        """The shape of one entry of result.json ``timings`` (see docs/contracts.md)."""
+        return {"seconds": round(self.seconds, 3), "cache_hit": self.hit, "key": self.key,
+                "waited": round(self.waited, 3)}
+
+
+class StageCache:
+    """Content-addressed, lock-protected, atomically written stage artifacts under ``root``.
+
+    ``enabled=False`` (``--no-cache``) never reads the cache: each :meth:`run` builds into a fresh private
+    directory ``<root>/uncached/<stage>/<key>-<pid>-<rand>`` (still atomically renamed) and reports a miss. Those
+    directories are not reused; delete ``<root>/uncached`` when you no longer need them.
+    """
+
+    def __init__(self, root: Path | str, enabled: bool = True):
+        self.root = Path(root).expanduser().resolve()
+        self.enabled = enabled
+
+    # ---- keys ----------------------------------------------------------------------------------------------
+    def key(self, stage: str, payload: dict) -> str:
+        """sha256 of the canonical JSON of ``{stage, payload, code_version}``, truncated to 32 hex digits.
+
+        ``payload`` is built by the caller: the stage's own config, the upstream stage keys and the data
+        fingerprint. The seed belongs in it too when the stage is stochastic."""
+        blob = canonical_json({"stage": stage, "payload": payload, "code_version": code_version()})
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:KEY_HEX]
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def is_complete(self, stage: str, key: str) -> bool:
+        return (self.path(stage, key) / COMPLETE).is_file()
+
+    # ---- the one operation -----------------------------------------------------------------------------------
+    def run(self, stage: str, key: str, build: Callable[[Path], None]) -> StageRun:
+        """Return the artifact of ``stage``/``key``, building it with ``build(tmp_dir)`` on a miss.
+
+        ``build`` must write everything into the directory it is given (which exists and is empty) and return
+        normally; if it raises, nothing is kept and the exception propagates unchanged."""
+        _check_name(stage, "stage")
+        _check_name(key, "key")
+        stage_dir = self.root / stage
+        if not self.enabled:
+            return self._build_uncached(stage, key, build)
+
+        final = stage_dir / key
+        if (final / COMPLETE).is_file():  # fast path, no lock: a complete directory never changes
+            return StageRun(stage, key, final, hit=True, seconds=0.0)
+
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        t_wait = time.monotonic()
+        with _FileLock(stage_dir / f"{key}.lock"):
+            waited = time.monotonic() - t_wait
+            if (final / COMPLETE).is_file():  # another process built it while we waited
+                return StageRun(stage, key, final, hit=True, seconds=0.0, waited=waited)
+            # We hold the key's lock, so any temporary directory of this key belongs to a dead builder.
+            for stale in stage_dir.glob(f".tmp-{key}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if final.exists():  # no COMPLETE marker: cannot come from this code, but never trust it
+                shutil.rmtree(final, ignore_errors=True)
+            seconds = self._build_into(stage_dir, stage, key, final, build)
+        return StageRun(stage, key, final, hit=False, seconds=seconds, waited=waited)
+
+    # ---- internals -------------------------------------------------------------------------------------------
+    def _build_uncached(self, stage: str, key: str, build: Callable[[Path], None]) -> StageRun:
+        private = self.root / "uncached" / stage
+        private.mkdir(parents=True, exist_ok=True)
+        final = private / f"{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        seconds = self._build_into(private, stage, key, final, build)
+        return StageRun(stage, key, final, hit=False, seconds=seconds)
+
+    def _build_into(self, parent: Path, stage: str, key: str, final: Path, build: Callable[[Path], None]) -> float:
+        tmp = parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        t0 = time.monotonic()
+        try:
+            build(tmp)
+            seconds = time.monotonic() - t0
+            marker = {"stage": stage, "key": key, "seconds": round(seconds, 3), "host": socket.gethostname(),
+                      "pid": os.getpid(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "code_version": code_version()}
+            _write_synced(tmp / COMPLETE, json.dumps(marker))
+            _fsync_dir(tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError as e:
+                # Only possible without working cross-node locks: another node renamed first. Keep theirs.
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and (final / COMPLETE).is_file():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    raise
+            _fsync_dir(parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._log_execution(stage, key, time.monotonic() - t0, "failed")
+            raise
+        self._log_execution(stage, key, seconds, "ok")
+        return seconds
+
+    def _log_execution(self, stage: str, key: str, seconds: float, status: str) -> None:
+        line = json.dumps({"stage": stage, "key": key, "pid": os.getpid(), "host": socket.gethostname(),
+                           "seconds": round(seconds, 3), "status": status, "cached": self.enabled,
+                           "time": time.time()}) + "\n"
+        self.root.mkdir(parents=True, exist_ok=True)
+        # One write() on an O_APPEND descriptor: lines from concurrent trials do not interleave.
+        fd = os.open(self.root / EXECUTIONS_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def executions(self) -> list[dict]:
+        return read_executions(self.root)
+
+
+def read_executions(root: Path | str) -> list[dict]:
+    """Every line of ``<root>/executions.jsonl`` (empty if none). A torn last line (SIGKILL) is skipped."""
+    p = Path(root) / EXECUTIONS_LOG
+    if not p.exists():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+class _FileLock:
+    """Exclusive ``fcntl.flock`` on a lock file that records its holder (``host pid time``) for diagnostics.
+
+    The file is never deleted: deleting a lock file while another process waits on its inode would let a third
+    process lock a new inode and build concurrently."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "_FileLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
+                      .encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self.fd is not None
+        try:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _check_name(value: str, what: str) -> None:
+    if not value or "/" in value or value.startswith(".") or value in ("uncached",):
+        raise ValueError(f"invalid cache {what} {value!r}: must be a plain, non-hidden directory name")
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename is durable only once the parent directory is synced (a power loss at 3 a.m. must lose nothing).
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
