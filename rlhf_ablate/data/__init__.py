@@ -1,1 +1,190 @@
-"""Korean preference data: readers, canonical records, versions (cleaning), splits, stats."""
+"""Korean preference data: readers, canonical records, versions (cleaning), splits, stats.
+
+``load_data(cfg.data)`` is the one entry point of the stages: it reads the four files (SFT pairs, ranked groups,
+PPO prompts, held-out eval prompts), splits the ranked groups into RM train/eval by a stable hash of their id,
+removes eval prompts from every training split, cleans the training splits with the filters of
+``data.version``, applies the ``max_*`` caps and returns a :class:`DataBundle` with a content fingerprint (the
+stage cache keys on it) and a report of every row dropped, by rule and split.
+
+Evaluation splits do not change with the version, so that a v1-vs-v2 table compares models on the same test:
+- ``rm_eval`` is always cleaned with every filter (v2): its labels are the yardstick, and a rank-1 refusal or a
+  rank-1 English answer would score a correct reward model as wrong;
+- ``eval`` (held-out prompts with references) is only NFC/whitespace normalised; it is the user's benchmark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from .readers import ReadResult, read_file
+from .records import PreferencePair, PromptExample, RankedGroup, SFTExample, pairs
+from .splits import cap, is_eval, prompt_key, remove_eval_prompts, split_groups
+from .versions import BUILTIN_VERSIONS, FILTERS, apply_filters, version_filters
+
+__all__ = ["DataBundle", "load_data", "corpus_texts", "pairs", "read_sources", "SAMPLE_DIR",
+           "SFTExample", "RankedGroup", "PreferencePair", "PromptExample", "FILTERS", "BUILTIN_VERSIONS"]
+
+SAMPLE_DIR = Path(__file__).parent / "ko_sample"
+
+# Default file names tried in `source` when data.<kind>_file is unset: the KoChatGPT release names first, then
+# the names `data prepare` writes.
+DEFAULT_NAMES = {
+    "sft": ["kochatgpt_1_SFT.jsonl", "sft.jsonl", "sft.json"],
+    "rm": ["kochatgpt_2_RM.jsonl", "rm.jsonl", "rm.json"],
+    "ppo": ["kochatgpt_3_PPO.jsonl", "ppo.jsonl", "ppo.json"],
+    "eval": ["eval.jsonl", "eval.json", "test.jsonl"],
+}
+SPLITS = ("sft_train", "rm_train", "rm_eval", "ppo_prompts", "eval")
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    sft_train: list
+    rm_train: list
+    rm_eval: list
+    ppo_prompts: list
+    eval: list
+    version: str
+    fingerprint: str
+    report: dict = field(default_factory=dict, compare=False)
+
+    def rm_pairs(self, split: str = "train") -> list[PreferencePair]:
+        return pairs(self.rm_train if split == "train" else self.rm_eval)
+
+
+def _source_dir(cfg) -> Path:
+    if cfg.source == "ko_sample":
+        return SAMPLE_DIR
+    d = Path(cfg.source).expanduser()
+    if not d.is_dir():
+        raise DataError(f"data.source: {d} is not a directory (use 'ko_sample' or a directory with data files).")
+    return d
+
+
+def _resolve(d: Path, explicit: str | None, kind: str) -> Path | None:
+    """The file of `kind`: data.<kind>_file if set (must exist), else the first default name present."""
+    if explicit:
+        p = Path(explicit).expanduser()
+        p = p if p.is_absolute() else d / p
+        if not p.is_file():
+            raise DataError(f"data.{kind}_file: {p} does not exist.")
+        return p
+    for name in DEFAULT_NAMES[kind]:
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+def read_sources(cfg) -> dict[str, ReadResult | None]:
+    """Read the raw (v1) files of `cfg` (a DataConfig). PPO and eval files are optional (None when absent)."""
+    d = _source_dir(cfg)
+    out = {}
+    for kind in ("sft", "rm", "ppo", "eval"):
+        path = _resolve(d, getattr(cfg, f"{kind}_file"), kind)
+        if path is None and kind in ("sft", "rm"):
+            raise DataError(f"{d}: no {kind.upper()} file; tried {', '.join(DEFAULT_NAMES[kind])}. "
+                            f"Set data.{kind}_file.")
+        out[kind] = None if path is None else read_file(path, kind, cfg.format, cfg.skip_bad_rows)
+    return out
+
+
+def load_data(cfg) -> DataBundle:
+    """DataConfig -> DataBundle (see the module docstring for the order of steps)."""
+    filters = version_filters(cfg.version, cfg.custom_versions)
+    raw = read_sources(cfg)
+    report: dict[str, Any] = {
+        "version": cfg.version, "filters": filters, "source": cfg.source,
+        "files": {k: (r.summary() if r else None) for k, r in raw.items()},
+        "bad_rows": sum(r.bad_rows for r in raw.values() if r),
+    }
+    sft = raw["sft"].records
+    if raw["eval"] is not None:
+        ev = raw["eval"].records
+        report["eval_source"] = "file"
+    else:  # no eval file (KoChatGPT ships none): hold out SFT examples by the same stable hash
+        ev = [PromptExample(x.data_id, x.prompt, x.completion) for x in sft
+              if is_eval(x.data_id, cfg.eval_fraction, cfg.split_seed)]
+        report["eval_source"] = "held out from the SFT file"
+    rm_train, rm_eval = split_groups(raw["rm"].records, cfg.eval_fraction, cfg.split_seed)
+    eval_prompts = {prompt_key(x.prompt) for x in list(rm_eval) + list(ev)}
+
+    counts = {s: {} for s in SPLITS}
+    overlap = {}
+    splits = {"sft_train": sft, "rm_train": rm_train}
+    if raw["ppo"] is not None:
+        splits["ppo_prompts"] = raw["ppo"].records
+        report["ppo_source"] = "file"
+    for name in list(splits):
+        counts[name]["read"] = len(splits[name])
+        splits[name], overlap[name] = remove_eval_prompts(splits[name], eval_prompts)
+        counts[name]["after_eval_overlap"] = len(splits[name])
+    if raw["ppo"] is None:  # KoChatGPT's own PPO file is the SFT prompts; do the same, after the eval removal
+        splits["ppo_prompts"] = [PromptExample(x.data_id, x.prompt, x.completion) for x in splits["sft_train"]]
+        report["ppo_source"] = "prompts of the SFT file"
+        counts["ppo_prompts"]["read"] = counts["ppo_prompts"]["after_eval_overlap"] = len(splits["ppo_prompts"])
+        overlap["ppo_prompts"] = 0
+    report["eval_overlap_removed"] = overlap
+
+    dropped: dict[str, dict[str, int]] = {f: {} for f in FILTERS}
+    changed: dict[str, dict[str, int]] = {}
+
+    def clean(name: str, records: list, kind: str, names: list[str]) -> list:
+        kept, d, c = apply_filters(records, kind, names)
+        for rule, n in d.items():
+            dropped[rule][name] = n
+        for rule, n in c.items():
+            changed.setdefault(rule, {})[name] = n
+        return kept
+
+    kinds = {"sft_train": "sft", "rm_train": "rm", "ppo_prompts": "ppo"}
+    for name, kind in kinds.items():
+        splits[name] = clean(name, splits[name], kind, filters)
+    counts["rm_eval"]["read"] = len(rm_eval)
+    splits["rm_eval"] = clean("rm_eval", rm_eval, "rm", BUILTIN_VERSIONS["v2"])
+    counts["eval"]["read"] = len(ev)
+    splits["eval"] = clean("eval", ev, "eval", ["nfc"])
+    for name in SPLITS:
+        counts[name]["after_cleaning"] = len(splits[name])
+
+    caps = {"sft_train": cfg.max_sft, "rm_train": cfg.max_rm_groups, "ppo_prompts": cfg.max_ppo_prompts,
+            "eval": cfg.max_eval}
+    for name, n in caps.items():
+        splits[name] = cap(splits[name], n, cfg.split_seed)
+    for name in SPLITS:
+        counts[name]["final"] = len(splits[name])
+
+    report["dropped"] = {rule: per for rule, per in dropped.items() if per}
+    report["changed"] = changed
+    report["counts"] = counts
+    report["split"] = {"eval_fraction": cfg.eval_fraction, "split_seed": cfg.split_seed,
+                       "rm_eval_cleaning": "v2 (all filters, every version)", "eval_cleaning": "nfc only"}
+    return DataBundle(version=cfg.version, fingerprint=fingerprint(splits), report=report,
+                      **{name: splits[name] for name in SPLITS})
+
+
+def fingerprint(splits: dict[str, list]) -> str:
+    """sha256 of the canonical records of every split (names, order and all fields)."""
+    canon = {name: [asdict(r) for r in splits[name]] for name in SPLITS}
+    blob = json.dumps(canon, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def corpus_texts() -> list[str]:
+    """Every string of the bundled sample as read (v1, dirt included): the tiny tokenizer is trained on it, so it
+    must cover NFD jamo, English and every Hangul syllable a v1 or v2 trial can meet."""
+    out: list[str] = []
+    for kind in ("sft", "rm", "ppo", "eval"):
+        for rec in read_file(SAMPLE_DIR / f"{kind}.jsonl", kind).records:
+            out.append(rec.prompt)
+            if isinstance(rec, SFTExample):
+                out.append(rec.completion)
+            elif isinstance(rec, RankedGroup):
+                out.extend(rec.answers)
+            elif rec.reference is not None:
+                out.append(rec.reference)
+    return out
