@@ -1,1 +1,23 @@
-"""analysis: trial results (RUN_DIR/trials/*/result.json) -> comparison tables, plots and one report."""
+"""analysis: trial results (RUN_DIR/trials/*/result.json) -> comparison tables, plots and one report.
+
+Entry points for other modules:
+- ``write_report(run_dir, out=None, formats=("md","csv","tex"), plots=True) -> Report`` (analysis.report)
+- ``build_report(run_dir) -> Report`` (tables only, nothing written)
+- ``log_tables_to_wandb(report, run)`` (wandb imported lazily)
+- ``main(argv)`` / ``add_report_parser(subparsers)`` (analysis.cli)
+Imports are lazy so ``import analysis`` stays cheap (no scipy or matplotlib until a report is built).
+"""
+
+__all__ = ["write_report", "build_report", "log_tables_to_wandb", "load_run"]
+
+
+def __getattr__(name):
+    if name in ("write_report", "build_report", "log_tables_to_wandb", "Report"):
+        from . import report
+
+        return getattr(report, name)
+    if name in ("load_run", "ReportError"):
+        from . import results
+
+        return getattr(results, name)
+    raise AttributeError(name)

@@ -1,0 +1,63 @@
+"""``python -m analysis report RUN_DIR [--out DIR] [--format md,csv,tex] [--no-plots]``.
+
+Also mounted as ``python -m rlhf_ablate report`` (rlhf_ablate/cli.py calls :func:`main` with ``["report", ...]``,
+or mounts :func:`add_report_parser` and calls :func:`run_from_args`). Errors a user can fix (no run directory,
+no result.json, unknown format) print one paragraph and exit 2, like every rlhf_ablate command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+from rlhf_ablate.errors import RlhfAblateError
+
+
+def add_report_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``report`` command to an argparse subparsers object; the handler is ``args.report_handler``."""
+    p = subparsers.add_parser("report", help="tables, plots and report.md from RUN_DIR/trials/*/result.json",
+                              description="Build comparison tables (mean ± 95%% CI over seeds, paired tests "
+                                          "between best and runner-up), plots and report.md from a run directory.")
+    p.add_argument("run_dir", type=Path, help="the sweep's run directory (holds trials/<trial_id>/result.json)")
+    p.add_argument("--out", type=Path, default=None, help="report directory (default: RUN_DIR/report)")
+    p.add_argument("--format", default="md,csv,tex",
+                   help="comma-separated outputs among md, csv, tex (default: all three)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(report_handler=run_from_args)
+    return p
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    formats = [f.strip() for f in str(args.format).split(",") if f.strip()]
+    rep = write_report(args.run_dir, out=args.out, formats=formats, plots=not getattr(args, "no_plots", False))
+    run = rep.run
+    print(f"report: {rep.out_dir} ({len(rep.tables)} tables, {len(rep.plots)} plots; trials: "
+          f"{len(run.ok_trials)} finished, {len(run.failed_trials)} failed, {len(run.pending)} pending; "
+          f"{len(rep.problems)} problems)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m analysis",
+                                     description="Turn rlhf_ablate trial results into tables, plots and a report.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_report_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.report_handler(args)
+    except RlhfAblateError as e:
+        msg = textwrap.fill(str(e), width=110, break_long_words=False, break_on_hyphens=False)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2

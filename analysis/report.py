@@ -1,0 +1,186 @@
+"""RUN_DIR/trials/*/result.json -> RUN_DIR/report/{report.md, <table>.csv, <table>.tex, *.png}.
+
+The report is written into a temporary directory next to the target and renamed into place, so a reader (or a
+report job on SLURM that is killed) never sees half a report. Nothing in it depends on the time or the machine:
+inputs are sorted, the bootstrap seed is fixed, and the PNGs carry no date or software metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .plots import Plot, make_plots
+from .results import ReportError, RunResults, load_run
+from .tables import LEGEND, Table, _sort_key, build_tables, fmt_value, to_csv, to_latex, to_markdown
+
+FORMATS = ("md", "csv", "tex")
+
+
+@dataclass
+class Report:
+    run: RunResults
+    tables: list[Table]
+    plots: list[Plot] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    out_dir: Optional[Path] = None
+    markdown: str = ""
+
+
+def build_report(run_dir: str | Path) -> Report:
+    """Load the results and build the tables (no files written, no plots)."""
+    run = load_run(run_dir)
+    return Report(run=run, tables=build_tables(run), problems=list(run.problems))
+
+
+def _md_text(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(rep: Report, formats: Iterable[str] = FORMATS) -> str:
+    run = rep.run
+    ok, failed = run.ok_trials, run.failed_trials
+    title = ", ".join(run.sweeps) or run.run_dir.name
+    L: list[str] = [f"# Ablation report: {title}", ""]
+    L.append("## Summary")
+    L.append("")
+    L.append(f"- Trials: {len(ok)} finished, {len(failed)} failed, {len(run.pending)} pending (no result.json yet)"
+             + (f", {len(run.problems)} unreadable or invalid (see Problems)" if run.problems else "") + ".")
+    if run.sweeps:
+        L.append(f"- Sweep: {', '.join(run.sweeps)}.")
+    if run.axis_names:
+        for a in run.axis_names:
+            vals = sorted({t.axes.get(a) for t in run.trials}, key=_sort_key)
+            L.append(f"- Axis `{a}`: {', '.join(fmt_value(v) for v in vals)}.")
+    else:
+        L.append("- No swept axes: one configuration, seeds only.")
+    L.append(f"- Seeds: {', '.join(map(str, run.seeds)) or 'unknown'}.")
+    if run.pending or failed:
+        L.append("- This sweep is incomplete: cells show n for the seeds that finished.")
+    L.append("")
+    L.append("## How to read the tables")
+    L.append("")
+    L.append(LEGEND)
+    L.append("")
+    L.append("## Tables")
+    for t in rep.tables:
+        L.append("")
+        L.append(f"### {t.title}")
+        L.append("")
+        files = [f"[{fmt}]({t.slug}.{fmt})" for fmt in ("csv", "tex") if fmt in formats]
+        if files:
+            L.append("Files: " + ", ".join(files))
+            L.append("")
+        L.append(to_markdown(t).rstrip("\n"))
+    if rep.plots:
+        L.append("")
+        L.append("## Plots")
+        for p in rep.plots:
+            L.append("")
+            L.append(f"### {p.title}")
+            L.append("")
+            L.append(f"![{p.title}]({p.filename})")
+            L.append("")
+            L.append(p.caption)
+    L.append("")
+    L.append("## Failed trials")
+    L.append("")
+    if failed:
+        L.append("| trial | axes | seed | stage | error | message |")
+        L.append("|---|---|---|---|---|---|")
+        for t in failed:
+            err = t.error or {}
+            axes = ", ".join(f"{k}={fmt_value(v)}" for k, v in t.axes.items()) or "—"
+            L.append("| " + " | ".join(_md_text(str(x)) for x in (
+                t.trial_id, axes, t.seed if t.seed is not None else "?", err.get("stage") or "?",
+                err.get("type") or "?", err.get("message") or "")) + " |")
+    else:
+        L.append("None.")
+    if run.pending:
+        L.append("")
+        L.append("## Pending trials")
+        L.append("")
+        L.append("Directories without result.json (running, queued, or killed before writing): "
+                 + ", ".join(f"`{p}`" for p in run.pending) + ".")
+    L.append("")
+    L.append("## Problems")
+    L.append("")
+    L.extend([f"- {_md_text(p)}" for p in rep.problems] or ["None."])
+    return "\n".join(L) + "\n"
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, formats: Iterable[str] = FORMATS,
+                 plots: bool = True) -> Report:
+    """Build the tables and plots and write them to ``out`` (default RUN_DIR/report), replacing it atomically."""
+    formats = tuple(formats)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ReportError(f"--format: unknown format(s) {', '.join(bad)}; choose from {', '.join(FORMATS)}.")
+    rep = build_report(run_dir)
+    out_dir = Path(out) if out is not None else Path(run_dir) / "report"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        if plots:
+            rep.plots = make_plots(rep.run, tmp, rep.problems)
+        for t in rep.tables:
+            if "csv" in formats:
+                (tmp / f"{t.slug}.csv").write_text(to_csv(t), encoding="utf-8")
+            if "tex" in formats:
+                (tmp / f"{t.slug}.tex").write_text(to_latex(t), encoding="utf-8")
+        rep.markdown = render_markdown(rep, formats)
+        if "md" in formats:
+            (tmp / "report.md").write_text(rep.markdown, encoding="utf-8")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    rep.out_dir = out_dir
+    return rep
+
+
+def log_tables_to_wandb(report: Report, run) -> None:
+    """Log every table (the CSV's rows) and plot to a W&B run object, as ``report/<table slug>``.
+
+    ``run`` is what ``wandb.init`` returned (or a tracker exposing ``.log``). wandb is imported here only, so the
+    report never needs it; the tables on disk are the source of truth and W&B is a copy.
+    """
+    import csv
+    import io
+
+    import wandb
+
+    payload = {}
+    for t in report.tables:
+        rows = list(csv.reader(io.StringIO(to_csv(t))))
+        data = [[_typed(v) for v in row] for row in rows[1:]]
+        payload[f"report/{t.slug}"] = wandb.Table(columns=rows[0], data=data)
+    if report.out_dir is not None:
+        for p in report.plots:
+            path = report.out_dir / p.filename
+            if path.is_file():
+                payload[f"report/plots/{Path(p.filename).stem}"] = wandb.Image(str(path), caption=p.caption)
+    if payload:
+        run.log(payload)
+
+
+def _typed(v: str):
+    """CSV text back to a number where it is one, so W&B tables sort and plot numerically."""
+    if v in ("", "true", "false"):
+        return None if v == "" else v == "true"
+    try:
+        f = float(v)
+    except ValueError:
+        return v
+    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
