@@ -279,13 +279,11 @@ def hh_prompt_text(prefix: str) -> str:
     keep their speaker labels, one turn per line, so the context survives.
     """
     body = prefix[: -len(_ASSISTANT)] if prefix.endswith(_ASSISTANT) else prefix
-    turns = [(m.group(1), m.end()) for m in _TURN.finditer(body)]
-    if not turns:
+    marks = list(_TURN.finditer(body))
+    if not marks:
         return body.strip()
-    parts = []
-    for n, (who, start) in enumerate(turns):
-        end = turns[n + 1][1] - len(turns[n + 1][0]) - 3 if n + 1 < len(turns) else len(body)
-        parts.append((who, body[start:end].strip()))
+    parts = [(m.group(1), body[m.end(): marks[n + 1].start() if n + 1 < len(marks) else len(body)].strip())
+             for n, m in enumerate(marks)]
     if len(parts) == 1 and parts[0][0] == "Human":
         return parts[0][1]
     return "\n".join(f"{who}: {text}" for who, text in parts)
