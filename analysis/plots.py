@@ -53,7 +53,7 @@ def _colors(n: int, cmap: str = "viridis") -> list:
     cm = matplotlib.colormaps[cmap]
     if n <= 1:
         return [cm(0.35)]
-    return [cm(0.9 * i / (n - 1)) for i in range(n)]
+    return [cm(0.82 * i / (n - 1)) for i in range(n)]
 
 
 def _kl_coef(t: TrialResult) -> Any:
@@ -95,7 +95,7 @@ def plot_frontier(run: RunResults, out: Path) -> Optional[Plot]:
         xs = np.sqrt(np.maximum([kl for kl, _ in sub], 0.0))
         ys = np.array([r for _, r in sub])
         ax.scatter(xs, ys, color=colors[c], s=36, alpha=0.8, edgecolor="black", linewidth=0.4,
-                   label=f"kl_coef={fmt_value(c)} (n={len(sub)})")
+                   label=f"kl_coef={fmt_value(c)} ({len(sub)} trials)")
         if len(sub) > 1:  # mean over seeds, as a cross
             ax.scatter([xs.mean()], [ys.mean()], color=colors[c], marker="X", s=110, edgecolor="black",
                        linewidth=0.8, zorder=3)
@@ -125,11 +125,14 @@ def _reward_models(run: RunResults) -> list[tuple[str, TrialResult]]:
         key = str(rm_t.get("key") or t.trial_id)
         seen.setdefault(key, t)
     out = []
-    for t in seen.values():
+    # numeric order of axis values (8 before 16), then seed
+    for t in sorted(seen.values(), key=lambda t: (tuple(_sort_key(v) for k, v in t.axes.items()
+                                                        if k != "ppo.kl_coef"),
+                                                  t.seed if t.seed is not None else -1, t.trial_id)):
         # kl_coef does not change the RM; leave it out of the label
         label = _axes_label(t, ("ppo.kl_coef",)) + (f", seed {t.seed}" if t.seed is not None else "")
         out.append((label, t))
-    return sorted(out, key=lambda lt: lt[0])
+    return out
 
 
 def _rm_pairs(t: TrialResult) -> tuple[list[float], list[float]]:
@@ -158,9 +161,11 @@ def plot_rm_scores(run: RunResults, out: Path) -> Optional[Plot]:
     nrows = math.ceil(len(shown) / ncols)
     fig = _figure(4.2 * ncols, 3.0 * nrows)
     axs = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    # one score range for every panel, so separations can be compared by eye across reward models
+    lo = min(min(ch + rj) for _, _, ch, rj in shown)
+    hi = max(max(ch + rj) for _, _, ch, rj in shown)
+    bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 25)
     for ax, (lab, t, ch, rj) in zip(axs, shown):
-        lo, hi = min(ch + rj), max(ch + rj)
-        bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 21)
         ax.hist(rj, bins=bins, alpha=0.55, color="tab:red", label=f"rejected (mean {np.mean(rj):.2f})")
         ax.hist(ch, bins=bins, alpha=0.55, color="tab:blue", label=f"chosen (mean {np.mean(ch):.2f})")
         ax.axvline(np.mean(rj), color="tab:red", linestyle="--", linewidth=1)
@@ -174,7 +179,7 @@ def plot_rm_scores(run: RunResults, out: Path) -> Optional[Plot]:
     _save(fig, out / "rm_scores.png")
     cap = ("Chosen and rejected score distributions per reward model, over every (better, worse) pair of the held-out "
            "ranked groups; dashed lines are the means (rm/chosen_mean, rm/rejected_mean). Scores are on each RM's "
-           "own scale.")
+           "own scale; all panels share one x range.")
     if len(rms) > len(shown):
         cap += f" First {len(shown)} of {len(rms)} reward models shown."
     return Plot("rm_scores.png", "Reward model score distributions", cap)

@@ -104,7 +104,8 @@ class Comparison:
         if self.test is None:
             return f"{head}: not tested (no per-example records and fewer than two shared seeds)."
         t = self.test
-        return (f"{head}: difference {_num(t.diff, m.fmt, signed=True)} [95% CI {_num(t.ci_low, m.fmt)}, "
+        what = "per-example difference" if t.method == "bootstrap" else "per-seed difference"
+        return (f"{head}: {what} {_num(t.diff, m.fmt, signed=True)} [95% CI {_num(t.ci_low, m.fmt)}, "
                 f"{_num(t.ci_high, m.fmt)}], p = {t.p_value:.3g}, {t.describe()} -> **{self.verdict}**.")
 
 
