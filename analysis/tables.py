@@ -23,7 +23,7 @@ from typing import Any, Hashable, Optional
 
 from .metrics_registry import ALL, MetricSpec, metrics_for, rm_group_value, table_kind
 from .results import RunResults, TrialResult
-from .stats import PairedTest, Summary, paired_bootstrap, paired_seed_test, summarize
+from .stats import N_RESAMPLES, PairedTest, Summary, paired_bootstrap, paired_seed_test, summarize
 
 SPLIT_ABOVE = 8  # metric columns; wider sets are split into one table per stage
 STAGE_TITLES = {"rm": "reward model", "sft": "SFT", "ppo": "PPO", "dpo": "DPO"}
@@ -35,8 +35,8 @@ LEGEND = (
     "\"n=1, no CI\" when only one seed finished; NaN values are counted separately and never averaged in). "
     "↑ higher is better, ↓ lower is better, no arrow: no better direction. "
     "**Bold**: the best value is statistically separated from the runner-up (the 95% interval of their paired "
-    "difference excludes 0: a two-level paired bootstrap over shared seeds and eval prompts, 2000 resamples, fixed "
-    "seed; a paired t-interval over shared seeds when the trials carry no per-example records). "
+    f"difference excludes 0: a two-level paired bootstrap over shared seeds and eval prompts, {N_RESAMPLES} "
+    "resamples, fixed seed; a paired t-interval over shared seeds when the trials carry no per-example records). "
     "≈: best and runner-up are not separated (a tie at this number of seeds and prompts). "
     "†: best by mean, but not tested (no per-example records and fewer than two shared seeds).")
 

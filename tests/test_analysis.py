@@ -327,6 +327,21 @@ def test_rm_table_for_lora_rank_uses_group_bootstrap(tmp_path):
     assert not any(c.metric.name == "rm/chosen_mean" for c in t.comparisons)
 
 
+def test_base_model_axis_gets_everything_split_by_stage_and_list_axis_values(tmp_path):
+    m = {f"{st}/{k}": 0.5 for st in ("sft", "ppo") for k in ("bleu", "rouge1", "rougeL", "chrf", "reward_mean")}
+    m.update({"rm/separation_margin": 1.0, "rm/kendall_tau": 0.4, "custom/thing": 3.0})
+    for i, base in enumerate(("tiny-llama", "tiny-gpt2")):
+        write_result(tmp_path, f"b{i}", axes={"model.base_model": base}, seed=0, metrics=m, index=i)
+    titles = [t.title for t in build_report(tmp_path).tables]
+    assert titles == ["model.base_model: reward model", "model.base_model: SFT", "model.base_model: PPO",
+                      "model.base_model: other metrics"]
+    # a tied axis whose keys take different values stores a list: it becomes one hashable row label
+    other = tmp_path / "tied"
+    write_result(other, "c0", axes={"lora_rank": [8, 16, 8]}, seed=0, metrics={"rm/kendall_tau": 0.3})
+    t = build_report(other).tables[0]
+    assert t.row_keys == [("[8, 16, 8]",)]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Report, plots, CLI
 # ---------------------------------------------------------------------------------------------------------
