@@ -1,0 +1,147 @@
+"""Per-trial resources: a GPU-memory estimate, packing small trials several to a GPU, refusing impossible ones.
+
+The estimate is :func:`rlhf_ablate.models.estimate_trial_memory_gb` (weights at 4-bit or full width, LoRA or full
+fine-tune optimizer state, activations, logits and the PPO rollout KV cache; its docstring gives the formula). The
+sweep's ``resources.memory_gb`` replaces it when set, for models whose config cannot be read offline or when you
+measured the real peak.
+
+Packing rule (``resources.gpu: auto``, the default):
+
+- no GPU visible: 0 GPUs, the trial runs on CPU;
+- otherwise a GPU *fraction* ``ceil(8 * estimate / smallest_gpu_gb) / 8``, capped at 1: Ray then places up to
+  8 small trials on one GPU and never more than fit by the estimate. The smallest GPU is used so that a fraction
+  fits wherever Ray puts it;
+- a trial whose estimate exceeds the largest GPU is refused before anything starts (:class:`ConfigError` naming
+  the trial and the numbers) rather than dying with CUDA OOM hours later. Lower ``ppo.rollout_batch_size``,
+  ``ppo.mini_batch_size``, ``model.max_length`` or use ``model.quantization: nf4``.
+
+A number for ``resources.gpu`` (``0.5``, ``1``, ``2``) is used as given: you know your trials best.
+
+GPU memory is read with ``torch.cuda.mem_get_info`` (free GiB per visible device, so memory other processes hold
+counts against the trial), or ``nvidia-smi`` when torch has no CUDA. ``RLHF_ABLATE_GPUS`` (comma-separated GiB
+per GPU, e.g. ``80,80``; empty for none) overrides the detection, for a Ray cluster whose driver machine has no
+GPU or for tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+from typing import Any, Optional
+
+from .errors import ConfigError, RlhfAblateError
+
+FRACTION_STEP = 8  # GPU fractions are multiples of 1/8: at most 8 trials share a GPU
+
+
+def detect_gpus() -> list[float]:
+    """Free memory (GiB) of each GPU visible to this process; [] when there is none."""
+    env = os.environ.get("RLHF_ABLATE_GPUS")
+    if env is not None:
+        try:
+            return [float(x) for x in env.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"RLHF_ABLATE_GPUS={env!r} must be comma-separated GiB per GPU, e.g. 80,80.") from None
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return []
+    if shutil.which("nvidia-smi") is None:  # no driver: skip importing torch just to learn there is no GPU
+        return []
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return [torch.cuda.mem_get_info(i)[0] / 1024 ** 3 for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - fall back to nvidia-smi
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    free = {int(i): float(m) / 1024 for i, m in (line.split(",") for line in out.strip().splitlines() if line)}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        try:
+            return [free[int(v)] for v in visible.split(",") if int(v) in free]
+        except ValueError:  # UUIDs in CUDA_VISIBLE_DEVICES: count only
+            return list(free.values())[:len(visible.split(","))]
+    return [free[i] for i in sorted(free)]
+
+
+def estimate_gb(spec: Any, trial: Any) -> Optional[float]:
+    """The trial's estimated peak GPU memory (GiB): ``resources.memory_gb`` if set, else the model-based estimate;
+    None when the base model's config cannot be read (a hub id offline)."""
+    if spec.resources.memory_gb is not None:
+        return float(spec.resources.memory_gb)
+    try:
+        from .models import estimate_trial_memory_gb
+    except ImportError:  # pragma: no cover - models.py is part of the package
+        return None
+    model = trial.config.model
+    if model in _UNREADABLE:  # a hub config that failed once fails again (and each try may retry for a minute)
+        return None
+    try:
+        return float(estimate_trial_memory_gb(trial.config))
+    except (RlhfAblateError, OSError, ValueError):
+        _UNREADABLE.add(model)
+        return None
+
+
+_UNREADABLE: set = set()  # ModelConfigs whose config could not be read in this process
+
+
+def _describe(trial: Any) -> str:
+    axes = ", ".join(f"{k}={v}" for k, v in trial.axes.items())
+    return f"trial {trial.index} ({trial.trial_id}{', ' + axes if axes else ''}, seed={trial.seed})"
+
+
+def gpu_fraction(estimate: float, gpus: list[float]) -> float:
+    frac = math.ceil(FRACTION_STEP * estimate / min(gpus) - 1e-9) / FRACTION_STEP
+    return min(1.0, max(1.0 / FRACTION_STEP, frac))
+
+
+def trial_resources(spec: Any, trial: Any, gpus: list[float], estimate: Optional[float] = None) -> dict:
+    """Ray resource request of one trial: ``{"cpu": n, "gpu": g, "estimate_gb": e}``.
+
+    ``gpus`` is the free GiB of each GPU (:func:`detect_gpus`). Raises :class:`ConfigError` when the trial cannot
+    fit on the largest GPU. ``estimate`` skips recomputing the estimate when the caller already has it."""
+    cpu = spec.resources.cpu
+    est = estimate if estimate is not None else estimate_gb(spec, trial)
+    if gpus and est is not None and est > max(gpus):
+        raise ConfigError(
+            f"{spec.path}: {_describe(trial)} needs about {est:.1f} GiB of GPU memory "
+            f"(model.base_model={trial.config.model.base_model}, model.quantization="
+            f"{trial.config.model.quantization}), more than the largest GPU has free ({max(gpus):.1f} GiB). "
+            f"Refused before launch: use model.quantization=nf4, a LoRA rank > 0, smaller ppo.rollout_batch_size / "
+            f"ppo.mini_batch_size / model.max_length, or set resources.memory_gb if you measured less.")
+    if not isinstance(spec.resources.gpu, str):  # a number: as given
+        gpu = float(spec.resources.gpu)
+    elif not gpus:
+        gpu = 0.0
+    elif est is None:
+        gpu = 1.0  # unknown size: a whole GPU is the safe request
+    else:
+        gpu = gpu_fraction(est, gpus)
+    return {"cpu": cpu, "gpu": gpu, "estimate_gb": est}
+
+
+def format_request(res: dict) -> str:
+    g = res["gpu"]
+    gpu = "0 GPU" if g == 0 else (f"{g:g} GPU" if g >= 1 else f"{g:.3g} GPU ({round(1 / g, 2):g}/GPU)")
+    return f"{res['cpu']} CPU, {gpu}"
+
+
+def estimate_column(spec: Any, trials: list, gpus: Optional[list[float]] = None) -> dict[str, list[str]]:
+    """Extra columns of the ``sweep --dry-run`` table: estimated GPU GiB and the resource request (or REFUSED)."""
+    gpus = detect_gpus() if gpus is None else gpus
+    est_col, req_col = [], []
+    for t in trials:
+        est = estimate_gb(spec, t)
+        est_col.append("?" if est is None else f"{est:.2f}")
+        try:
+            req_col.append(format_request(trial_resources(spec, t, gpus, estimate=est)))
+        except ConfigError:
+            req_col.append(f"REFUSED (> {max(gpus):.1f} GiB)")
+    return {"est. GPU GiB": est_col, "request": req_col}
