@@ -378,7 +378,27 @@ def _load(auto_cls: Any, cfg: ModelConfig, path: Optional[str], quantize: bool, 
     if dm is not None:
         kw["device_map"] = dm
     with _explain_load_errors(src, cfg, what):
-        return auto_cls.from_pretrained(src, **kw)
+        model = auto_cls.from_pretrained(src, **kw)
+    if q is not None:
+        _disable_cpu_4bit_repacking(model)
+    return model
+
+
+def _disable_cpu_4bit_repacking(model: Any) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    Trap (bitsandbytes 0.50 on CPUs with AVX512-BF16): the first eval-mode forward without grad repacks every
+    Linear4bit weight in place (`packing_format_for_cpu`), and from then on every forward, training ones included,
+    goes through `gemv_4bit`, which has no autograd kernel: gradients through the frozen 4-bit layers to the LoRA
+    adapters below them are silently wrong (torch warns "an autograd kernel was not registered"). PPO alternates
+    no-grad rollouts and training, so it would hit this every step. The flag is per module; turning it off keeps
+    the standard dequantize-then-matmul path (slower CPU inference, correct gradients). GPUs are unaffected.
+    """
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit) and hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def load_causal_lm(cfg: ModelConfig, path: Optional[str] = None, *, quantize: bool = True) -> Any:
@@ -634,6 +654,9 @@ def _shape_cached(cfg: ModelConfig) -> ModelShape:
     config = _load_config(cfg)
     with init_empty_weights():  # meta tensors: shapes without memory
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    # transformers 5 ties input and output embeddings when weights are loaded, not in from_config; tie here so
+    # a tied head is counted once (parameters() deduplicates shared tensors).
+    model.tie_weights()
     params = sum(p.numel() for p in model.parameters())
     out_emb = model.get_output_embeddings()
     targets = set(lora_target_modules(model))
