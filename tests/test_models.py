@@ -165,6 +165,31 @@ def test_training_reduces_loss_and_changes_exactly_the_right_params(name, rank, 
     assert n_lora == rank * M.model_shape(cfg).lora_dims
 
 
+def test_4bit_gradients_unchanged_by_a_no_grad_eval_forward():
+    """PPO alternates no-grad rollouts (eval) and training. On AVX512-BF16 CPUs bitsandbytes would repack the 4-bit
+    weights at the first eval forward and route later training forwards through a kernel without autograd; the
+    loader turns that off (models._disable_cpu_4bit_repacking). Gradients must not depend on what ran before."""
+    cfg = ModelConfig(base_model="tiny-llama", quantization="nf4")
+    batch = lm_batch(M.load_tokenizer(cfg))
+    model = M.prepare_for_training(M.load_causal_lm(cfg), 8, 0, 0.0, "CAUSAL_LM")
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # non-zero B so that gradients flow to every lora_A through the 4-bit layers above
+            torch.nn.init.normal_(p, std=0.1)
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    g0 = grads()
+    model.eval()
+    with torch.no_grad():
+        model.generate(batch["input_ids"][:1], max_new_tokens=3, do_sample=False)
+    g1 = grads()
+    assert g0.keys() == g1.keys() and all(torch.allclose(g0[n], g1[n], atol=1e-6) for n in g0)
+
+
 @pytest.mark.parametrize("name", BUILTIN_MODELS)
 def test_seq_cls_lora_trains_score_head(name):
     cfg = ModelConfig(base_model=name, quantization="nf4")
