@@ -53,7 +53,8 @@ from .sweep import SweepSpec, Trial
 #: Time limit of the report job: analysis reads result files and bootstraps CIs, minutes at most.
 REPORT_TIME = "01:00:00"
 
-_SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
+# sbatch(1) --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S; or UNLIMITED/infinite.
+_SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^(unlimited|infinite)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,8 @@ def _check_path(p: Path, what: str) -> None:
     # filename pattern character in --output.
     if re.search(r"[\s%]", str(p)):
         raise ConfigError(f"{what} {str(p)!r} contains whitespace or '%', which #SBATCH --output and --chdir "
-                          f"cannot hold; choose another --out directory.")
+                          f"cannot hold; use a path without them (--out for the run directory, or run the command "
+                          f"from another directory).")
 
 
 def _header(lines: list[str], *, job_name: str, output: Path, chdir: Path, opts: SlurmOptions, time_limit: str,

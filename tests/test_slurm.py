@@ -301,3 +301,11 @@ def test_invalid_input_writes_nothing(tmp_path, capsys, body, overrides, args, n
     assert rc == 2
     assert needle in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_run_dir_with_whitespace_is_refused(tmp_path, capsys):
+    out = tmp_path / "my runs"
+    rc = cli_main(["slurm", str(write_sweep(tmp_path)), "--out", str(out)])
+    assert rc == 2
+    assert "whitespace" in capsys.readouterr().err
+    assert not out.exists()
