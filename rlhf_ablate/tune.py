@@ -1,0 +1,506 @@
+"""Ray Tune driver: ``python -m rlhf_ablate sweep SWEEP.yaml``.
+
+What it promises a researcher who starts a sweep at night:
+
+- **Every trial ends done or failed with a reason.** The trainable never raises: the trial function records its
+  own failures (OOM, NaN loss, bad data, divergence) in ``result.json``; a worker that dies outright (killed,
+  segfault) is recorded by the driver's callback (:class:`_Lines`). The sweep goes on either way.
+- **No GPU-hour is spent twice.** Our own ``RUN_DIR/trials/<id>/result.json`` is the record of finished trials, not
+  Ray's experiment snapshot (which is saved at most every ~10 s, so a driver killed sooner would restart trials from
+  zero on ``Tuner.restore``; FACTS.md). Before launching, every trial whose result says ``ok`` (or ``stopped``, an
+  ASHA early stop) is skipped. Finished stages of interrupted trials come back from the stage cache.
+- **Rerunning the same command continues the sweep**, exactly like ``--resume``: ok trials are never rerun, failed
+  trials are retried (a failure is often transient: OOM next to another job, a preempted node), trials never
+  started are run. ``--resume`` only adds a check that there is a sweep to resume. A second driver on the same run
+  directory is refused (a lock on ``RUN_DIR/.driver.lock``).
+- **Resources:** per trial from the sweep (``resources.cpu``, ``resources.gpu`` or the packing estimate of
+  :mod:`rlhf_ablate.resources`); an impossible trial is refused before Ray starts.
+- **Cluster:** ``--address`` or ``RAY_ADDRESS`` connects to an existing Ray cluster (the run directory and the stage
+  cache must then be on a file system every node sees); otherwise Ray starts locally with this machine's CPUs and
+  GPUs.
+- **Search:** grid (the default, and what ablations are); Optuna TPE (``search.type: optuna``) through Ray's
+  ``OptunaSearch`` inside a ``ConcurrencyLimiter``, seeded on resume with the finished trials; ASHA early stopping
+  (``scheduler.type: asha``) on a per-PPO-step metric, ``time_attr=training_iteration``.
+- **What you see:** one line per trial event (stage start/end with cache hits, every few PPO steps with the key
+  metric, done/failed), then a summary table and the path to the results. Ray's own progress table is silenced.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .errors import ConfigError
+
+FINISHED = ("ok", "stopped")  # statuses that are never rerun
+KEY_METRICS = ("ppo/objective/scores", "ppo/objective/kl")  # live-line metrics when no search metric is set
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Result records (our source of truth for resume)
+# ---------------------------------------------------------------------------------------------------------
+
+def result_path(run_dir: Path, trial_id: str) -> Path:
+    return Path(run_dir) / "trials" / trial_id / "result.json"
+
+
+def read_result(run_dir: Path, trial_id: str) -> Optional[dict]:
+    try:
+        return json.loads(result_path(run_dir, trial_id).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def record_failure(run_dir: Path, spec: Any, trial: Any, etype: str, message: str, *, stage: str = "driver",
+                   status: str = "failed") -> dict:
+    """Write a result.json for a trial that could not record its own end (worker death, early stop), unless the
+    trial already wrote a finished one."""
+    existing = read_result(run_dir, trial.trial_id)
+    if existing is not None and existing.get("status") in FINISHED:
+        return existing
+    result = {"schema": 1, "trial_id": trial.trial_id, "sweep": spec.name, "index": trial.index, "status": status,
+              "error": {"type": etype, "message": message[:2000], "stage": stage}, "seed": trial.seed,
+              "config": trial.config.flat(), "axes": dict(trial.axes), "metrics": {}, "metric_meta": {},
+              "timings": {}, "history": {}, "records": {}, "versions": {},
+              "started_at": (existing or {}).get("started_at"), "finished_at": _now()}
+    _write_json_atomic(result_path(run_dir, trial.trial_id), result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trainable (runs in a Ray worker)
+# ---------------------------------------------------------------------------------------------------------
+
+def _numeric(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v)}
+
+
+def _trainable(config: dict, *, spec: Any, run_dir: str, use_cache: bool, trial_fn: Optional[Callable]) -> None:
+    from ray import tune
+
+    trial = _trial_from_config(spec, config, tune.get_context().get_trial_id() or "")
+    if trial_fn is None:
+        from .trial import run_trial_in_sweep as trial_fn  # noqa: N813 - the default trial function
+
+    def on_step(event: dict) -> None:
+        # Everything goes to the driver through tune.report: live lines (stage events), ASHA (per PPO step).
+        payload = {"trial_index": trial.index, "trial_key": trial.trial_id, "event": event.get("event", "step"),
+                   "stage": event.get("stage", "")}
+        payload.update(_numeric(event))
+        if "error" in event:
+            payload["error"] = str(event["error"])[:300]
+        if "cache_hit" in event:
+            payload["cache_hit"] = bool(event["cache_hit"])
+        tune.report(payload)
+
+    try:
+        result = trial_fn(spec, trial, Path(run_dir), use_cache=use_cache, on_step=on_step)
+    except Exception as e:  # noqa: BLE001 - the trial function should record its own failures; be safe anyway
+        result = record_failure(Path(run_dir), spec, trial, type(e).__name__, f"{e}\n{traceback.format_exc()}",
+                                stage="trial")
+    final = {"trial_index": trial.index, "trial_key": trial.trial_id, "event": "end", "stage": "done",
+             "status": result.get("status", "failed")}
+    final.update(_numeric(result.get("metrics") or {}))
+    if result.get("error"):
+        final["error"] = f"{result['error'].get('type')}: {result['error'].get('message', '')}"[:300]
+    tune.report(final)
+
+
+def _trial_from_config(spec: Any, config: dict, tune_id: str = "") -> Any:
+    """Grid: ``{"index": i}`` into the expanded list. Optuna: the sampled dotted keys; the sample number (the
+    suffix of Tune's trial id, ``abc12_00003``) picks the seed round-robin and serves as the display index."""
+    from .sweep import expand
+
+    if "index" in config:
+        return expand(spec)[config["index"]]
+    params = dict(config)
+    tail = tune_id.rsplit("_", 1)[-1]
+    number = int(tail) if tail.isdigit() else 0
+    seed = spec.seeds[number % len(spec.seeds)]
+    return spec.trial(params, seed, number, params)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Live lines (a Tune callback in the driver)
+# ---------------------------------------------------------------------------------------------------------
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class _Lines:
+    """Builds the Tune callback lazily (ray import) and formats one line per trial event."""
+
+    def __init__(self, spec: Any, run_dir: Path, total: int, stream: Any = None):
+        self.spec, self.run_dir, self.total = spec, run_dir, total
+        self.stream = stream or sys.stdout
+        self.metric = spec.scheduler.metric if spec.scheduler.type == "asha" else None
+        self.trials: dict[str, Any] = {}
+
+    def prefix(self, trial: Any) -> str:
+        axes = " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in trial.axes.items())
+        return f"[{trial.trial_id[:6]} {trial.index + 1}/{self.total} {axes} seed={trial.seed}]"
+
+    def line(self, trial: Any, result: dict) -> Optional[str]:
+        ev, stage = result.get("event"), result.get("stage", "")
+        if ev == "start":
+            return f"{self.prefix(trial)} {stage} ..."
+        if ev == "end" and stage == "done":
+            if result.get("status") == "ok":
+                keys = [k for k in (self.spec.search.metric, "ppo/reward_mean", "rm/separation_margin")
+                        if k in result][:2]
+                return f"{self.prefix(trial)} done " + " ".join(f"{k}={_fmt(result[k])}" for k in keys)
+            return f"{self.prefix(trial)} FAILED {result.get('error', '')}"[:200]
+        if ev == "end":
+            hit = " (cache hit)" if result.get("cache_hit") else ""
+            return f"{self.prefix(trial)} {stage} done {result.get('seconds', 0):.1f}s{hit}"
+        if ev == "failed":
+            return f"{self.prefix(trial)} {stage} failed: {result.get('error', '')}"[:200]
+        if "step" in result:
+            step, steps = int(result["step"]), int(result.get("steps", 0) or 0)
+            every = max(1, steps // 10)
+            if step % every and step != steps and step != 1:
+                return None
+            keys = [self.metric] if self.metric in result else []
+            keys += [k for k in KEY_METRICS if k in result and k not in keys]
+            shown = " ".join(f"{k.split('/', 1)[-1]}={_fmt(result[k])}" for k in keys[:2])
+            return f"{self.prefix(trial)} {stage} step {step}/{steps or '?'} {shown}"
+        return None
+
+    def emit(self, text: Optional[str]) -> None:
+        if text:
+            print(text, file=self.stream, flush=True)
+
+    def callback(self) -> Any:
+        from ray.tune import Callback
+
+        lines = self
+
+        class LiveLines(Callback):
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                t = lines._lookup(trial, result)
+                if t is not None:
+                    lines.emit(lines.line(t, result))
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                t = lines._lookup(trial, {})
+                msg = str(getattr(trial, "error_file", "") or "worker died")
+                rec = record_failure(lines.run_dir, lines.spec, t, "WorkerDied",
+                                     f"the Ray worker running this trial died ({msg}); see the Ray logs")
+                lines.emit(f"{lines.prefix(t)} FAILED {rec['error']['type']}: {rec['error']['message']}"[:200])
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                t = lines._lookup(trial, {})
+                if (read_result(lines.run_dir, t.trial_id) or {}).get("status") not in ("ok", "failed"):
+                    last = trial.last_result or {}
+                    record_failure(lines.run_dir, lines.spec, t, "EarlyStopped",
+                                   f"stopped by the {lines.spec.scheduler.type} scheduler at iteration "
+                                   f"{last.get('training_iteration')}", stage=str(last.get("stage", "")),
+                                   status="stopped")
+                    lines.emit(f"{lines.prefix(t)} stopped early by {lines.spec.scheduler.type}")
+
+        return LiveLines()
+
+    def _lookup(self, trial: Any, result: dict) -> Any:
+        t = self.trials.get(trial.trial_id)
+        if t is None:
+            t = _trial_from_config(self.spec, trial.config, trial.trial_id)
+            self.trials[trial.trial_id] = t
+        return t
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------------------
+
+class _DriverLock:
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".driver.lock"
+
+    def __enter__(self) -> "_DriverLock":
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
+            os.close(self.fd)
+            raise ConfigError(f"another sweep driver is already running on {self.path.parent} ({holder}). Wait "
+                              f"for it, or stop it; rerunning the same command later continues the sweep.") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"host={socket.gethostname()} pid={os.getpid()} since={_now()}".encode(), 0)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def _package_root() -> str:
+    return str(Path(__file__).resolve().parent.parent)
+
+
+def _init_ray(address: Optional[str], num_gpus: int) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "PYTHONPATH": os.pathsep.join(
+        [_package_root()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    for k in ("WANDB_MODE", "WANDB_DIR", "RLHF_ABLATE_CACHE", "RLHF_ABLATE_CODE_VERSION", "HF_HOME",
+              "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(k):
+            env[k] = os.environ[k]
+    kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": False, "include_dashboard": False,
+                    "configure_logging": True, "logging_level": "ERROR"}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 1, num_gpus=num_gpus, **kwargs)
+
+
+def _setup_env(address: Optional[str]) -> None:
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"          # absolute paths anyway; keeps relative data paths working
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")     # no Ray progress table: our own lines instead
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no Ray CSV/TB/JSON loggers per trial
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # stage events carry no search metric
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "1000")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local Ray: no token written under ~/.ray (FACTS)
+
+
+def _sweep_json(spec: Any, trials: list, run_dir: Path, use_cache: bool) -> None:
+    from .cache import default_cache_root
+
+    path = run_dir / "sweep.json"
+    prev = json.loads(path.read_text()) if path.exists() else {}
+    _write_json_atomic(path, {
+        "name": spec.name, "version": spec.version, "path": str(Path(spec.path).resolve()),
+        "description": spec.description, "search": spec.search.type, "scheduler": spec.scheduler.type,
+        "cache_dir": str(default_cache_root(spec)), "use_cache": use_cache,
+        "first_started_at": prev.get("first_started_at") or _now(), "last_started_at": _now(),
+        "trials": [{"index": t.index, "trial_id": t.trial_id, "seed": t.seed, "axes": t.axes} for t in trials]})
+
+
+def run_sweep(spec: Any, run_dir: Path, *, resume: bool = False, max_concurrent: Optional[int] = None,
+              use_cache: bool = True, address: Optional[str] = None, report: bool = True,
+              trial_fn: Optional[Callable] = None, stream: Any = None) -> int:
+    """Run (or continue) every trial of ``spec`` under ``run_dir``. Returns 0 if all trials are ok, 1 otherwise.
+
+    ``trial_fn(spec, trial, run_dir, *, use_cache, on_step) -> result dict`` defaults to
+    :func:`rlhf_ablate.trial.run_trial_in_sweep`; it must write ``result.json`` and return it."""
+    from .resources import detect_gpus, trial_resources
+    from .sweep import expand
+    from .tracking import check_tracking
+
+    out = stream or sys.stdout
+    run_dir = Path(run_dir).resolve()
+    if resume and not (run_dir / "sweep.json").exists():
+        raise ConfigError(f"--resume: {run_dir} holds no sweep to resume (no sweep.json). Run without --resume to "
+                          f"start it, or pass the --out directory of the sweep you mean.")
+    trials = expand(spec)
+    check_tracking(spec.tracking)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    address = address or None
+    _setup_env(address)
+
+    with _DriverLock(run_dir):
+        _sweep_json(spec, trials, run_dir, use_cache)
+        gpus = [] if address and os.environ.get("RLHF_ABLATE_GPUS") is None else detect_gpus()
+        optuna = spec.search.type == "optuna"
+        done = {t.trial_id for t in trials if (read_result(run_dir, t.trial_id) or {}).get("status") in FINISHED}
+        pending = [t for t in trials if t.trial_id not in done] if not optuna else []
+        retried = [t for t in pending if read_result(run_dir, t.trial_id) is not None]
+        resources = {t.index: trial_resources(spec, t, gpus) for t in (pending or trials[:1])}  # refuse early
+        print(f"sweep {spec.name} (version {spec.version}): {len(trials) if not optuna else spec.search.num_samples}"
+              f" trials, {len(done)} already done" + (f", {len(retried)} failed before and retried" if retried
+                                                       else "") + f"; run directory {run_dir}", file=out, flush=True)
+        t0 = time.monotonic()
+        if optuna:
+            prior = _optuna_prior(spec, run_dir)
+            remaining = spec.search.num_samples - len(prior)
+            if remaining > 0:
+                _fit(spec, run_dir, [], resources, gpus, max_concurrent, use_cache, address, trial_fn, out,
+                     optuna_prior=prior, num_samples=remaining)
+            ids = [r["trial_id"] for r in _all_results(run_dir, spec.name)]
+        else:
+            if pending:
+                _fit(spec, run_dir, pending, resources, gpus, max_concurrent, use_cache, address, trial_fn, out)
+            ids = [t.trial_id for t in trials]
+        # A trial that did not record an end (driver-side problem) is reported as such, never silently missing.
+        results = []
+        for tid in ids:
+            r = read_result(run_dir, tid)
+            if r is None:
+                t = next(t for t in trials if t.trial_id == tid)
+                r = record_failure(run_dir, spec, t, "NotRun", "the trial did not record a result; rerun the "
+                                   "same command to retry it")
+            results.append(r)
+        print(summary_table(results, spec), file=out)
+        failed = [r for r in results if r.get("status") not in FINISHED]
+        print(f"{len(results) - len(failed)}/{len(results)} trials finished ok in {time.monotonic() - t0:.0f}s; "
+              f"results: {run_dir / 'trials'}", file=out, flush=True)
+        if report:
+            _write_report(run_dir, out)
+    return 0 if not failed else 1
+
+
+def _fit(spec: Any, run_dir: Path, pending: list, resources: dict, gpus: list, max_concurrent: Optional[int],
+         use_cache: bool, address: Optional[str], trial_fn: Optional[Callable], out: Any, *,
+         optuna_prior: Optional[list] = None, num_samples: int = 0) -> None:
+    import ray
+    from ray import tune
+
+    _init_ray(address, len(gpus))
+    if address and not gpus and spec.resources.gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0:
+        # The driver cannot see the cluster's GPU memory: ask for whole GPUs (set RLHF_ABLATE_GPUS to pack).
+        for r in resources.values():
+            r["gpu"] = 1.0
+    default_res = next(iter(resources.values()))
+
+    def request(config: dict) -> dict:
+        r = resources.get(config.get("index"), default_res)
+        return {"cpu": r["cpu"], "gpu": r["gpu"]}
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, spec=spec, run_dir=str(run_dir), use_cache=use_cache, trial_fn=trial_fn),
+        request)
+    total = len(expand_ids(spec)) if optuna_prior is None else spec.search.num_samples
+    lines = _Lines(spec, run_dir, total, out)
+    limit = max_concurrent or spec.max_concurrent or None
+    scheduler = None
+    if spec.scheduler.type == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=spec.scheduler.metric,
+                                  mode=spec.scheduler.mode, grace_period=spec.scheduler.grace_period,
+                                  reduction_factor=spec.scheduler.reduction_factor, max_t=spec.scheduler.max_t)
+    if optuna_prior is None:
+        param_space = {"index": tune.grid_search([t.index for t in pending])}
+        tune_config = tune.TuneConfig(num_samples=1, scheduler=scheduler, max_concurrent_trials=limit)
+    else:
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        space = {k: _tune_dist(k, d) for k, d in spec.search.space.items()}
+        searcher = OptunaSearch(metric=spec.search.metric, mode=spec.search.mode,
+                                points_to_evaluate=[p for p, _ in optuna_prior] or None,
+                                evaluated_rewards=[v for _, v in optuna_prior] or None)
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=min(limit or spec.search.max_concurrent,
+                                                                   spec.search.max_concurrent))
+        param_space = space
+        tune_config = tune.TuneConfig(num_samples=num_samples, search_alg=searcher, scheduler=scheduler,
+                                      metric=spec.search.metric if scheduler is None else None,
+                                      mode=spec.search.mode if scheduler is None else None)
+    run_config = tune.RunConfig(
+        name=f"tune-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+        storage_path=str(run_dir / "ray"), verbose=0, callbacks=[lines.callback()],
+        failure_config=tune.FailureConfig(max_failures=0), log_to_file=True)
+    tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
+
+
+def expand_ids(spec: Any) -> list[str]:
+    from .sweep import expand
+
+    return [t.trial_id for t in expand(spec)]
+
+
+def _tune_dist(key: str, dist: dict) -> Any:
+    from ray import tune
+
+    kind, arg = next(iter(dist.items()))
+    if kind == "loguniform":
+        return tune.loguniform(arg[0], arg[1])
+    if kind == "uniform":
+        return tune.uniform(arg[0], arg[1])
+    if kind == "int":
+        return tune.randint(int(arg[0]), int(arg[1]) + 1)  # inclusive upper bound in the sweep file
+    if kind == "choice":
+        return tune.choice(list(arg))
+    raise ConfigError(f"search.space.{key}: unknown distribution {kind!r} (loguniform, uniform, int, choice).")
+
+
+def _all_results(run_dir: Path, sweep_name: str) -> list[dict]:
+    out = []
+    for p in sorted((run_dir / "trials").glob("*/result.json")):
+        try:
+            r = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if r.get("sweep") in (sweep_name, None):
+            out.append(r)
+    return out
+
+
+def _optuna_prior(spec: Any, run_dir: Path) -> list[tuple[dict, float]]:
+    """Finished trials of an earlier (interrupted) Optuna run: fed back to the new searcher, not rerun."""
+    prior = []
+    for r in _all_results(run_dir, spec.name):
+        if r.get("status") == "ok" and spec.search.metric in r.get("metrics", {}):
+            params = {k: r["config"][k] for k in spec.search.space if k in r.get("config", {})}
+            if len(params) == len(spec.search.space):
+                prior.append((params, r["metrics"][spec.search.metric]))
+    return prior
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The end: a summary table and the report
+# ---------------------------------------------------------------------------------------------------------
+
+def summary_table(results: list[dict], spec: Any, width: int = 100) -> str:
+    metric_keys = [k for k in dict.fromkeys([spec.search.metric, "ppo/reward_mean", "rm/separation_margin",
+                                             "ppo/rougeL"])
+                   if any(k in (r.get("metrics") or {}) for r in results)][:3]
+    header = ["trial", "axes", "seed", "status"] + [k.split("/", 1)[-1] if len(k) > 16 else k
+                                                    for k in metric_keys] + ["time", "cache hits"]
+    rows = []
+    for r in sorted(results, key=lambda r: (r.get("index") if isinstance(r.get("index"), int) else 1 << 30)):
+        axes = " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in (r.get("axes") or {}).items())
+        status = r.get("status", "?")
+        if status not in FINISHED and r.get("error"):
+            status = f"{status}: {r['error'].get('type')}"
+        timings = {k: v for k, v in (r.get("timings") or {}).items() if isinstance(v, dict)}
+        hits = sum(1 for v in timings.values() if v.get("cache_hit"))
+        total = (r.get("timings") or {}).get("total")
+        rows.append([r.get("trial_id", "?")[:8], axes[:30], str(r.get("seed", "")), status[:24]]
+                    + [_fmt((r.get("metrics") or {}).get(k, "")) for k in metric_keys]
+                    + [f"{total:.0f}s" if isinstance(total, (int, float)) else "-",
+                       f"{hits}/{len(timings)}" if timings else "-"])
+    widths = [max(len(x[i]) for x in [header] + rows) for i in range(len(header))]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
+
+
+def _write_report(run_dir: Path, out: Any) -> None:
+    try:
+        from analysis.report import write_report
+    except ImportError:
+        return
+    try:
+        path = write_report(run_dir)
+        print(f"report: {path or run_dir / 'report'}", file=out, flush=True)
+    except Exception as e:  # noqa: BLE001 - the trials are done; a report problem must not hide that
+        print(f"report not written ({type(e).__name__}: {e}); run `python -m analysis report {run_dir}`",
+              file=out, flush=True)
