@@ -188,3 +188,19 @@ def corpus_texts() -> list[str]:
             elif rec.reference is not None:
                 out.append(rec.reference)
     return out
+
+
+def pretrain_texts() -> list[str]:
+    """Raw Korean documents for pretraining the built-in tiny models: every prompt and answer of the bundled SFT,
+    RM and PPO files, without the prompt template (so SFT still has the format to teach) and without the held-out
+    eval file (so eval references are never seen before eval)."""
+    out: list[str] = []
+    for kind in ("sft", "rm", "ppo"):
+        for rec in read_file(SAMPLE_DIR / f"{kind}.jsonl", kind).records:
+            out.append(rec.prompt)
+            if isinstance(rec, SFTExample):
+                out.append(rec.completion)
+            elif isinstance(rec, RankedGroup):
+                out.extend(rec.answers)
+    return out
+

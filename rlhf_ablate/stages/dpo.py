@@ -1,0 +1,47 @@
+"""DPO stage, the alternative to RM + PPO: TRL DPOTrainer on the same pairs, starting from the merged SFT model.
+With LoRA the reference is the SFT model itself (TRL keeps a frozen copy of the zero-initialised adapter), so the
+eval stage measures KL to the same reference as for PPO."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import models
+from ..config import TrialConfig
+from ..prompting import format_prompt, normalize
+from .common import log_history, seed_everything, trl_common_args, write_json
+
+
+def train_dpo(cfg: TrialConfig, data, sft_dir: Path, out: Path) -> None:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    seed_everything(cfg.seed)
+    sft_path = str(sft_dir / "model")
+    tok = models.load_tokenizer(cfg.model, sft_path)
+    quantized = cfg.model.quantization != "none" and cfg.dpo.lora_rank > 0
+    # Loaded by path: for a full fine-tune TRL reloads the reference from model.config._name_or_path (FACTS).
+    model = models.load_causal_lm(cfg.model, sft_path, quantize=quantized)
+    model = models.prepare_for_training(model, cfg.dpo.lora_rank, cfg.dpo.lora_alpha, 0.0, "CAUSAL_LM", quantized)
+    rows = [{"prompt": format_prompt(p.prompt), "chosen": normalize(p.chosen), "rejected": normalize(p.rejected)}
+            for g in data.rm_train for p in g.pairs()]
+    d = cfg.dpo
+    args = DPOConfig(**trl_common_args(out / "trainer", cfg.seed, lr=d.learning_rate, epochs=d.epochs,
+                                       max_steps=d.max_steps, batch_size=d.batch_size, grad_accum=d.grad_accum),
+                     beta=d.beta, max_length=cfg.model.max_length)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trainer.train()
+    history = log_history(trainer)
+    if cfg.dpo.lora_rank > 0:
+        trainer.model.save_pretrained(str(out / "adapter"), selected_adapters=["default"])
+        tok.save_pretrained(str(out / "adapter"))
+    else:
+        trainer.model.save_pretrained(str(out / "model"), safe_serialization=True)
+        tok.save_pretrained(str(out / "model"))
+    write_json(out / "history.json", history)
+    last = [h for h in history if "loss" in h]
+    write_json(out / "metrics.json", {"dpo/train_loss_last": last[-1]["loss"] if last else None,
+                                      "dpo/train_pairs": len(rows)})
+    import shutil
+
+    shutil.rmtree(out / "trainer", ignore_errors=True)

@@ -1,0 +1,50 @@
+"""SFT stage: TRL SFTTrainer on prompt/completion pairs with the prompt masked, LoRA or full, 4-bit when
+configured. The artifact is the *merged* model, so that later stages (RM, PPO, DPO) start from it and PPO's
+reference is simply "the base with adapters disabled"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import models
+from ..config import TrialConfig
+from ..prompting import format_prompt, normalize
+from .common import log_history, seed_everything, trl_common_args, write_json
+
+
+def train_sft(cfg: TrialConfig, data, out: Path) -> None:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    seed_everything(cfg.seed)
+    base = models.resolve_base(cfg.model)
+    tok = models.load_tokenizer(cfg.model, base)
+    quantized = cfg.model.quantization != "none" and cfg.sft.lora_rank > 0
+    model = models.load_causal_lm(cfg.model, base, quantize=quantized)
+    model = models.prepare_for_training(model, cfg.sft.lora_rank, cfg.sft.lora_alpha, cfg.sft.lora_dropout,
+                                        "CAUSAL_LM", quantized)
+    # EOS is appended by TRL to plain-text completions: the model learns to stop, which PPO's
+    # missing-EOS penalty relies on.
+    rows = [{"prompt": format_prompt(e.prompt), "completion": normalize(e.completion)} for e in data.sft_train]
+    s = cfg.sft
+    args = SFTConfig(**trl_common_args(out / "trainer", cfg.seed, lr=s.learning_rate, epochs=s.epochs,
+                                       max_steps=s.max_steps, batch_size=s.batch_size, grad_accum=s.grad_accum,
+                                       warmup_ratio=s.warmup_ratio, weight_decay=s.weight_decay),
+                     max_length=cfg.model.max_length, completion_only_loss=True, packing=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trainer.train()
+    history = log_history(trainer)
+    models.merge_and_save(trainer.model, out / "model", cfg.model)
+    tok.save_pretrained(out / "model")
+    losses = [h["loss"] for h in history if "loss" in h]
+    write_json(out / "history.json", history)
+    write_json(out / "metrics.json", {"sft/train_loss_first": losses[0] if losses else None,
+                                      "sft/train_loss_last": losses[-1] if losses else None,
+                                      "sft/train_examples": len(rows)})
+    _rm_tree(out / "trainer")
+
+
+def _rm_tree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
