@@ -146,6 +146,22 @@ def _trial_from_config(spec: Any, config: dict, tune_id: str = "") -> Any:
 # Live lines (a Tune callback in the driver)
 # ---------------------------------------------------------------------------------------------------------
 
+def _error_from_file(path: Optional[str]) -> tuple[str, str]:
+    """The exception class and message from Ray's error file of a trial whose worker crashed or died."""
+    import re
+
+    text = ""
+    try:
+        text = Path(path).read_text(errors="replace") if path else ""
+    except OSError:
+        pass
+    found = re.findall(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit|Interrupt|Died))\s*:\s*(.*)$", text, re.M)
+    if found:
+        etype, msg = found[-1]
+        return etype, f"{msg.strip()} (Ray error file: {path})"
+    return "WorkerDied", f"the Ray worker running this trial died; see {path or 'the Ray logs'}"
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -169,8 +185,8 @@ class _Lines:
             return f"{self.prefix(trial)} {stage} ..."
         if ev == "end" and stage == "done":
             if result.get("status") == "ok":
-                keys = [k for k in (self.spec.search.metric, "ppo/reward_mean", "rm/separation_margin")
-                        if k in result][:2]
+                keys = [k for k in dict.fromkeys((self.spec.search.metric, "ppo/reward_mean",
+                                                  "rm/separation_margin")) if k in result][:2]
                 return f"{self.prefix(trial)} done " + " ".join(f"{k}={_fmt(result[k])}" for k in keys)
             return f"{self.prefix(trial)} FAILED {result.get('error', '')}"[:200]
         if ev == "end":
@@ -206,9 +222,8 @@ class _Lines:
 
             def on_trial_error(self, iteration, trials, trial, **info):
                 t = lines._lookup(trial, {})
-                msg = str(getattr(trial, "error_file", "") or "worker died")
-                rec = record_failure(lines.run_dir, lines.spec, t, "WorkerDied",
-                                     f"the Ray worker running this trial died ({msg}); see the Ray logs")
+                etype, msg = _error_from_file(getattr(trial, "error_file", None))
+                rec = record_failure(lines.run_dir, lines.spec, t, etype, msg)
                 lines.emit(f"{lines.prefix(t)} FAILED {rec['error']['type']}: {rec['error']['message']}"[:200])
 
             def on_trial_complete(self, iteration, trials, trial, **info):
@@ -417,8 +432,19 @@ def _fit(spec: Any, run_dir: Path, pending: list, resources: dict, gpus: list, m
     run_config = tune.RunConfig(
         name=f"tune-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
         storage_path=str(run_dir / "ray"), verbose=0, callbacks=[lines.callback()],
-        failure_config=tune.FailureConfig(max_failures=0), log_to_file=True)
-    tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
+        # Not log_to_file=True: Ray then swaps sys.stdout for a Tee without isatty(), which transformers' model
+        # loading report calls (AttributeError in every stage). Stages keep their own log.txt instead.
+        failure_config=tune.FailureConfig(max_failures=0))
+    import logging
+
+    # Ray logs every crashed trial's traceback at ERROR; our line and result.json already carry the reason.
+    tune_logger = logging.getLogger("ray.tune")
+    level = tune_logger.level
+    tune_logger.setLevel(logging.CRITICAL)
+    try:
+        tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config).fit()
+    finally:
+        tune_logger.setLevel(level)
 
 
 def expand_ids(spec: Any) -> list[str]:
@@ -484,7 +510,7 @@ def summary_table(results: list[dict], spec: Any, width: int = 100) -> str:
         timings = {k: v for k, v in (r.get("timings") or {}).items() if isinstance(v, dict)}
         hits = sum(1 for v in timings.values() if v.get("cache_hit"))
         total = (r.get("timings") or {}).get("total")
-        rows.append([r.get("trial_id", "?")[:8], axes[:30], str(r.get("seed", "")), status[:24]]
+        rows.append([r.get("trial_id", "?")[:8], axes[:30], str(r.get("seed", "")), status[:32]]
                     + [_fmt((r.get("metrics") or {}).get(k, "")) for k in metric_keys]
                     + [f"{total:.0f}s" if isinstance(total, (int, float)) else "-",
                        f"{hits}/{len(timings)}" if timings else "-"])

@@ -139,3 +139,111 @@ def test_impossible_trial_refused_before_launch(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="Refused before launch"):
         run_sweep(spec, tmp_path / "run", trial_fn=fake_trial, report=False)
     assert not (tmp_path / "run" / "trials").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real trial (tiny built-in model, bundled Korean data), shortened through overrides
+# ---------------------------------------------------------------------------------------------------------
+
+TINY = {"model.quantization": "none", "sft.max_steps": 2, "rm.max_steps": 2, "sft.batch_size": 8,
+        "rm.batch_size": 8, "ppo.total_episodes": 8, "ppo.rollout_batch_size": 4, "ppo.mini_batch_size": 4,
+        "ppo.max_new_tokens": 8, "eval.max_new_tokens": 8, "data.max_sft": 16, "data.max_rm_groups": 8,
+        "data.max_ppo_prompts": 8, "data.max_eval": 4}
+
+
+@pytest.mark.slow
+def test_real_kl_sweep_reuses_sft_rm_isolates_failure_and_logs_wandb(tmp_path, ray_session, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "secret-xyz-0123456789")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    from rlhf_ablate.tracking import find_offline_runs, read_offline_run
+
+    raw = {"name": "kl_real", "axes": {"ppo.kl_coef": [0.01, 0.1, 1.0]}, "seeds": [0], "base": TINY,
+           "cache_dir": str(tmp_path / "cache"), "tracking": {"wandb": "offline"},
+           # kl_coef=1.0 is made to diverge: the KL guard ends it as failed at its first PPO step
+           "overrides": [{"when": {"ppo.kl_coef": 1.0}, "set": {"ppo.kl_stop": -1.0}}]}
+    spec = parse_sweep(raw, str(tmp_path / "kl_real.yaml"))
+    run_dir = tmp_path / "run"
+    out = io.StringIO()
+    rc = run_sweep(spec, run_dir, report=False, stream=out, max_concurrent=2)
+    text = out.getvalue()
+    trials = expand(spec)
+    res = {t.axes["ppo.kl_coef"]: read_result(run_dir, t.trial_id) for t in trials}
+    assert rc == 1, text
+    assert res[0.01]["status"] == "ok" and res[0.1]["status"] == "ok", text
+    assert res[1.0]["status"] == "failed" and res[1.0]["error"]["type"] == "TrialFailed"
+    assert "KL blow-up" in res[1.0]["error"]["message"] and res[1.0]["error"]["stage"] == "ppo"
+
+    # SFT and RM ran once for the three kl_coef values: one execution each, cache hits in the other trials
+    ex = [e for e in read_executions(tmp_path / "cache") if e["status"] == "ok"]
+    assert sum(e["stage"] == "sft" for e in ex) == 1 and sum(e["stage"] == "rm" for e in ex) == 1
+    assert sorted(r["timings"]["sft"]["cache_hit"] for r in res.values()) == [False, True, True]
+    assert sorted(r["timings"]["rm"]["cache_hit"] for r in res.values()) == [False, True, True]
+    assert len({r["timings"]["ppo"]["key"] for r in res.values() if "ppo" in r["timings"]}) == 2
+    assert "ppo step" in text and "FAILED TrialFailed" in text
+
+    # W&B offline: one run per trial, grouped by sweep, tags = axes, per-step PPO metrics read back from disk
+    runs = {r["name"]: r for r in map(read_offline_run, find_offline_runs(run_dir / "wandb"))}
+    assert set(runs) == {t.trial_id for t in trials}
+    ok = runs[trials[0].trial_id]
+    assert ok["group"] == "kl_real" and ok["tags"] == ["ppo.kl_coef=0.01"]
+    assert ok["config"]["ppo.kl_coef"] == 0.01 and ok["summary"]["status"] == "ok"
+    kl_hist = [h["ppo/objective/kl"] for h in ok["history"] if "ppo/objective/kl" in h]
+    assert [h["ppo/step"] for h in ok["history"] if "ppo/objective/kl" in h] == [1, 2]
+    assert kl_hist == pytest.approx([row["objective/kl"] for row in res[0.01]["history"]["ppo"]])
+    assert ok["summary"]["ppo/objective/kl"] == pytest.approx(res[0.01]["metrics"]["ppo/objective/kl"])
+    assert "ppo/samples" in ok["tables"] and ok["tables"]["ppo/samples"]["data"]
+    assert runs[trials[2].trial_id]["summary"]["status"] == "failed"
+    leaked = [p for p in run_dir.rglob("*") if p.is_file() and b"secret-xyz" in p.read_bytes()]
+    assert leaked == []
+
+
+@pytest.mark.slow
+def test_sigkill_driver_then_rerun_finishes_each_trial_once(tmp_path):
+    import psutil
+    import yaml
+
+    sweep_file = tmp_path / "kill.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "kill", "axes": {"ppo.kl_coef": [0.01, 0.1, 1.0]}, "seeds": [0], "base": TINY,
+        "cache_dir": str(tmp_path / "cache"), "tracking": {"wandb": "disabled"}}))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rlhf_ablate", "sweep", str(sweep_file), "--out", str(run_dir), "--no-report",
+           "--max-concurrent", "1"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path / "first.log", "w")
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ids = None
+    try:
+        deadline = time.time() + 150
+        while True:
+            assert p.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no trial finished in time"
+            if ids is None and (run_dir / "sweep.json").exists():
+                ids = [t["trial_id"] for t in json.loads((run_dir / "sweep.json").read_text())["trials"]]
+            if ids and any((read_result(run_dir, i) or {}).get("status") == "ok" for i in ids):
+                break
+            time.sleep(0.2)
+        family = psutil.Process(p.pid).children(recursive=True)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the driver's whole process group, as `kill -9 -PGID` would
+        p.wait()
+    for child in family:  # Ray daemons that left the process group: end them by pid
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    log.close()
+    before = {i: read_result(run_dir, i) for i in ids}
+    finished_before = {i: r["started_at"] for i, r in before.items() if r and r["status"] == "ok"}
+    assert 1 <= len(finished_before) < 3
+
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    after = {i: read_result(run_dir, i) for i in ids}
+    assert all(r["status"] == "ok" for r in after.values())
+    assert {i: after[i]["started_at"] for i in finished_before} == finished_before  # not rerun
+    ok_builds = [(e["stage"], e["key"]) for e in read_executions(tmp_path / "cache") if e["status"] == "ok"]
+    assert len(ok_builds) == len(set(ok_builds))  # no finished stage was ever computed twice
+    assert sum(s == "sft" for s, _ in ok_builds) == 1 and sum(s == "ppo" for s, _ in ok_builds) == 3
+    assert f"{len(finished_before)} already done" in second.stdout
