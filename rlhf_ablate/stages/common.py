@@ -162,3 +162,16 @@ def set_threads() -> None:
     n = os.environ.get("OMP_NUM_THREADS")
     if n and n.isdigit():
         torch.set_num_threads(int(n))
+
+
+def restore_trainable_dtype(model, compute_dtype: str) -> None:
+    """Undo TRL's cast of trainable parameters to bf16 on quantized models.
+
+    TRL 1.16's trainers cast every trainable parameter of a 4-bit model to bf16 (QLoRA's recommendation). LoRA layers
+    cast their input, but a trained head (the RM's score head, saved via modules_to_save) does not, so a float32
+    compute dtype fails with "expected m1 and m2 to have the same dtype". We keep trainable weights in
+    model.compute_dtype, which the user chose (bf16 on a GPU, float32 on a CPU where bf16 matmuls are slow)."""
+    dtype = getattr(torch, compute_dtype)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)

@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import models
 from ..config import TrialConfig
 from ..prompting import format_prompt, normalize
-from .common import log_history, seed_everything, trl_common_args, write_json
+from .common import restore_trainable_dtype, log_history, seed_everything, trl_common_args, write_json
 
 
 def train_dpo(cfg: TrialConfig, data, sft_dir: Path, out: Path) -> None:
@@ -30,6 +30,7 @@ def train_dpo(cfg: TrialConfig, data, sft_dir: Path, out: Path) -> None:
                                        max_steps=d.max_steps, batch_size=d.batch_size, grad_accum=d.grad_accum),
                      beta=d.beta, max_length=cfg.model.max_length)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    restore_trainable_dtype(trainer.model, cfg.model.compute_dtype)
     trainer.train()
     history = log_history(trainer)
     if cfg.dpo.lora_rank > 0:

@@ -11,8 +11,8 @@ import torch
 from .. import metrics, models
 from ..config import TrialConfig
 from ..prompting import format_prompt, normalize
-from .common import (eval_mode, log_history, read_json, score_texts, seed_everything, trl_common_args,
-                     write_json)
+from .common import (eval_mode, log_history, read_json, restore_trainable_dtype, score_texts, seed_everything,
+                     trl_common_args, write_json)
 
 
 def rm_base_path(cfg: TrialConfig, sft_dir: Path | None) -> str:
@@ -43,6 +43,7 @@ def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path) -> None:
                         max_length=cfg.model.max_length,
                         center_rewards_coefficient=r.center_rewards_coefficient or None)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    restore_trainable_dtype(trainer.model, cfg.model.compute_dtype)
     trainer.train()
     trained = trainer.model
     kind = "adapter" if cfg.rm.lora_rank > 0 else "model"

@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import models
 from ..config import TrialConfig
 from ..prompting import format_prompt, normalize
-from .common import log_history, seed_everything, trl_common_args, write_json
+from .common import restore_trainable_dtype, log_history, seed_everything, trl_common_args, write_json
 
 
 def train_sft(cfg: TrialConfig, data, out: Path) -> None:
@@ -32,6 +32,7 @@ def train_sft(cfg: TrialConfig, data, out: Path) -> None:
                                        warmup_ratio=s.warmup_ratio, weight_decay=s.weight_decay),
                      max_length=cfg.model.max_length, completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    restore_trainable_dtype(trainer.model, cfg.model.compute_dtype)
     trainer.train()
     history = log_history(trainer)
     models.merge_and_save(trainer.model, out / "model", cfg.model)
