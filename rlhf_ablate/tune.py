@@ -355,7 +355,8 @@ def run_sweep(spec: Any, run_dir: Path, *, resume: bool = False, max_concurrent:
         t0 = time.monotonic()
         if optuna:
             prior = _optuna_prior(spec, run_dir)
-            remaining = spec.search.num_samples - len(prior)
+            finished = sum(r.get("status") in FINISHED for r in _all_results(run_dir, spec.name))
+            remaining = spec.search.num_samples - finished  # ok and ASHA-stopped samples count as done
             if remaining > 0:
                 _fit(spec, run_dir, [], resources, gpus, max_concurrent, use_cache, address, trial_fn, out,
                      optuna_prior=prior, num_samples=remaining)
@@ -420,7 +421,14 @@ def _fit(spec: Any, run_dir: Path, pending: list, resources: dict, gpus: list, m
         from ray.tune.search.optuna import OptunaSearch
 
         space = {k: _tune_dist(k, d) for k, d in spec.search.space.items()}
-        searcher = OptunaSearch(metric=spec.search.metric, mode=spec.search.mode,
+        class _OptunaSearch(OptunaSearch):
+            # Ray's OptunaSearch reads the metric from *every* result (for Optuna pruning); our stage events and
+            # PPO steps do not carry the search metric (an eval metric known at the end), so skip those.
+            def on_trial_result(self, trial_id: str, result: dict) -> None:
+                if self.metric in result:
+                    super().on_trial_result(trial_id, result)
+
+        searcher = _OptunaSearch(metric=spec.search.metric, mode=spec.search.mode,
                                 points_to_evaluate=[p for p, _ in optuna_prior] or None,
                                 evaluated_rewards=[v for _, v in optuna_prior] or None)
         searcher = ConcurrencyLimiter(searcher, max_concurrent=min(limit or spec.search.max_concurrent,

@@ -124,6 +124,25 @@ def test_grid_sweep_cache_failure_isolation_and_rerun(tmp_path, ray_session):
     assert "2 already done, 1 failed before and retried" in out2.getvalue()
 
 
+def test_optuna_search_with_asha(tmp_path, ray_session):
+    spec = _kl_spec(tmp_path, axes={}, search={"type": "optuna", "metric": "ppo/reward_mean", "mode": "max",
+                                               "num_samples": 3, "max_concurrent": 2,
+                                               "space": {"ppo.kl_coef": {"loguniform": [0.001, 0.5]}}},
+                    scheduler={"type": "asha", "metric": "ppo/objective/scores", "mode": "max", "grace_period": 2})
+    run_dir = tmp_path / "run"
+    out = io.StringIO()
+    assert run_sweep(spec, run_dir, trial_fn=fake_trial, report=False, stream=out) == 0, out.getvalue()
+    results = [json.loads(p.read_text()) for p in (run_dir / "trials").glob("*/result.json")]
+    assert len(results) == 3 and all(r["status"] in FINISHED for r in results)
+    kls = [r["config"]["ppo.kl_coef"] for r in results]
+    assert len(set(kls)) == 3 and all(0.001 <= k <= 0.5 for k in kls)
+    assert all(r["axes"] == {"ppo.kl_coef": r["config"]["ppo.kl_coef"]} for r in results)
+    # rerun: the three finished samples are fed to the searcher, nothing new is run
+    n_exec = len(read_executions(tmp_path / "cache"))
+    assert run_sweep(spec, run_dir, trial_fn=fake_trial, report=False, stream=io.StringIO()) == 0
+    assert len(read_executions(tmp_path / "cache")) == n_exec
+
+
 def test_resume_without_a_sweep_is_refused(tmp_path):
     from rlhf_ablate.errors import ConfigError
 
