@@ -214,10 +214,15 @@ def _resolve(cls: type, name: str) -> Any:
 
 
 def suggest(key: str, candidates: list[str]) -> str:
+    """' Did you mean ...?' for a mistyped dotted key, or '' when nothing is close."""
+    tail = key.rsplit(".", 1)[-1]
+    same_tail = [c for c in candidates if c.rsplit(".", 1)[-1] == tail and c != key]
+    if len(same_tail) > 1:  # 'lora_rank' is a key of several stages: name them all
+        return " Did you mean one of " + ", ".join(f"'{c}'" for c in same_tail) + "?"
     m = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if not m:  # try matching the last component alone (e.g. 'kl_coeff' -> 'ppo.kl_coef')
         tails = {c.rsplit(".", 1)[-1]: c for c in candidates}
-        t = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(tails), n=1, cutoff=0.75)
+        t = difflib.get_close_matches(tail, list(tails), n=1, cutoff=0.75)
         m = [tails[t[0]]] if t else []
     return f" Did you mean '{m[0]}'?" if m else ""
 
