@@ -34,7 +34,9 @@ def one(work: Path, variant: str, i: int) -> dict:
     sweep = write_kl_sweep(work / tag, work / tag / "cache")
     run_dir = work / tag / "run"
     if variant == "direct":
-        cmd = [PY, "-c", DIRECT, str(sweep), str(run_dir)]
+        # The same torch thread count as a Ray trial gets (resources.cpu = 1: Ray sets OMP_NUM_THREADS=1), so
+        # the comparison measures orchestration, not 1 vs 2 threads.
+        cmd = ["env", "OMP_NUM_THREADS=1", PY, "-c", DIRECT, str(sweep), str(run_dir)]
     else:
         cmd = [PY, "-m", "rlhf_ablate", "sweep", str(sweep), "--out", str(run_dir), "--no-report",
                "--max-concurrent", "1" if variant == "tune" else "2"]

@@ -533,8 +533,9 @@ def _write_report(run_dir: Path, out: Any) -> None:
     except ImportError:
         return
     try:
-        path = write_report(run_dir)
-        print(f"report: {path or run_dir / 'report'}", file=out, flush=True)
+        rep = write_report(run_dir)
+        out_dir = getattr(rep, "out_dir", None) or run_dir / "report"
+        print(f"report: {Path(out_dir) / 'report.md'}", file=out, flush=True)
     except Exception as e:  # noqa: BLE001 - the trials are done; a report problem must not hide that
         print(f"report not written ({type(e).__name__}: {e}); run `python -m analysis report {run_dir}`",
               file=out, flush=True)
