@@ -71,6 +71,7 @@ class PPOModels:
         self.shared = rank > 0
         self.reward_shared = self.shared and rm_shareable
         hidden_of = lambda m: m.config.get_text_config().hidden_size  # noqa: E731
+        self.reward_head: nn.Linear | None = None
 
         if self.shared:
             from peft import get_peft_model, prepare_model_for_kbit_training
@@ -85,7 +86,6 @@ class PPOModels:
             self.value_head = nn.Linear(hidden, 1, bias=True)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
-            self.reward_head = None
             if self.reward_shared:
                 score_w = self._load_reward_adapter(rm_dir / "adapter")
                 self.reward_head = nn.Linear(hidden, 1, bias=False)
