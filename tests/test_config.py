@@ -85,7 +85,7 @@ def test_custom_versions_are_checked_against_the_filters():
 def test_trial_id_is_stable_and_moves_with_any_value():
     a, b = TrialConfig(), TrialConfig()
     assert a.trial_id == b.trial_id
-    assert a.replace(**{"ppo.kl_coef": 0.1}).trial_id != a.trial_id
+    assert a.replace(**{"ppo.kl_coef": 0.3}).trial_id != a.trial_id
     assert a.replace(**{"seed": 1}).trial_id != a.trial_id
     # Same value written as int or float gives the same config and id (floats are coerced).
     assert a.replace(**{"ppo.kl_coef": 1}).trial_id == a.replace(**{"ppo.kl_coef": 1.0}).trial_id
