@@ -161,7 +161,7 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
         emit({"stage": stage, "event": "failed", "error": f"{type(e).__name__}: {e}"[:300]})
     result["timings"]["total"] = round(time.perf_counter() - t_start, 3)
     result["finished_at"] = _now()
-    _write_atomic(result_path(run_dir, trial_id), result)
+    write_json_atomic(result_path(run_dir, trial_id), result)
     if tracker is not None:
         _track_final(tracker, cfg, result)
     return result
@@ -176,10 +176,10 @@ def _track_final(tracker: Any, cfg: TrialConfig, result: dict) -> None:
         tracker.log_table(f"{cfg.method}/samples", ["data_id", "prompt", "generation", "reference", "reward"], rows)
 
 
-def _write_atomic(path: Path, obj: dict) -> None:
+def write_json_atomic(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1, allow_nan=True, default=str), encoding="utf-8")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .errors import ConfigError
+from .trial import _now, read_result, result_path, write_json_atomic  # noqa: F401 (re-exported for tests)
 
 FINISHED = ("ok", "stopped")  # statuses that are never rerun
 KEY_METRICS = ("ppo/objective/scores", "ppo/objective/kl")  # live-line metrics when no search metric is set
@@ -49,28 +50,6 @@ KEY_METRICS = ("ppo/objective/scores", "ppo/objective/kl")  # live-line metrics 
 # ---------------------------------------------------------------------------------------------------------
 # Result records (our source of truth for resume)
 # ---------------------------------------------------------------------------------------------------------
-
-def result_path(run_dir: Path, trial_id: str) -> Path:
-    return Path(run_dir) / "trials" / trial_id / "result.json"
-
-
-def read_result(run_dir: Path, trial_id: str) -> Optional[dict]:
-    try:
-        return json.loads(result_path(run_dir, trial_id).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def record_failure(run_dir: Path, spec: Any, trial: Any, etype: str, message: str, *, stage: str = "driver",
                    status: str = "failed") -> dict:
@@ -84,7 +63,7 @@ def record_failure(run_dir: Path, spec: Any, trial: Any, etype: str, message: st
               "config": trial.config.flat(), "axes": dict(trial.axes), "metrics": {}, "metric_meta": {},
               "timings": {}, "history": {}, "records": {}, "versions": {},
               "started_at": (existing or {}).get("started_at"), "finished_at": _now()}
-    _write_json_atomic(result_path(run_dir, trial.trial_id), result)
+    write_json_atomic(result_path(run_dir, trial.trial_id), result)
     return result
 
 
@@ -311,7 +290,7 @@ def _sweep_json(spec: Any, trials: list, run_dir: Path, use_cache: bool) -> None
 
     path = run_dir / "sweep.json"
     prev = json.loads(path.read_text()) if path.exists() else {}
-    _write_json_atomic(path, {
+    write_json_atomic(path, {
         "name": spec.name, "version": spec.version, "path": str(Path(spec.path).resolve()),
         "description": spec.description, "search": spec.search.type, "scheduler": spec.scheduler.type,
         "cache_dir": str(default_cache_root(spec)), "use_cache": use_cache,

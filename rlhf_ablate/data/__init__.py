@@ -174,11 +174,9 @@ def fingerprint(splits: dict[str, list]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def corpus_texts() -> list[str]:
-    """Every string of the bundled sample as read (v1, dirt included): the tiny tokenizer is trained on it, so it
-    must cover NFD jamo, English and every Hangul syllable a v1 or v2 trial can meet."""
+def _sample_texts(kinds: tuple[str, ...]) -> list[str]:
     out: list[str] = []
-    for kind in ("sft", "rm", "ppo", "eval"):
+    for kind in kinds:
         for rec in read_file(SAMPLE_DIR / f"{kind}.jsonl", kind).records:
             out.append(rec.prompt)
             if isinstance(rec, SFTExample):
@@ -190,17 +188,14 @@ def corpus_texts() -> list[str]:
     return out
 
 
+def corpus_texts() -> list[str]:
+    """Every string of the bundled sample as read (v1, dirt included): the tiny tokenizer is trained on it, so it
+    must cover NFD jamo, English and every Hangul syllable a v1 or v2 trial can meet."""
+    return _sample_texts(("sft", "rm", "ppo", "eval"))
+
+
 def pretrain_texts() -> list[str]:
     """Raw Korean documents for pretraining the built-in tiny models: every prompt and answer of the bundled SFT,
     RM and PPO files, without the prompt template (so SFT still has the format to teach) and without the held-out
     eval file (so eval references are never seen before eval)."""
-    out: list[str] = []
-    for kind in ("sft", "rm", "ppo"):
-        for rec in read_file(SAMPLE_DIR / f"{kind}.jsonl", kind).records:
-            out.append(rec.prompt)
-            if isinstance(rec, SFTExample):
-                out.append(rec.completion)
-            elif isinstance(rec, RankedGroup):
-                out.extend(rec.answers)
-    return out
-
+    return _sample_texts(("sft", "rm", "ppo"))
