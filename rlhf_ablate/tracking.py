@@ -145,7 +145,33 @@ class WandbTracker(Tracker):
             return
         self._finished = True
         self.run.summary["status"] = status
+        sync_file = getattr(self.run.settings, "sync_file", None)
         self.run.finish(exit_code=0 if status == "ok" else 1)
+        if sync_file and getattr(self.run.settings, "mode", "") == "offline":
+            _wait_for_exit_record(Path(sync_file))
+
+
+def _wait_for_exit_record(path: Path, timeout: float = 15.0) -> None:
+    """wandb 0.31's ``run.finish()`` can return before wandb-core has written the offline transaction log (seen:
+    2 runs in 12 had only the 7-byte file header right after finish). Wait, bounded, for the exit record, so a trial
+    process that ends right away, or a reader right after, finds the complete run."""
+    import time
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            for raw in _iter_records(path.read_bytes()):
+                rec = pb.Record()
+                rec.ParseFromString(raw)
+                if rec.WhichOneof("record_type") == "exit":
+                    return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    warnings.warn(f"W&B offline run {path} has no exit record after {timeout:.0f} s; `wandb sync` may need "
+                  f"--include-offline of a partial run.", stacklevel=2)
 
 
 def make_tracker(tracking: Any, *, sweep_name: str, trial_id: str, config_flat: dict, axes: dict,
