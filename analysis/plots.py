@@ -237,11 +237,11 @@ def plot_length_bias(run: RunResults, out: Path) -> Optional[Plot]:
                 ax.plot(gx, k * gx + b0, color=col, linewidth=1.5)
         if kind == "rm":
             ax.set_title("RM score vs answer length (held-out ranked groups)", fontsize=10)
-            ax.set_xlabel("answer length")
+            ax.set_xlabel("answer length (characters, NFC)")
             ax.set_ylabel("RM score")
         else:
             ax.set_title("RM reward vs response length (PPO generations)", fontsize=10)
-            ax.set_xlabel("response length")
+            ax.set_xlabel("response length (tokens)")
             ax.set_ylabel("RM reward")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
