@@ -14,6 +14,7 @@ import pytest
 from rlhf_ablate.config import DataConfig, trial_config_from_overrides
 from rlhf_ablate.data import SAMPLE_DIR, corpus_texts, load_data, pairs
 from rlhf_ablate.data import cli as data_cli
+from rlhf_ablate.data import make_sample
 from rlhf_ablate.data.readers import detect_format, prompt_id, read_file
 from rlhf_ablate.data.records import RankedGroup
 from rlhf_ablate.data.splits import prompt_key
@@ -331,6 +332,67 @@ def test_bundled_sample_shape_and_corpus():
     assert not train_prompts & {prompt_key(x.prompt) for x in ev}
     corpus = corpus_texts()
     assert ev[0].reference in corpus and rm[0].answers[-1] in corpus
+
+
+def test_bundled_sample_is_the_generator_output():
+    # The committed files are exactly what `python -m rlhf_ablate.data.make_sample` writes (regenerate, commit).
+    built = make_sample.build()
+    for name, rows in built.items():
+        lines = (SAMPLE_DIR / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line) for line in lines] == rows, name
+
+
+def _hangul(text: str) -> int:
+    return sum("가" <= c <= "힣" for c in unicodedata.normalize("NFC", text))
+
+
+def _clean(text: str) -> bool:
+    return not (is_evasive(text) or is_loop(text) or hangul_ratio(text) < 0.5)
+
+
+@pytest.fixture(scope="module")
+def sample_meta():
+    meta: list = []
+    make_sample.build(meta=meta)
+    for m in meta:  # answers best first, NFC (plant_rm turns a few rows to NFD in place)
+        m["best_first"] = [unicodedata.normalize("NFC", m["row"][f"completion_{i}"]) for i in m["row"]["ranking"]]
+    return meta
+
+
+def test_sample_has_close_calls_and_bounded_annotator_noise(sample_meta, v2):
+    n = len(sample_meta)
+    close = [m for m in sample_meta if m["polite"] > 1]
+    noisy = [m for m in close if m["swapped"] is not None]
+    assert 0.4 <= len(close) / n <= 0.6 and 0.10 <= len(noisy) / n <= 0.15
+    assert all(m["swapped"] is None for m in sample_meta if m["polite"] == 1)  # noise only among close calls
+    easy = [m for m in sample_meta if m["polite"] == 1]
+    assert sum(not _clean(m["best_first"][-1]) or _hangul(m["best_first"][-1]) < 15 for m in easy) > len(easy) / 2
+    for m in close:
+        polite, rest = m["best_first"][:m["polite"]], m["best_first"][m["polite"]:]
+        assert len(set(polite)) == len(polite)
+        for a in polite:  # both (or all three) are complete, polite, short Korean answers
+            assert _clean(a) and a.endswith(("니다.", "요.")) and 15 <= _hangul(a) <= 60, a
+        lengths = [len(a) for a in polite]
+        assert max(lengths) < 2 * min(lengths)  # a near miss is not told apart by its length
+    # the annotator-noise groups are label noise, not dirt: v2 keeps every one of them
+    kept = {prompt_key(g.prompt) for g in v2.rm_train + v2.rm_eval}
+    assert all(prompt_key(m["row"]["prompt"]) in kept for m in noisy)
+    # the default held-out split gets close calls and noise too (the generator stratifies by it)
+    held = {prompt_key(g.prompt) for g in v2.rm_eval}
+    held_meta = [m for m in sample_meta if prompt_key(m["row"]["prompt"]) in held]
+    assert 0.3 <= sum(m["polite"] > 1 for m in held_meta) / len(held_meta) <= 0.7
+    assert any(m["swapped"] is not None for m in held_meta)
+
+
+def test_near_misses_rank_below_the_concrete_answer_unless_swapped(sample_meta):
+    own = {it["prompt"]: it["completion"] for it in make_sample.items()}
+    swapped_top = 0
+    for m in sample_meta:
+        answer = own[unicodedata.normalize("NFC", m["row"]["prompt"])]
+        top = 1 if m["swapped"] == 0 else 0  # where the question's own concrete answer sits
+        assert m["best_first"][top] == answer and answer not in m["best_first"][:top]
+        swapped_top += top
+    assert swapped_top > 0  # some noise reaches rank 1 (a polite near miss ranked best)
 
 
 # ---------------------------------------------------------------------------------------------------------

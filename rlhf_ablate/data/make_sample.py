@@ -4,14 +4,30 @@
 
 Written for this project (no third-party text). 70 subjects over 10 topics, each with a short definition and a
 recommended practice; five question forms per subject. Answers are templates of these two facts, so a tiny model
-can learn them (non-trivial ROUGE) and a tiny reward model can learn the preferences:
+can learn them (non-trivial ROUGE). The ranked groups are built so that a tiny reward model can learn the easy
+part but NOT saturate (an earlier version with only clear-cut groups gave held-out accuracy and Kendall tau 1.000
+for every LoRA rank and seed, so a rank ablation could not tell configurations apart). Real preference data has
+close calls between two good answers and annotator disagreement, so the 130 base groups are, in fixed shares
+(applied separately to the groups the default split holds out, so the RM eval has the same mix):
 
-- rank 1: polite on-topic Korean (-습니다/-요) that re-uses the subject;
-- rank 2: on-topic but truncated mid-sentence, or rude banmal;
-- rank 3: off-topic rambling about another subject, or a repetition loop;
-- rank 4 (a third of the groups): not Korean.
-Length is NOT the signal: off-topic answers are the longest, loops are longer than truncated answers, so rank-1
-answers are not systematically the longest (`data stats` reports mean length by rank).
+- 45 % easy groups: rank 1 polite on-topic Korean (-습니다/-요) that re-uses the subject; rank 2 truncated
+  mid-sentence or rude banmal; rank 3 off-topic rambling or a repetition loop; rank 4 (a third of all groups)
+  not Korean.
+- 35 % close calls with two polite answers on top (CLOSE2_SHARE): rank 1 answers the question concretely; rank 2
+  is a near miss, as polite and as long: a vague answer in the same template that opens with a hedge and gives
+  no concrete fact ("사람마다 다르지만 ... 자신에게 맞는 좋은 방법을 찾아보는 것이 좋습니다", half of them), the
+  answer to a neighbouring question about the same subject (the practice when the definition was asked, or the
+  other way round), or a fluent but wrong tip taken from a sibling subject of the same topic. Clearly bad answers
+  follow.
+- 20 % close calls with three polite answers on top (CLOSE3_SHARE): concrete answer > neighbouring question >
+  vague or wrong tip, and in 4-answer groups one clearly bad answer last.
+- Annotator noise (NOISY_SHARE): in 12 % of the base groups (16 of 130, about 22 % of the close calls, in line
+  with the 25-35 % disagreement of human annotators on close pairs) two ADJACENT polite answers swap ranks.
+  Only polite answers move, so rank 1 is never garbage and v2's "drop a group whose dirty answer is ranked above
+  a clean one" rule keeps these groups: the noise is label noise, not dirt.
+Length is NOT the signal: off-topic answers are the longest, loops are longer than truncated answers and near
+misses are as long as the answers they lose to, so rank-1 answers are not systematically the longest (`data
+stats` reports mean length by rank). Polite answers have 15-60 Hangul syllables.
 
 The v1 files also hold planted dirt that v2 must remove, in every training file: exact and near duplicates, NFD
 Hangul and messy whitespace, length outliers, evasive boilerplate, non-Korean answers and repetition loops (see
@@ -25,11 +41,17 @@ import random
 import unicodedata
 from pathlib import Path
 
+from .readers import prompt_id
+from .splits import is_eval
+
 OUT = Path(__file__).parent / "ko_sample"
 SEED = 20240611
 N_EVAL = 50
 N_RM = 130
 N_PPO = 100
+CLOSE2_SHARE = 0.35  # base RM groups whose top two answers are both polite on-topic Korean
+CLOSE3_SHARE = 0.20  # ... whose top three are; the other 45 % have one good answer above clearly bad ones
+NOISY_SHARE = 0.12  # groups with an adjacent polite pair swapped (annotator noise): ~22 % of the close calls
 
 # topic -> (closing sentence, [(subject, definition, practice as an adnominal clause)])
 TOPICS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
@@ -164,6 +186,17 @@ EVASIVE = [
 ]
 
 
+# Generic filler for "vague" near misses: polite and on-topic, but says nothing specific about the subject.
+VAGUE_WHAT = ["우리 생활에서 자주 접하는 일", "많은 사람들이 관심을 가지는 주제", "알아 두면 여러모로 도움이 되는 것",
+              "생활 속에서 중요하게 여겨지는 것"]
+VAGUE_HOW = ["자신에게 맞는 좋은 방법을 찾아보는", "기본을 잘 지키면서 꾸준히 하는", "상황에 맞게 알맞은 방법을 고르는",
+             "주변의 조언을 참고해 천천히 해 보는", "너무 무리하지 않고 적당히 하는"]
+HEDGES = ["사람마다 다르지만", "경우에 따라 다르지만", "정답은 없지만", "글쎄요,"]
+# A neighbouring question about the same subject: definition (form 0) <-> practice (forms 1, 3, 4); form 2 asks
+# for both, so answering either one alone is the near miss.
+NEIGHBOUR_FORMS = {0: [1, 3, 4], 1: [0], 2: [0, 1], 3: [0], 4: [0]}
+
+
 def fill(template: str, subj: tuple[str, str, str], close: str) -> str:
     x, what, how = subj
     return template.format(x=x, what=what, how=how, close=close, x_eun=josa(x, "은", "는"),
@@ -175,9 +208,9 @@ def items() -> list[dict]:
     out = []
     for topic, (close, subjects) in TOPICS.items():
         for subj in subjects:
-            for q, a in FORMS:
+            for f, (q, a) in enumerate(FORMS):
                 out.append({"prompt": fill(q, subj, close), "completion": fill(a, subj, close),
-                            "topic": topic, "subject": subj})
+                            "topic": topic, "subject": subj, "form": f})
     return out
 
 
@@ -200,8 +233,18 @@ def loop(it: dict, rng: random.Random) -> str:
     return josa(it["subject"][0], "은", "는") + " " + " ".join([w] * rng.randint(7, 10))
 
 
-def group(it: dict, pool: list[dict], rng: random.Random, k: int) -> list[str]:
-    """Answers best first."""
+def bad_answer(it: dict, pool: list[dict], rng: random.Random, kinds: str = "trol") -> str:
+    """One clearly bad answer: t(runcated), r(ude), o(ff-topic) or l(oop)."""
+    k = rng.choice(kinds)
+    if k == "t":
+        return truncated(it["completion"], rng)
+    if k == "r":
+        return fill(rng.choice(RUDE), it["subject"], "")
+    return off_topic(it, pool, rng) if k == "o" else loop(it, rng)
+
+
+def easy_group(it: dict, pool: list[dict], rng: random.Random, k: int) -> list[str]:
+    """Answers best first: one good answer above clearly bad ones (the easy part of the task)."""
     x = it["subject"]
     second = truncated(it["completion"], rng) if rng.random() < 0.5 else fill(rng.choice(RUDE), x, "")
     third = off_topic(it, pool, rng) if rng.random() < 0.5 else loop(it, rng)
@@ -209,6 +252,62 @@ def group(it: dict, pool: list[dict], rng: random.Random, k: int) -> list[str]:
     if k == 4:
         answers.append(rng.choice(ENGLISH))
     return answers
+
+
+def vague(it: dict, rng: random.Random) -> str:
+    """The item's own answer template with the concrete definition and tip replaced by generic filler, opened
+    with a hedge ("사람마다 다르지만"), as noncommittal answers are."""
+    close = TOPICS[it["topic"]][0]
+    body = fill(FORMS[it["form"]][1], (it["subject"][0], rng.choice(VAGUE_WHAT), rng.choice(VAGUE_HOW)), close)
+    return rng.choice(HEDGES) + " " + body
+
+
+def other_question(it: dict, rng: random.Random) -> str:
+    """A good answer about the same subject, but to a neighbouring question: the practice when the definition was
+    asked, the definition when the practice was asked."""
+    form = rng.choice(NEIGHBOUR_FORMS[it["form"]])
+    return fill(FORMS[form][1], it["subject"], TOPICS[it["topic"]][0])
+
+
+def wrong_tip(it: dict, rng: random.Random) -> str:
+    """The item's answer template, fluent and concrete, but with the definition and tip of a sibling subject of the
+    same topic: plausible unless one knows the subject (a hallucinated answer)."""
+    topic, subjects = it["topic"], TOPICS[it["topic"]][1]
+    other = rng.choice([s for s in subjects if s != it["subject"]])
+    return fill(FORMS[it["form"]][1], (it["subject"][0], other[1], other[2]), TOPICS[topic][0])
+
+
+def near_miss(it: dict, rng: random.Random) -> str:
+    """A polite on-topic Korean answer that is worse than the item's own for a subtle reason."""
+    k = rng.choice(["vague", "vague", "other", "wrong"])
+    return vague(it, rng) if k == "vague" else other_question(it, rng) if k == "other" else wrong_tip(it, rng)
+
+
+def close_group(it: dict, pool: list[dict], rng: random.Random, k: int, n_polite: int) -> list[str]:
+    """Answers best first: the top ``n_polite`` (2 or 3) are all polite on-topic Korean (close calls), the rest
+    clearly bad. With three polite answers the order is: answers the question > answers a neighbouring question
+    about the same subject > vague or wrong."""
+    if n_polite == 2:
+        polite = [it["completion"], near_miss(it, rng)]
+    else:
+        third = vague(it, rng) if rng.random() < 0.5 else wrong_tip(it, rng)
+        polite = [it["completion"], other_question(it, rng), third]
+    answers = polite
+    if len(answers) < k:
+        answers.append(bad_answer(it, pool, rng))
+    if len(answers) < k:
+        answers.append(rng.choice(ENGLISH) if rng.random() < 0.5 else bad_answer(it, pool, rng, "ol"))
+    return answers
+
+
+def annotator_noise(best_first: list[str], n_polite: int, rng: random.Random) -> tuple[list[str], int]:
+    """Swap two adjacent polite answers (a close call two annotators would rank differently); never touches the
+    clearly bad ones, so a dirty answer never moves above a clean one. Returns (answers, i): ranks i+1 and i+2
+    were swapped."""
+    i = rng.randrange(n_polite - 1)
+    out = list(best_first)
+    out[i], out[i + 1] = out[i + 1], out[i]
+    return out, i
 
 
 def kochatgpt_rm_row(prompt: str, best_first: list[str], rng: random.Random) -> dict:
@@ -239,7 +338,30 @@ def near(text: str, punct: bool = True) -> str:
     return t[:-1] + "!" if punct and t.endswith(".") else t
 
 
-def build(seed: int = SEED) -> dict[str, list[dict]]:
+def rm_plan(rng: random.Random, held_out: list[bool]) -> list[tuple[int, bool]]:
+    """(number of polite answers at the top, annotator noise?) for each base RM group.
+
+    The shares (CLOSE2_SHARE, CLOSE3_SHARE, NOISY_SHARE) are exact counts, not coin flips, and are applied
+    separately to the groups the default split holds out (``held_out``) and to the rest, so the held-out RM eval
+    has the same mix of close calls and noise as training rather than whatever a 26-group sample happens to get.
+    """
+    plan: list[tuple[int, bool]] = [(1, False)] * len(held_out)
+    for side in (True, False):
+        idx = [i for i, h in enumerate(held_out) if h == side]
+        n2, n3 = round(CLOSE2_SHARE * len(idx)), round(CLOSE3_SHARE * len(idx))
+        kinds = [2] * n2 + [3] * n3 + [1] * (len(idx) - n2 - n3)
+        rng.shuffle(kinds)
+        close = [i for i, k in zip(idx, kinds) if k > 1]
+        noisy = set(rng.sample(close, round(NOISY_SHARE * len(idx))))
+        for i, k in zip(idx, kinds):
+            plan[i] = (k, i in noisy)
+    return plan
+
+
+def build(seed: int = SEED, meta: list | None = None) -> dict[str, list[dict]]:
+    """All four files. ``meta``, when given, receives one {row, polite, swapped} per base RM group (``row`` is
+    the rm row itself, as written; the rows ``plant_rm`` adds are not in it): ``polite`` is the number of polite answers at the top (1 = easy group),
+    ``swapped`` the 0-based rank whose answer annotator noise swapped with the next one (None: no noise)."""
     rng = random.Random(seed)
     pool = items()
     rng.shuffle(pool)
@@ -247,8 +369,20 @@ def build(seed: int = SEED) -> dict[str, list[dict]]:
 
     sft = [{"prompt": it["prompt"], "completion": it["completion"]} for it in train]
     rm_items = rng.sample(train, N_RM)
-    rm = [kochatgpt_rm_row(it["prompt"], group(it, pool, rng, 4 if n % 3 == 0 else 3), rng)
-          for n, it in enumerate(rm_items)]
+    # The default split (data.eval_fraction 0.2, data.split_seed 0; see splits.py) decides the held-out groups.
+    plan = rm_plan(rng, [is_eval(prompt_id(it["prompt"]), 0.2, 0) for it in rm_items])
+    rm = []
+    for n, (it, (n_polite, noisy)) in enumerate(zip(rm_items, plan)):
+        k, swapped = 4 if n % 3 == 0 else 3, None
+        if n_polite == 1:
+            best_first = easy_group(it, pool, rng, k)
+        else:
+            best_first = close_group(it, pool, rng, k, n_polite)
+            if noisy:
+                best_first, swapped = annotator_noise(best_first, n_polite, rng)
+        rm.append(kochatgpt_rm_row(it["prompt"], best_first, rng))
+        if meta is not None:
+            meta.append({"row": rm[-1], "polite": n_polite, "swapped": swapped})
     ppo = [{"prompt": it["prompt"]} for it in rng.sample(train, N_PPO)]
     plant_sft(sft, train, rng)
     plant_rm(rm, train, pool, rng)
