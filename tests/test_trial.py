@@ -11,8 +11,8 @@ What the trial issue's "Done when" asks, and how each is checked here:
 - a failing trial records status failed with error type, message and stage, and leaves nothing half-written in the
   stage cache; result.json follows docs/contracts.md.
 
-Trials are shrunk (fewer epochs and episodes) to keep this file within a few minutes on 2 cores; every learning
-threshold below was checked against measurements at several seeds (values in the comments). Trials are built
+The learning trials use the default config (about 21 s per trial on 2 idle cores); every learning threshold below
+was checked against measurements at three seeds (values in the comments). Trials are built
 lazily and memoised per module, and share one stage cache: the kl_coef trials reuse SFT and RM, as in a sweep.
 """
 
@@ -34,20 +34,15 @@ from rlhf_ablate.trial import read_result, result_path, run_trial, stage_keys
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
 
-# The shrunk "small" trial every learning test uses. Default tiny trial: 3 SFT and 3 RM epochs, 256 PPO episodes,
-# 48 eval tokens on 50 prompts (measured 157 s on 2 busy cores); this keeps one epoch each and 4 PPO steps.
-SMALL = {
-    "sft.epochs": 1.0,
-    "rm.epochs": 1.0,
-    "ppo.total_episodes": 128,   # 4 PPO steps of 32 rollouts
-    "ppo.kl_coef": 0.1,          # the middle value of the kl_coef sweep below, so the sweep adds two PPO runs
-    "eval.max_new_tokens": 32,
-    "data.max_eval": 32,
-}
+# The trial every learning test uses: the defaults (3 SFT and 3 RM epochs, 8 PPO steps of 32 rollouts, 50 eval
+# prompts), with kl_coef 0.1, the middle value of the kl_coef sweep below, so that the sweep adds two PPO runs.
+# Measured 21 s for a whole default trial on 2 idle cores (SFT 4.7, RM 4.5, PPO 5.2, evals 4.3 s); a shrunk trial
+# (1 SFT and 1 RM epoch, 4 PPO steps) saved little and did not raise the greedy eval reward.
+SMALL = {"ppo.kl_coef": 0.1}
 KL_COEFS = (0.01, 0.1, 1.0)
-# Noise allowance of one eval KL estimate (ppo/kl_to_ref: one sampled answer for each of 32 prompts; measured per-answer
-# KL std 0.3-0.75 nats, so a standard error of about 0.1).
-KL_NOISE = 0.1
+# Noise allowance between two eval KL estimates (ppo/kl_to_ref: one sampled answer per eval prompt; measured
+# per-answer KL std 0.3-0.75 nats). Largest inversion measured between kl_coef 0.01 and 0.1: 0.16 (seed 0).
+KL_NOISE = 0.25
 # ppo.kl_stop below every possible KL: the first rollout's KL is exactly 0 (the policy adapter starts at zero), so
 # a negative threshold forces the KL blow-up path deterministically at step 1.
 KL_STOP_TINY = -1.0
@@ -57,6 +52,7 @@ TINY = {
     "sft.max_steps": 3, "rm.max_steps": 3,
     "ppo.total_episodes": 16, "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 4,
     "eval.max_new_tokens": 12, "data.max_eval": 8,
+    "data.max_sft": 32, "data.max_rm_groups": 8, "data.max_ppo_prompts": 16,
 }
 
 
@@ -241,8 +237,8 @@ def trials_data(cfg):
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
 def test_reference_logprobs_are_the_sft_models(trials, small, fp32_stages, quantized):
     """PPOModels.ref_logits (adapters disabled, left-padded batch) == the merged SFT model loaded alone, run on each
-    sequence unpadded. Unquantized: atol 1e-4 (float32, only the summation order differs). 4-bit: the same 4-bit
-    weights are computed by the same kernels, so the same tolerance holds (measured max |diff| ~1e-6)."""
+    sequence unpadded. Tolerance atol 1e-4 for both: float32 differs only in summation order (measured max |diff|
+    4.6e-6); 4-bit quantizes the same merged weights the same way on both sides (measured 3.3e-6)."""
     from rlhf_ablate.stages.ppo import PPOModels
 
     if quantized:
@@ -297,8 +293,8 @@ def test_shared_reward_head_scores_like_the_rm_stage(trials, small, fp32_stages,
     print(f"shared reward vs RM stage ({'nf4' if quantized else 'fp32'}): max |diff| "
           f"{(got - expected).abs().max().item():.2e}, score std {expected.std().item():.3f}")
     assert expected.std() > 0.05, "scores must differ between texts, or the comparison shows nothing"
-    # Tolerances: fp32 1e-4 (summation order only); nf4 also 1e-4: both sides quantize the same merged SFT weights
-    # the same way and run the same kernels (measured max |diff| ~1e-6).
+    # Tolerance 1e-4 for both: fp32 differs in summation order only (measured max |diff| 8.9e-8); nf4 quantizes the
+    # same merged SFT weights the same way on both sides and runs the same kernels (measured 1.2e-6).
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -323,7 +319,6 @@ def test_result_json_follows_the_contract(trials, small):
     # config: flat dotted keys, every key, with the trial's values (4-bit is the default and ran here)
     assert set(r["config"]) == set(all_keys())
     assert r["config"]["model.quantization"] == "nf4" and r["config"]["ppo.kl_coef"] == SMALL["ppo.kl_coef"]
-    assert r["config"]["sft.epochs"] == SMALL["sft.epochs"]
     # metrics: the namespaces of DESIGN.md
     m = r["metrics"]
     for k in ("rm/chosen_mean", "rm/rejected_mean", "rm/separation_margin", "rm/pairwise_accuracy",
@@ -341,7 +336,7 @@ def test_result_json_follows_the_contract(trials, small):
     assert r["timings"]["total"] > 0
     # history: per-step PPO stats
     steps = r["history"]["ppo"]
-    assert [h["step"] for h in steps] == list(range(1, SMALL["ppo.total_episodes"] // 32 + 1))
+    assert [h["step"] for h in steps] == list(range(1, cfg.ppo.total_episodes // cfg.ppo.rollout_batch_size + 1))
     assert all({"objective/kl", "objective/scores", "policy/clipfrac", "loss/value"} <= set(h) for h in steps)
     # records: per prompt, paired across policies by data_id
     data = trials_data(cfg)
@@ -365,36 +360,31 @@ def test_result_json_follows_the_contract(trials, small):
 # ---------------------------------------------------------------------------------------------------------
 
 def test_reward_model_ranks_held_out_answers(small):
-    """Chance is accuracy 0.5 and tau 0. Measured on the small trial (1 RM epoch), seeds 0/1/2: accuracy
-    0.956/0.967/0.900, Kendall tau 0.894/0.909/0.788 (defaults, 3 epochs: 1.0 and 1.0 at seed 0)."""
+    """Chance is accuracy 0.5 and tau 0. Measured with the defaults at seeds 0/1/2 (commit 05b2796): accuracy
+    0.867/0.878/0.833, Kendall tau 0.758/0.758/0.652 (1 RM epoch: as low as 0.789 and 0.561)."""
     m = small["metrics"]
     assert m["rm/n_groups"] >= 10
-    assert m["rm/pairwise_accuracy"] >= 0.8, m["rm/pairwise_accuracy"]
-    assert m["rm/kendall_tau"] >= 0.5, m["rm/kendall_tau"]
+    assert m["rm/pairwise_accuracy"] >= 0.7, m["rm/pairwise_accuracy"]
+    assert m["rm/kendall_tau"] >= 0.4, m["rm/kendall_tau"]
     assert m["rm/separation_margin"] > 0
 
 
-def test_ppo_raises_the_reward_of_its_rollouts(small):
-    """PPO raises the RM score of its own (sampled) rollouts over the SFT policy's: the first rollout IS the SFT
-    policy (the policy adapter starts at zero). Measured on the small trial (4 steps of 32 rollouts, kl_coef 0.1),
-    last-step minus first-step mean score at seeds 0/1/2: +0.86/+0.64/+0.36 (all 9 runs of kl_coef 0.01/0.1/1.0
-    positive).
-
-    Not asserted here: ppo/reward_mean > sft/reward_mean (greedy eval answers). On the small trial it does not
-    hold (measured -0.62/+0.21/-0.40 at seeds 0/1/2); on the default trial (8 PPO steps, 3 SFT and RM epochs) it
-    did (+1.52 at seed 0: 4.32 -> 5.84), at a cost (~160 s) this file cannot pay."""
-    steps = small["history"]["ppo"]
-    first, last = steps[0]["objective/scores"], steps[-1]["objective/scores"]
-    assert last > first, [round(h["objective/scores"], 3) for h in steps]
+def test_ppo_raises_the_reward_of_eval_generations(small):
+    """The RM's mean score of greedy answers to the held-out prompts, PPO policy vs SFT policy. Measured with the
+    defaults and kl_coef 0.1 at seeds 0/1/2: +1.10/+3.20/+1.28 (kl_coef 0.01: +0.99/+3.17/+1.05); the reward's
+    scale is set by the RM (rm/margin_std about 2-3), so 0.5 is a clear gain and half the smallest measured one."""
+    m = small["metrics"]
+    gain = m["ppo/reward_mean"] - m["sft/reward_mean"]
+    assert gain >= 0.5, (m["sft/reward_mean"], m["ppo/reward_mean"])
 
 
 def test_kl_falls_as_kl_coef_rises_and_sft_rm_run_once(trials, small):
     results = {kl: trials.run(**{"ppo.kl_coef": kl}) for kl in KL_COEFS}
     assert all(r["status"] == "ok" for r in results.values()), {k: r["error"] for k, r in results.items()}
     kls = [results[kl]["metrics"]["ppo/kl_to_ref"] for kl in KL_COEFS]
-    # Measured ppo/kl_to_ref for kl_coef 0.01/0.1/1.0 on the small trial: seed 0 0.424/0.421/0.221, seed 1
-    # 1.213/0.392/0.074, seed 2 0.489/0.523/0.311. kl_coef 1.0 is clearly lowest every time; 0.01 vs 0.1 differ
-    # less than the estimate's noise after only 4 PPO steps, so that pair is allowed KL_NOISE.
+    # Measured ppo/kl_to_ref for kl_coef 0.01/0.1/1.0 with the defaults: seed 0 0.660/0.817/0.094, seed 1
+    # 1.916/1.733/0.181, seed 2 1.786/1.535/0.205. kl_coef 1.0 is far lowest every time; 0.01 vs 0.1 differ by
+    # about the estimate's noise on the tiny model, so that pair is allowed KL_NOISE.
     assert kls[2] < kls[1] and kls[2] < kls[0], kls
     assert kls[1] <= kls[0] + KL_NOISE, kls
     # The sweep shares SFT and RM through the stage cache: one key each, built once; PPO once per kl_coef.
@@ -411,9 +401,10 @@ def test_kl_falls_as_kl_coef_rises_and_sft_rm_run_once(trials, small):
 # ---------------------------------------------------------------------------------------------------------
 
 def _without_timings(d):
-    """Wall-clock times are the only thing allowed to differ between two runs of one trial."""
+    """Wall-clock times (ppo/time_*, time/*, the trainers' train_runtime and *_per_second) are the only thing
+    allowed to differ between two runs of one trial."""
     if isinstance(d, dict):
-        return {k: _without_timings(v) for k, v in d.items() if "time" not in k}
+        return {k: _without_timings(v) for k, v in d.items() if "time" not in k and not k.endswith("_per_second")}
     if isinstance(d, list):
         return [_without_timings(v) for v in d]
     return d
