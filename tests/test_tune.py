@@ -45,7 +45,7 @@ def ray_session():
 
 def fake_trial(spec, trial, run_dir, *, use_cache=True, on_step=None):
     """SFT and RM depend on the seed only, PPO on kl_coef: the cache must run SFT/RM once per seed."""
-    from rlhf_ablate.trial import _write_atomic
+    from rlhf_ablate.trial import write_json_atomic
 
     run_dir = Path(run_dir)
     done = read_result(run_dir, trial.trial_id)
@@ -79,7 +79,7 @@ def fake_trial(spec, trial, run_dir, *, use_cache=True, on_step=None):
         result["metrics"] = {"ppo/reward_mean": 1.0 - kl}
     except Exception as e:  # noqa: BLE001 - the contract: record, never raise
         result.update(status="failed", error={"type": type(e).__name__, "message": str(e), "stage": "ppo"})
-    _write_atomic(run_dir / "trials" / trial.trial_id / "result.json", result)
+    write_json_atomic(run_dir / "trials" / trial.trial_id / "result.json", result)
     return result
 
 
