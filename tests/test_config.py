@@ -226,3 +226,12 @@ def test_cli_trial_index_out_of_range(tmp_path):
     out = run_cli("trial", "sweeps/kl_coef.yaml", "--index", "6", "--out", str(tmp_path / "run"))
     assert out.returncode == 2 and "--index 6 is out of range" in out.stderr and "0..5" in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_overrides_may_follow_options(tmp_path):
+    out = run_cli("sweep", "sweeps/kl_coef.yaml", "--dry-run", "--out", str(tmp_path / "r"), "ppo.total_episodes=64")
+    assert out.returncode == 0, out.stderr
+    bad = run_cli("sweep", "sweeps/kl_coef.yaml", "--dry-run", "ppo.total_episodez=64")
+    assert bad.returncode == 2 and "Did you mean 'ppo.total_episodes'" in bad.stderr
+    junk = run_cli("sweep", "sweeps/kl_coef.yaml", "--dry-run", "--bogus")
+    assert junk.returncode == 2 and "unrecognized arguments: --bogus" in junk.stderr
