@@ -63,8 +63,9 @@ def summarize(values: Iterable[float], confidence: float = CONFIDENCE) -> Summar
     mean = float(finite.mean())
     if n == 1:
         return Summary(mean, math.nan, math.nan, 1, n_nan)
-    # Identical seeds (e.g. a shared cached stage) give an exact zero, not float noise such as 3e-16.
-    sd = 0.0 if float(np.ptp(finite)) == 0.0 else float(finite.std(ddof=1))
+    # Identical seeds (e.g. a shared cached stage, or the same tau reached by two seeds and summed in another
+    # order) give an exact zero, not float noise such as 1.4e-15.
+    sd = 0.0 if float(np.ptp(finite)) <= 1e-12 * max(1.0, abs(mean)) else float(finite.std(ddof=1))
     half = t_quantile(n - 1, confidence) * sd / math.sqrt(n)
     return Summary(mean, mean - half, mean + half, n, n_nan)
 

@@ -433,3 +433,11 @@ def test_log_tables_to_wandb_logs_every_table(tmp_path):
     first = tbl.data[0]
     assert isinstance(first[tbl.columns.index("mean")], float) and isinstance(first[tbl.columns.index("n")], int)
     assert "report/plots/frontier" in payload
+
+
+def test_float_noise_between_equal_seeds_is_an_exact_zero_ci():
+    from analysis.stats import summarize
+
+    s = summarize([0.7575757575757576, 0.7575757575757575])
+    assert s.ci_low == s.ci_high == s.mean
+    assert summarize([0.75, 0.76]).ci_high > 0.76
