@@ -30,16 +30,9 @@ QA = [("한국의 수도는 어디인가요?", "서울입니다."), ("건강을 
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    """A private cache for this module: built-ins are built once here and reused by every test."""
-    d = tmp_path_factory.mktemp("rlhf_cache")
-    old = os.environ.get("RLHF_ABLATE_CACHE")
-    os.environ["RLHF_ABLATE_CACHE"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("RLHF_ABLATE_CACHE", None)
-    else:
-        os.environ["RLHF_ABLATE_CACHE"] = old
+def cache_dir(builtin_cache):
+    """The session's built-in model cache (tests/conftest.py): built-ins are built once and reused by every test."""
+    return builtin_cache
 
 
 @pytest.fixture(autouse=True)
