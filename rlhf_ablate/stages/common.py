@@ -100,7 +100,6 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, d
     including EOS when the model stopped), the decoded text (without EOS) and whether it ended with EOS."""
     out = []
     tokenizer.padding_side = "left"  # decoder-only generation needs the prompts right-aligned
-    gen = torch.Generator(device="cpu")
     if seed is not None:
         torch.manual_seed(seed)
     dev = next(model.parameters()).device
@@ -124,7 +123,6 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, d
                 has_eos = bool(ids) and ids[-1] == tokenizer.eos_token_id
                 text = tokenizer.decode(ids[:-1] if has_eos else ids, skip_special_tokens=True)
                 out.append({"ids": ids, "text": normalize(text), "has_eos": has_eos})
-    del gen
     return out
 
 
