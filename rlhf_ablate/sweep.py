@@ -42,6 +42,7 @@ from .config import (
     apply_overrides,
     build_dataclass,
     build_trial_config,
+    flatten,
     suggest,
 )
 from .errors import ConfigError
@@ -140,7 +141,7 @@ class SweepSpec:
         src = f"{self.path}: trial {index} ({_fmt_axes(axes, seed)})"
         d = apply_overrides(apply_overrides(default_dict(), self.base, self.path), values, src)
         d["seed"] = seed
-        flat = _flat(d)
+        flat = flatten(d)
         for ov in self.overrides:
             if all(_same(flat.get(k), v) for k, v in ov.when.items()):
                 d = apply_overrides(d, ov.set, src)
@@ -162,12 +163,6 @@ class Trial:
 
 def default_dict() -> dict:
     return TrialConfig().to_dict()
-
-
-def _flat(d: Mapping) -> dict:
-    from .config import flatten
-
-    return flatten(d)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -8,7 +8,6 @@ same when we score or roll out).
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from contextlib import contextmanager
@@ -29,10 +28,6 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=1, default=_json_default), encoding="utf-8")
@@ -50,10 +45,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def finite_or_none(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
 
 
 def trl_common_args(output_dir: Path, seed: int, *, lr: float, epochs: float, max_steps: int, batch_size: int,
@@ -95,13 +86,11 @@ def batched(seq: Sequence, n: int) -> Iterable[Sequence]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool,
-             temperature: float = 1.0, batch_size: int = 16, seed: int | None = None) -> list[dict]:
+             temperature: float = 1.0, batch_size: int = 16) -> list[dict]:
     """Batched generation from raw prompts (formatted here). Returns, per prompt, the response token ids (up to and
     including EOS when the model stopped), the decoded text (without EOS) and whether it ended with EOS."""
     out = []
     tokenizer.padding_side = "left"  # decoder-only generation needs the prompts right-aligned
-    if seed is not None:
-        torch.manual_seed(seed)
     dev = next(model.parameters()).device
     with eval_mode(model):
         for chunk in batched(list(prompts), batch_size):
@@ -149,10 +138,6 @@ def score_texts(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
         enc = encode_pairs(tokenizer, prompts[i:i + batch_size], answers[i:i + batch_size], max_length)
         scores.extend(score_fn(enc["input_ids"], enc["attention_mask"]).float().cpu().tolist())
     return scores
-
-
-def n_tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(normalize(text), add_special_tokens=False)["input_ids"])
 
 
 def set_threads() -> None:

@@ -16,7 +16,7 @@ import torch
 
 from .. import metrics, models
 from ..config import TrialConfig
-from .common import eval_mode, generate, read_json, score_texts, seed_everything, write_json
+from .common import eval_mode, generate, score_texts, seed_everything, write_json
 from .ppo import _position_ids, build_batch, response_logprobs
 from .rm import load_rm, seq_cls_scorer
 
@@ -69,7 +69,7 @@ def evaluate_policy(cfg: TrialConfig, data, stage: str, sft_dir: Path, rm_dir: P
         dev = next(policy.parameters()).device
         with eval_mode(policy), torch.no_grad():
             for i in range(0, len(prompts), 16):
-                b = build_batch(tok, prompts[i:i + 16], sampled[i:i + 16], e.max_new_tokens, dev)
+                b = build_batch(tok, prompts[i:i + 16], sampled[i:i + 16], dev)
                 lp = response_logprobs(policy(input_ids=b["ids"], attention_mask=b["attn"],
                                               position_ids=_position_ids(b["attn"])).logits.float(), b, 1.0)
                 rlp = response_logprobs(_ref_logits(policy, ref, b["ids"], b["attn"]), b, 1.0)

@@ -226,7 +226,7 @@ class PPOModels:
             self.tokenizer.save_pretrained(str(out / "model"))
 
 
-def build_batch(tokenizer, prompts: list[str], responses: list[dict], max_new_tokens: int, device) -> dict:
+def build_batch(tokenizer, prompts: list[str], responses: list[dict], device) -> dict:
     """Left-padded query + right-padded response, with the response mask (1 up to and including EOS)."""
     pad = tokenizer.pad_token_id
     tokenizer.padding_side = "left"
@@ -282,7 +282,7 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
         t0 = time.perf_counter()
         roles.train(False)
         responses = roles.generate(batch_prompts, p.max_new_tokens, p.temperature)
-        b = build_batch(tok, batch_prompts, responses, p.max_new_tokens, dev)
+        b = build_batch(tok, batch_prompts, responses, dev)
         t1 = time.perf_counter()
         # ---- score -------------------------------------------------------------------------------------------
         with torch.no_grad():
