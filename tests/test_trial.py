@@ -234,6 +234,14 @@ def trials_data(cfg):
     return load_data(cfg.data)
 
 
+def _stages(trials, small, fp32_stages, quantized: bool):
+    """(cfg, data, sft_dir, rm_dir): the default nf4 trial's stages, or the unquantized ones."""
+    if not quantized:
+        return fp32_stages
+    cfg = trials.config()
+    return (cfg, trials_data(cfg), *_stage_dirs_of(trials, small))
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
 def test_reference_logprobs_are_the_sft_models(trials, small, fp32_stages, quantized):
     """PPOModels.ref_logits (adapters disabled, left-padded batch) == the merged SFT model loaded alone, run on each
@@ -241,12 +249,7 @@ def test_reference_logprobs_are_the_sft_models(trials, small, fp32_stages, quant
     4.6e-6); 4-bit quantizes the same merged weights the same way on both sides (measured 3.3e-6)."""
     from rlhf_ablate.stages.ppo import PPOModels
 
-    if quantized:
-        cfg = trials.config()
-        sft_dir, rm_dir = _stage_dirs_of(trials, small)
-        data = trials_data(cfg)
-    else:
-        cfg, data, sft_dir, rm_dir = fp32_stages
+    cfg, data, sft_dir, rm_dir = _stages(trials, small, fp32_stages, quantized)
     roles = PPOModels(cfg, sft_dir, rm_dir)
     roles.train(False)
     prompts, answers = _rm_texts(data)
@@ -276,12 +279,7 @@ def test_shared_reward_head_scores_like_the_rm_stage(trials, small, fp32_stages,
     from rlhf_ablate.stages.ppo import PPOModels
     from rlhf_ablate.stages.rm import load_rm, seq_cls_scorer
 
-    if quantized:
-        cfg = trials.config()
-        sft_dir, rm_dir = _stage_dirs_of(trials, small)
-        data = trials_data(cfg)
-    else:
-        cfg, data, sft_dir, rm_dir = fp32_stages
+    cfg, data, sft_dir, rm_dir = _stages(trials, small, fp32_stages, quantized)
     prompts, answers = _rm_texts(data, n=12)
     rm_model, rm_tok = load_rm(cfg, rm_dir, sft_dir)
     expected = torch.tensor(score_texts(seq_cls_scorer(rm_model), rm_tok, prompts, answers, cfg.model.max_length))
