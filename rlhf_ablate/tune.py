@@ -32,7 +32,6 @@ import fcntl
 import json
 import math
 import os
-import shutil
 import socket
 import sys
 import time
