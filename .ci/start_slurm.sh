@@ -4,7 +4,7 @@
 #
 # Idempotent: installs the packages only when missing, rewrites the config only when it is ours, and leaves
 # daemons that already run alone. Needs root (apt-get, /etc/munge, daemons). The settings are the ones verified in
-# shared FACTS.md ("SLURM"): proctrack/linuxproc and task/none need no cgroups, so it also works in a container;
+# docs/stack.md ("SLURM"): proctrack/linuxproc and task/none need no cgroups, so it also works in a container;
 # accounting is off, so finished jobs are seen with `squeue -t all` / `scontrol show job` for MinJobAge seconds.
 #
 # Usage:   .ci/start_slurm.sh            # prints `export SLURM_CONF=...` as its last line

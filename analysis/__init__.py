@@ -3,16 +3,15 @@
 Entry points for other modules:
 - ``write_report(run_dir, out=None, formats=("md","csv","tex"), plots=True) -> Report`` (analysis.report)
 - ``build_report(run_dir) -> Report`` (tables only, nothing written)
-- ``log_tables_to_wandb(report, run)`` (wandb imported lazily)
 - ``main(argv)`` / ``add_report_parser(subparsers)`` (analysis.cli)
 Imports are lazy so ``import analysis`` stays cheap (no scipy or matplotlib until a report is built).
 """
 
-__all__ = ["write_report", "build_report", "log_tables_to_wandb", "load_run"]
+__all__ = ["write_report", "build_report", "load_run"]
 
 
 def __getattr__(name):
-    if name in ("write_report", "build_report", "log_tables_to_wandb", "Report"):
+    if name in ("write_report", "build_report", "Report"):
         from . import report
 
         return getattr(report, name)

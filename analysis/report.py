@@ -150,31 +150,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, formats: It
     return rep
 
 
-def log_tables_to_wandb(report: Report, run) -> None:
-    """Log every table (the CSV's rows) and plot to a W&B run object, as ``report/<table slug>``.
-
-    ``run`` is what ``wandb.init`` returned (or a tracker exposing ``.log``). wandb is imported here only, so the
-    report never needs it; the tables on disk are the source of truth and W&B is a copy.
-    """
-    import csv
-    import io
-
-    import wandb
-
-    payload = {}
-    for t in report.tables:
-        rows = list(csv.reader(io.StringIO(to_csv(t))))
-        data = [[_typed(v) for v in row] for row in rows[1:]]
-        payload[f"report/{t.slug}"] = wandb.Table(columns=rows[0], data=data)
-    if report.out_dir is not None:
-        for p in report.plots:
-            path = report.out_dir / p.filename
-            if path.is_file():
-                payload[f"report/plots/{Path(p.filename).stem}"] = wandb.Image(str(path), caption=p.caption)
-    if payload:
-        run.log(payload)
-
-
 def _typed(v: str):
     """CSV text back to a number where it is one, so W&B tables sort and plot numerically."""
     if v in ("", "true", "false"):

@@ -1,4 +1,4 @@
-"""Load and check RUN_DIR/trials/*/result.json (schema 1, docs/contracts.md).
+"""Load and check RUN_DIR/trials/*/result.json (schema 1, docs/architecture.md).
 
 The result files are the only input of the analysis, so the loader is forgiving where a sweep is merely
 unfinished and loud where the input is unusable:

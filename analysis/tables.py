@@ -1,7 +1,7 @@
 """Comparison tables: trials grouped by their swept axes, seeds averaged, best values tested against runner-ups.
 
-Layouts (what our users publish, DESIGN.md):
-- one swept axis: one row per value, one column per metric of that axis' set (metrics_registry.table_kind);
+Layouts (what our users publish, docs/architecture.md):
+- one swept axis: one row per value, one column per metric of that axis' set (rlhf_ablate/metrics/registry.py: table_kind);
 - two axes: a pivot per metric (rows = first axis, columns = second axis);
 - three or more: one row per combination.
 Wide metric sets are split by stage (reward model / SFT / PPO / DPO) so a table fits a page.
@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional
 
-from .metrics_registry import ALL, MetricSpec, metrics_for, rm_group_value, table_kind
+from rlhf_ablate.metrics.registry import ALL, MetricSpec, metrics_for, rm_group_value, table_kind
 from .results import RunResults, TrialResult
 from .stats import N_RESAMPLES, PairedTest, Summary, paired_bootstrap, paired_seed_test, summarize
 

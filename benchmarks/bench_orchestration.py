@@ -21,8 +21,8 @@ from common import PY, median, snapshot, timed, trial_ok, write_kl_sweep, write_
 DIRECT = """
 import sys
 from pathlib import Path
-from rlhf_ablate.sweep import load_sweep, expand
-from rlhf_ablate.trial import run_trial_in_sweep
+from rlhf_ablate.config.sweep import load_sweep, expand
+from rlhf_ablate.run.trial import run_trial_in_sweep
 spec = load_sweep(sys.argv[1])
 bad = [t for t in expand(spec) if run_trial_in_sweep(spec, t, Path(sys.argv[2]))["status"] != "ok"]
 sys.exit(1 if bad else 0)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common import PY, median, snapshot, timed, trial_ok, write_kl_sweep, write_result
 
-from rlhf_ablate.cache import read_executions
+from rlhf_ablate.run.cache import read_executions
 
 
 def one(work: Path, cached: bool, i: int, max_concurrent: int) -> dict:

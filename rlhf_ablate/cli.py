@@ -1,4 +1,4 @@
-"""``python -m rlhf_ablate {sweep,trial,slurm,data,report}``.
+"""``python -m rlhf_ablate {sweep,trial,slurm,data,report}``: the only module that knows about argparse.
 
 Every command exits 2 with a one-paragraph message on bad input (any RlhfAblateError) and writes nothing partial.
 Heavy imports (torch, ray) happen inside the commands, so ``--help`` and ``--dry-run`` answer at once.
@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from .errors import RlhfAblateError
+from .run.result import run_dir_for
 
 
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
@@ -52,12 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{opt}", default=None, help=f"SLURM {opt} (overrides the sweep's slurm.{opt})")
     p.add_argument("--max-concurrent", type=int, default=None, help="array throttle %%K")
 
-    try:
-        from .data.cli import add_parser as add_data_parser
-
-        add_data_parser(sub)
-    except ImportError:  # pragma: no cover - the data package is part of the distribution
-        pass
+    _add_data_parser(sub)
 
     p = sub.add_parser("report", help="tables, plots and report.md from RUN_DIR/trials/*/result.json")
     p.add_argument("run_dir", type=Path)
@@ -65,18 +63,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_dir_for(spec, out: Path | None) -> Path:
-    return (out or Path("runs") / spec.name).resolve()
+def _add_data_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("data", help="Data versions: EDA numbers (stats) or cleaned files (prepare).")
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="{stats,prepare}")
+    for name, help_ in (("stats", "Counts, lengths, length-by-rank, duplicates and the cleaning report."),
+                        ("prepare", "Write a cleaned version in KoChatGPT JSONL format plus cleaning_report.json.")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--source", default="ko_sample", help="'ko_sample' or a directory of data files.")
+        s.add_argument("--version", default="v2" if name == "prepare" else "v1", help="v1, v2 or a custom name.")
+        s.add_argument("--format", default="auto", help="auto, kochatgpt, aihub, hf_pref, hh or messages.")
+        s.add_argument("--skip-bad-rows", action="store_true", help="Skip and count malformed rows.")
+        s.add_argument("--filters", default=None,
+                       help="Comma-separated filters defining --version as a custom version, e.g. nfc,dedup_exact.")
+        for kind in ("sft", "rm", "ppo", "eval"):
+            s.add_argument(f"--{kind}-file", default=None, help=f"{kind} file relative to --source.")
+        s.add_argument("--split-seed", type=int, default=0, help="Seed of the stable RM train/eval split.")
+        s.add_argument("--eval-fraction", type=float, default=0.2, help="Fraction of RM groups held out.")
+        if name == "stats":
+            s.add_argument("--json", action="store_true", help="Print the numbers as JSON.")
+        else:
+            s.add_argument("--out", required=True, help="Output directory (written atomically).")
+            s.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
+    return p
+
+
+def _data_config(args: argparse.Namespace) -> Any:
+    from .config import build_trial_config
+
+    custom = {}
+    if args.filters:
+        custom[args.version] = [f.strip() for f in args.filters.split(",") if f.strip()]
+    d = {"source": args.source, "format": args.format, "version": args.version, "custom_versions": custom,
+         "skip_bad_rows": args.skip_bad_rows, "split_seed": args.split_seed, "eval_fraction": args.eval_fraction}
+    for kind in ("sft", "rm", "ppo", "eval"):
+        if getattr(args, f"{kind}_file"):
+            d[f"{kind}_file"] = getattr(args, f"{kind}_file")
+    return build_trial_config({"data": d}, "<command line>").data  # same validation as a sweep file
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import load_data
+    from .data.prepare import prepare
+    from .data.stats import compute_stats, format_stats
+
+    cfg = _data_config(args)
+    if args.data_command == "stats":
+        s = compute_stats(load_data(cfg))
+        print(json.dumps(s, ensure_ascii=False, indent=2) if args.json else format_stats(s))
+        return 0
+    out = prepare(cfg, Path(args.out), overwrite=args.overwrite)
+    print(f"wrote {cfg.version} of {cfg.source} to {out}")
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .config import parse_cli_overrides
-    from .sweep import expand, load_sweep, trial_table
+    from .config.sweep import expand, load_sweep, trial_table
 
     spec = load_sweep(args.sweep_file, parse_cli_overrides(args.overrides))
     trials = expand(spec)
     if args.dry_run:
-        from .resources import estimate_column
+        from .launch.resources import estimate_column
 
         print(f"sweep {spec.name} (version {spec.version}): {len(trials)} trials"
               + (f"; Optuna samples {spec.search.num_samples} more from {sorted(spec.search.space)}"
@@ -84,7 +131,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(trial_table(trials, estimate_column(spec, trials)))
         print(f"run directory: {run_dir_for(spec, args.out)}  (nothing started: --dry-run)")
         return 0
-    from .tune import run_sweep
+    from .launch.tune import run_sweep
 
     return run_sweep(spec, run_dir_for(spec, args.out), resume=args.resume, max_concurrent=args.max_concurrent,
                      use_cache=not args.no_cache, address=args.address or os.environ.get("RAY_ADDRESS"),
@@ -93,7 +140,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_trial(args: argparse.Namespace) -> int:
     from .config import parse_cli_overrides
-    from .sweep import expand, load_sweep
+    from .config.sweep import expand, load_sweep
     from .errors import ConfigError
 
     spec = load_sweep(args.sweep_file, parse_cli_overrides(args.overrides))
@@ -101,16 +148,18 @@ def cmd_trial(args: argparse.Namespace) -> int:
     if not 0 <= args.index < len(trials):
         raise ConfigError(f"{args.sweep_file}: --index {args.index} is out of range: the sweep has "
                           f"{len(trials)} trials (indices 0..{len(trials) - 1}).")
-    from .trial import run_trial_in_sweep
+    from .run.trial import run_trial_in_sweep
 
     result = run_trial_in_sweep(spec, trials[args.index], run_dir_for(spec, args.out), use_cache=not args.no_cache)
     return 0 if result["status"] == "ok" else 1
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
-    from .slurm import main as slurm_main
+    from .launch.slurm import slurm_command
 
-    return slurm_main(args)
+    return slurm_command(args.sweep_file, args.overrides, out=args.out, submit_jobs=args.submit,
+                         partition=args.partition, account=args.account, qos=args.qos, time_limit=args.time,
+                         max_concurrent=args.max_concurrent, report_after_any=getattr(args, "report_after_any", False))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -133,12 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"sweep": cmd_sweep, "trial": cmd_trial, "slurm": cmd_slurm, "report": cmd_report}
+    handlers = {"sweep": cmd_sweep, "trial": cmd_trial, "slurm": cmd_slurm, "report": cmd_report,
+                "data": cmd_data}
     try:
-        if args.command == "data":
-            from .data.cli import main as data_main
-
-            return data_main(args)
         return handlers[args.command](args)
     except RlhfAblateError as e:
         msg = textwrap.fill(str(e), width=110, break_long_words=False, break_on_hyphens=False)

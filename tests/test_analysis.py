@@ -1,4 +1,4 @@
-"""Tests of the analysis package on synthetic result.json files with known values (docs/contracts.md schema 1).
+"""Tests of the analysis package on synthetic result.json files with known values (docs/architecture.md schema 1).
 
 The statistics are checked against hand computations and scipy references; the tables against the rule that a
 best value is bold only when a paired test separates it from the runner-up.
@@ -17,8 +17,8 @@ import pytest
 from scipy import stats as sps
 
 from analysis.cli import main as cli_main
-from analysis.metrics_registry import REGISTRY, rm_group_value, table_kind
-from analysis.report import build_report, log_tables_to_wandb, write_report
+from rlhf_ablate.metrics.registry import REGISTRY, rm_group_value, table_kind
+from analysis.report import build_report, write_report
 from analysis.results import ReportError, load_run
 from analysis.stats import paired_bootstrap, paired_seed_test, summarize
 from analysis.tables import BEST, NOT_TESTED, TIE, tex_escape, to_latex, to_markdown
@@ -408,31 +408,6 @@ def test_python_m_analysis_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "analysis", "report", str(tmp_path / "nope")], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "error: run directory" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_log_tables_to_wandb_logs_every_table(tmp_path):
-    make_kl_sweep(tmp_path, coefs=(0.1, 1.0), seeds=(0, 1), n_prompts=5)
-    rep = write_report(tmp_path)
-
-    class Run:
-        def __init__(self):
-            self.logged = []
-
-        def log(self, payload):
-            self.logged.append(payload)
-
-    run = Run()
-    log_tables_to_wandb(rep, run)
-    import wandb
-
-    (payload,) = run.logged
-    tables = {k: v for k, v in payload.items() if isinstance(v, wandb.Table)}
-    assert set(tables) == {f"report/{t.slug}" for t in rep.tables}
-    tbl = tables[f"report/{rep.tables[0].slug}"]
-    assert tbl.columns[:3] == ["ppo.kl_coef", "metric", "label"]
-    first = tbl.data[0]
-    assert isinstance(first[tbl.columns.index("mean")], float) and isinstance(first[tbl.columns.index("n")], int)
-    assert "report/plots/frontier" in payload
 
 
 def test_float_noise_between_equal_seeds_is_an_exact_zero_ci():

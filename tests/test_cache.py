@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ablate import cache as cache_mod
-from rlhf_ablate.cache import COMPLETE, StageCache, code_version, default_cache_root, read_executions
+from rlhf_ablate.run import cache as cache_mod
+from rlhf_ablate.run.cache import COMPLETE, StageCache, code_version, default_cache_root, read_executions
 
 
 def _writer(text: str):
@@ -36,14 +36,16 @@ def test_key_is_canonical_and_sensitive(tmp_path):
 def test_code_version_ignores_orchestration_files(tmp_path):
     pkg = tmp_path / "rlhf_ablate"
     shutil.copytree(cache_mod.PACKAGE_DIR, pkg, ignore=shutil.ignore_patterns("__pycache__", "ko_sample"))
+    # Every exclusion names code that exists: a move must not silently turn an exclusion off.
+    for entry in cache_mod.ORCHESTRATION:
+        assert (pkg / entry).exists(), entry
     v0 = code_version(pkg)
     cache_mod._code_version.cache_clear()
-    (pkg / "tune.py").write_text((pkg / "tune.py").read_text() + "\n# orchestration edit\n"
-                                 if (pkg / "tune.py").exists() else "# new\n")
-    (pkg / "cli.py").write_text((pkg / "cli.py").read_text() + "\n# orchestration edit\n")
+    for rel in ("launch/tune.py", "launch/slurm.py", "cli.py", "config/sweep.py", "run/tracking.py"):
+        (pkg / rel).write_text((pkg / rel).read_text() + "\n# orchestration edit\n")
     assert code_version(pkg) == v0
     cache_mod._code_version.cache_clear()
-    (pkg / "ppo_math.py").write_text((pkg / "ppo_math.py").read_text() + "\n# a stage edit\n")
+    (pkg / "ppo" / "math.py").write_text((pkg / "ppo" / "math.py").read_text() + "\n# a stage edit\n")
     assert code_version(pkg) != v0
     cache_mod._code_version.cache_clear()
 
@@ -153,7 +155,7 @@ def test_concurrent_processes_build_once(tmp_path):
 _KILL_SCRIPT = r"""
 import sys, time
 from pathlib import Path
-from rlhf_ablate.cache import StageCache
+from rlhf_ablate.run.cache import StageCache
 c = StageCache(sys.argv[1])
 def build(d):
     (d / "half.bin").write_text("half written")

@@ -12,7 +12,7 @@ import pytest
 from rlhf_ablate.config import (TrialConfig, all_keys, apply_overrides, parse_cli_overrides,
                                 trial_config_from_overrides)
 from rlhf_ablate.errors import ConfigError
-from rlhf_ablate.sweep import expand, load_sweep, trial_table
+from rlhf_ablate.config.sweep import expand, load_sweep, trial_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -119,7 +119,7 @@ def test_every_bundled_sweep_expands_with_stable_unique_ids(path):
 
 
 def test_ids_stable_across_processes():
-    code = ("from rlhf_ablate.sweep import load_sweep, expand;"
+    code = ("from rlhf_ablate.config.sweep import load_sweep, expand;"
             "print(','.join(t.trial_id for t in expand(load_sweep('sweeps/kl_coef.yaml'))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().split(",") == [t.trial_id for t in expand(load_sweep(ROOT / "sweeps/kl_coef.yaml"))]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import statistics
 import unicodedata
 from dataclasses import replace
@@ -13,8 +13,11 @@ import pytest
 
 from rlhf_ablate.config import DataConfig, trial_config_from_overrides
 from rlhf_ablate.data import SAMPLE_DIR, corpus_texts, load_data, pairs
-from rlhf_ablate.data import cli as data_cli
-from rlhf_ablate.data import make_sample
+from rlhf_ablate.data import prepare as data_cli
+from rlhf_ablate.cli import build_parser, cmd_data
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import make_sample  # noqa: E402 - tools/ is not a package: the sample generator is a development script
 from rlhf_ablate.data.readers import detect_format, prompt_id, read_file
 from rlhf_ablate.data.records import RankedGroup
 from rlhf_ablate.data.splits import prompt_key
@@ -335,7 +338,7 @@ def test_bundled_sample_shape_and_corpus():
 
 
 def test_bundled_sample_is_the_generator_output():
-    # The committed files are exactly what `python -m rlhf_ablate.data.make_sample` writes (regenerate, commit).
+    # The committed files are exactly what `python tools/make_sample.py` writes (regenerate, commit).
     built = make_sample.build()
     for name, rows in built.items():
         lines = (SAMPLE_DIR / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
@@ -412,20 +415,18 @@ def test_stats_report_length_by_rank(v2):
 
 
 def _parse(argv):
-    ap = argparse.ArgumentParser()
-    data_cli.add_parser(ap.add_subparsers(dest="command"))
-    return ap.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def test_cli_stats_json(capsys):
-    assert data_cli.main(_parse(["data", "stats", "--version", "v1", "--json"])) == 0
+    assert cmd_data(_parse(["data", "stats", "--version", "v1", "--json"])) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["duplicates"]["sft_train"]["exact"] > 0 and s["version"] == "v1"
 
 
 def test_prepare_round_trips_and_is_atomic(tmp_path, monkeypatch, v2):
     out = tmp_path / "v2"
-    assert data_cli.main(_parse(["data", "prepare", "--version", "v2", "--out", str(out)])) == 0
+    assert cmd_data(_parse(["data", "prepare", "--version", "v2", "--out", str(out)])) == 0
     assert sorted(p.name for p in out.iterdir()) == ["cleaning_report.json", "eval.jsonl", "ppo.jsonl", "rm.jsonl",
                                                      "sft.jsonl"]
     rep = json.loads((out / "cleaning_report.json").read_text(encoding="utf-8"))
@@ -436,7 +437,7 @@ def test_prepare_round_trips_and_is_atomic(tmp_path, monkeypatch, v2):
     assert canon(again.rm_train) == canon(v2.rm_train)  # prepare writes answers in rank order
 
     with pytest.raises(DataError, match="already exists"):
-        data_cli.main(_parse(["data", "prepare", "--out", str(out)]))
+        cmd_data(_parse(["data", "prepare", "--out", str(out)]))
     def failing(path, rows):  # sft.jsonl and rm.jsonl get written, then the disk fills up
         if Path(path).name == "ppo.jsonl":
             raise OSError("disk full")
@@ -445,10 +446,10 @@ def test_prepare_round_trips_and_is_atomic(tmp_path, monkeypatch, v2):
     monkeypatch.setattr(data_cli, "_jsonl", failing)
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(OSError):
-        data_cli.main(_parse(["data", "prepare", "--out", str(out), "--overwrite"]))
+        cmd_data(_parse(["data", "prepare", "--out", str(out), "--overwrite"]))
     assert sorted(p.name for p in out.iterdir()) == before  # the old version is untouched
     assert (out / "sft.jsonl").read_text(encoding="utf-8") != "partial"
     new = tmp_path / "new"
     with pytest.raises(OSError):
-        data_cli.main(_parse(["data", "prepare", "--out", str(new)]))
+        cmd_data(_parse(["data", "prepare", "--out", str(new)]))
     assert not new.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["v2"]  # no temp dir left

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from rlhf_ablate import models as M
+from rlhf_ablate.models import builtin, memory
 from rlhf_ablate.config import BUILTIN_MODELS, ModelConfig, TrialConfig, trial_config_from_overrides
 from rlhf_ablate.errors import ModelError
-from rlhf_ablate.prompting import format_example
+from rlhf_ablate.data.prompting import format_example
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
 
@@ -92,7 +93,7 @@ def test_tokenizer_round_trips_korean_and_compresses_syllables(name):
 
 def test_builtin_is_built_once_atomically_and_concurrently(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_ABLATE_CACHE", str(tmp_path))
-    before = M.BUILD_COUNT
+    before = builtin.BUILD_COUNT
     results: list[str] = []
     threads = [threading.Thread(target=lambda: results.append(M.resolve_base(ModelConfig(base_model="tiny-gpt2"))))
                for _ in range(2)]
@@ -100,11 +101,11 @@ def test_builtin_is_built_once_atomically_and_concurrently(tmp_path, monkeypatch
         t.start()
     for t in threads:
         t.join()
-    assert M.BUILD_COUNT == before + 1 and len(set(results)) == 1
+    assert builtin.BUILD_COUNT == before + 1 and len(set(results)) == 1
     path = results[0]
     mtime = os.path.getmtime(os.path.join(path, "model.safetensors"))
     assert M.resolve_base(ModelConfig(base_model="tiny-gpt2")) == path
-    assert M.BUILD_COUNT == before + 1
+    assert builtin.BUILD_COUNT == before + 1
     assert os.path.getmtime(os.path.join(path, "model.safetensors")) == mtime
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(path))
     assert path.startswith(str(tmp_path / "builtin" / "tiny-gpt2-"))
@@ -344,7 +345,7 @@ def test_memory_estimate_orders_what_users_hit(llama1b_dir):
     # PPO with rank 0 keeps four copies: it must cost more than the LoRA run on one shared base.
     full = est(**{"model.quantization": "none", "model.compute_dtype": "bfloat16", "sft.lora_rank": 0,
                   "rm.lora_rank": 0, "ppo.lora_rank": 0})
-    assert full > bf16 + 4 * 1_235_814_400 * 2 / M.GIB
+    assert full > bf16 + 4 * 1_235_814_400 * 2 / memory.GIB
     assert est(**{"model.quantization": "nf4", "model.compute_dtype": "bfloat16", "ppo.mini_batch_size": 32,
                   "ppo.rollout_batch_size": 64}) > q4
     # A 1B model in 4-bit with LoRA fits a consumer GPU; the tiny built-in fits anywhere.

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf_ablate import ppo_math as pm
+from rlhf_ablate.ppo import math as pm
 
 
 def _random_masked(batch=5, T=7, seed=0):

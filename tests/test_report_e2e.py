@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from analysis.report import write_report
-from rlhf_ablate.sweep import TrackingSpec, expand, load_sweep
-from rlhf_ablate.trial import run_trial_in_sweep
+from rlhf_ablate.config.sweep import TrackingSpec, expand, load_sweep
+from rlhf_ablate.run.trial import run_trial_in_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rlhf_ablate.errors import ConfigError
-from rlhf_ablate.resources import detect_gpus, estimate_column, estimate_gb, gpu_fraction, trial_resources
-from rlhf_ablate.sweep import expand, parse_sweep
+from rlhf_ablate.launch.resources import detect_gpus, estimate_column, estimate_gb, gpu_fraction, trial_resources
+from rlhf_ablate.config.sweep import expand, parse_sweep
 
 
 def _spec(resources=None, **base):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_ablate.cli import build_parser, main as cli_main
-from rlhf_ablate.sweep import expand, load_sweep
+from rlhf_ablate.config.sweep import expand, load_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,22 +7,20 @@ answer or no node is up. About 2-4 minutes on 2 CPU cores (two short CPU trials 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from rlhf_ablate.cache import read_executions
+from rlhf_ablate.run.cache import read_executions
 from rlhf_ablate.config import parse_cli_overrides
-from rlhf_ablate.sweep import expand, load_sweep
+from rlhf_ablate.config.sweep import expand, load_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,18 +123,12 @@ def _is_timing(key: str) -> bool:
     return last.startswith("time") or any(w in last for w in ("runtime", "per_second", "seconds"))
 
 
-def _ray_path(sweep: Path, run_dir: Path, env: dict, n: int, cwd: Path) -> subprocess.Popen | list:
-    """The same sweep through the Ray path (`rlhf_ablate sweep`). While the Ray driver (rlhf_ablate/tune.py) is
-    not in this checkout, fall back to the `trial` command for each index, which is what the Ray trainable wraps."""
+def _ray_path(sweep: Path, run_dir: Path, env: dict, n: int, cwd: Path) -> subprocess.Popen:
+    """The same sweep through the Ray path (`rlhf_ablate sweep`, rlhf_ablate/launch/tune.py)."""
     log = open(run_dir.parent / "ray_path.log", "w")
-    if importlib.util.find_spec("rlhf_ablate.tune") is not None:
-        return subprocess.Popen([sys.executable, "-m", "rlhf_ablate", "sweep", str(sweep), *OVERRIDES,
-                                 "--out", str(run_dir), "--no-report"],
-                                cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    cmd = " && ".join(" ".join([sys.executable, "-m", "rlhf_ablate", "trial", str(sweep), *OVERRIDES,
-                                "--index", str(i), "--out", str(run_dir)]) for i in range(n))
-    return subprocess.Popen(["bash", "-c", cmd], cwd=cwd, env={**env, "OMP_NUM_THREADS": "1"}, stdout=log,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "rlhf_ablate", "sweep", str(sweep), *OVERRIDES,
+                             "--out", str(run_dir), "--no-report"],
+                            cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def test_array_job_matches_ray_path(tmp_path):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ablate.sweep import TrackingSpec
-from rlhf_ablate.tracking import NoopTracker, find_offline_runs, make_tracker, read_offline_run, scrub_config
+from rlhf_ablate.config.sweep import TrackingSpec
+from rlhf_ablate.run.tracking import NoopTracker, find_offline_runs, make_tracker, read_offline_run, scrub_config
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ What the trial issue's "Done when" asks, and how each is checked here:
   eval generations over the SFT policy; the KL to the reference falls as ppo.kl_coef rises;
 - determinism on CPU; the 4-bit path (model.quantization=nf4, the default) runs; DPO runs;
 - a failing trial records status failed with error type, message and stage, and leaves nothing half-written in the
-  stage cache; result.json follows docs/contracts.md.
+  stage cache; result.json follows docs/architecture.md.
 
 The learning trials use the default config (about 21 s per trial on 2 idle cores); every learning threshold below
 was checked against measurements at three seeds (values in the comments). Trials are built
@@ -27,10 +27,10 @@ import pytest
 import torch
 
 from rlhf_ablate import models
-from rlhf_ablate.cache import COMPLETE, StageCache, read_executions
+from rlhf_ablate.run.cache import COMPLETE, StageCache, read_executions
 from rlhf_ablate.config import TrialConfig, all_keys
-from rlhf_ablate.prompting import format_prompt, normalize
-from rlhf_ablate.trial import read_result, result_path, run_trial, stage_keys
+from rlhf_ablate.data.prompting import format_prompt, normalize
+from rlhf_ablate.run.trial import read_result, result_path, run_trial, stage_keys
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
 
@@ -184,7 +184,7 @@ def test_ppo_roles_share_one_4bit_base(trials, small):
     """4-bit (the default), rank 8: policy, value, reward and reference use one set of Params4bit weights."""
     import bitsandbytes as bnb
 
-    from rlhf_ablate.stages.ppo import PPOModels
+    from rlhf_ablate.ppo.roles import PPOModels
 
     cfg = trials.config()
     assert cfg.model.quantization == "nf4" and cfg.ppo.lora_rank == 8
@@ -213,7 +213,7 @@ def test_ppo_roles_share_one_4bit_base(trials, small):
 def test_storage_count_tells_shared_from_copies(trials, fp32_stages):
     """Unquantized: the rank-8 roles hold one base (base_layer weights), a rank-0 trial four copies. The second
     half shows the counting above can fail."""
-    from rlhf_ablate.stages.ppo import PPOModels
+    from rlhf_ablate.ppo.roles import PPOModels
 
     cfg, data, sft_dir, rm_dir = fp32_stages
     n_layers, targets = _n_base_linear_layers(cfg, sft_dir)
@@ -247,7 +247,7 @@ def test_reference_logprobs_are_the_sft_models(trials, small, fp32_stages, quant
     """PPOModels.ref_logits (adapters disabled, left-padded batch) == the merged SFT model loaded alone, run on each
     sequence unpadded. Tolerance atol 1e-4 for both: float32 differs only in summation order (measured max |diff|
     4.6e-6); 4-bit quantizes the same merged weights the same way on both sides (measured 3.3e-6)."""
-    from rlhf_ablate.stages.ppo import PPOModels
+    from rlhf_ablate.ppo.roles import PPOModels
 
     cfg, data, sft_dir, rm_dir = _stages(trials, small, fp32_stages, quantized)
     roles = PPOModels(cfg, sft_dir, rm_dir)
@@ -275,9 +275,9 @@ def test_reference_logprobs_are_the_sft_models(trials, small, fp32_stages, quant
 def test_shared_reward_head_scores_like_the_rm_stage(trials, small, fp32_stages, quantized):
     """PPOModels.scores on left-padded prompt + answer + EOS == the RM stage's model (stages.rm.load_rm +
     seq_cls_scorer) on the same texts right-padded, the way the RM stage evaluates."""
-    from rlhf_ablate.stages.common import score_texts
-    from rlhf_ablate.stages.ppo import PPOModels
-    from rlhf_ablate.stages.rm import load_rm, seq_cls_scorer
+    from rlhf_ablate.models import score_texts
+    from rlhf_ablate.ppo.roles import PPOModels
+    from rlhf_ablate.models import load_rm, seq_cls_scorer
 
     cfg, data, sft_dir, rm_dir = _stages(trials, small, fp32_stages, quantized)
     prompts, answers = _rm_texts(data, n=12)
@@ -297,7 +297,7 @@ def test_shared_reward_head_scores_like_the_rm_stage(trials, small, fp32_stages,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# result.json (docs/contracts.md)
+# result.json (docs/architecture.md)
 # ---------------------------------------------------------------------------------------------------------
 
 RESULT_KEYS = {"schema", "trial_id", "sweep", "index", "status", "error", "seed", "config", "axes", "metrics",
@@ -317,7 +317,7 @@ def test_result_json_follows_the_contract(trials, small):
     # config: flat dotted keys, every key, with the trial's values (4-bit is the default and ran here)
     assert set(r["config"]) == set(all_keys())
     assert r["config"]["model.quantization"] == "nf4" and r["config"]["ppo.kl_coef"] == SMALL["ppo.kl_coef"]
-    # metrics: the namespaces of DESIGN.md
+    # metrics: the namespaces of docs/architecture.md
     m = r["metrics"]
     for k in ("rm/chosen_mean", "rm/rejected_mean", "rm/separation_margin", "rm/pairwise_accuracy",
               "rm/kendall_tau", "rm/spearman_rho", "rm/length_corr", "sft/rougeL", "sft/bleu", "sft/chrf",

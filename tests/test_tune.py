@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ablate.cache import StageCache, default_cache_root, read_executions
-from rlhf_ablate.sweep import expand, parse_sweep
-from rlhf_ablate.tune import FINISHED, read_result, run_sweep
+from rlhf_ablate.run.cache import StageCache, default_cache_root, read_executions
+from rlhf_ablate.config.sweep import expand, parse_sweep
+from rlhf_ablate.launch.tune import run_sweep
+from rlhf_ablate.run.result import FINISHED, read_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def ray_session():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from rlhf_ablate.tune import _init_ray, _setup_env
+    from rlhf_ablate.launch.tune import _init_ray, _setup_env
 
     _setup_env(None)
     _init_ray(None, 0)
@@ -45,7 +46,7 @@ def ray_session():
 
 def fake_trial(spec, trial, run_dir, *, use_cache=True, on_step=None):
     """SFT and RM depend on the seed only, PPO on kl_coef: the cache must run SFT/RM once per seed."""
-    from rlhf_ablate.trial import write_json_atomic
+    from rlhf_ablate.files import write_json as write_json_atomic
 
     run_dir = Path(run_dir)
     done = read_result(run_dir, trial.trial_id)
@@ -175,7 +176,7 @@ def test_real_kl_sweep_reuses_sft_rm_isolates_failure_and_logs_wandb(tmp_path, r
     monkeypatch.setenv("WANDB_API_KEY", "secret-xyz-0123456789")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_DIR", raising=False)
-    from rlhf_ablate.tracking import find_offline_runs, read_offline_run
+    from rlhf_ablate.run.tracking import find_offline_runs, read_offline_run
 
     raw = {"name": "kl_real", "axes": {"ppo.kl_coef": [0.01, 0.1, 1.0]}, "seeds": [0], "base": TINY,
            "cache_dir": str(tmp_path / "cache"), "tracking": {"wandb": "offline"},

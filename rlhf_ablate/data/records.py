@@ -1,4 +1,4 @@
-"""Canonical records: the only shapes the rest of rlhf_ablate sees (docs/contracts.md, "Data records").
+"""Canonical records: the only shapes the rest of rlhf_ablate sees (docs/architecture.md, "Data records").
 
 Every reader turns its file format into these frozen dataclasses, so stages never branch on where data came from.
 """

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from .. import models
 from ..config import TrialConfig
-from ..prompting import format_prompt, normalize
-from .common import restore_trainable_dtype, log_history, seed_everything, trl_common_args, write_json
+from ..data.prompting import format_prompt, normalize
+from ..files import write_json
+from ..runtime import seed_everything
+from .common import log_history, restore_trainable_dtype, trl_common_args
 
 
 def train_dpo(cfg: TrialConfig, data, sft_dir: Path, out: Path) -> None:
@@ -20,7 +22,7 @@ def train_dpo(cfg: TrialConfig, data, sft_dir: Path, out: Path) -> None:
     sft_path = str(sft_dir / "model")
     tok = models.load_tokenizer(cfg.model, sft_path)
     quantized = cfg.model.quantization != "none" and cfg.dpo.lora_rank > 0
-    # Loaded by path: for a full fine-tune TRL reloads the reference from model.config._name_or_path (FACTS).
+    # Loaded by path: for a full fine-tune TRL reloads the reference from model.config._name_or_path (docs/stack.md).
     model = models.load_causal_lm(cfg.model, sft_path, quantize=quantized)
     model = models.prepare_for_training(model, cfg.dpo.lora_rank, cfg.dpo.lora_alpha, 0.0, "CAUSAL_LM", quantized)
     rows = [{"prompt": format_prompt(p.prompt), "chosen": normalize(p.chosen), "rejected": normalize(p.rejected)}

@@ -1,6 +1,6 @@
 """Eval stage: a policy (SFT, PPO or DPO) answers the held-out prompts.
 
-- text metrics of greedy answers against the references, with Korean-correct tokenization (metrics.py);
+- text metrics of greedy answers against the references, with Korean-correct tokenization (rlhf_ablate/metrics/text.py);
 - ``reward_mean``: the trained RM's score of those answers;
 - ``kl_to_ref``: KL(policy || SFT reference) per response, estimated on one sampled (temperature 1) answer per
   prompt, since a KL is an expectation under the policy's own samples, which greedy answers are not;
@@ -14,28 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .. import metrics, models
+from .. import metrics
 from ..config import TrialConfig
-from .common import eval_mode, generate, score_texts, seed_everything, write_json
-from .ppo import _position_ids, build_batch, response_logprobs
-from .rm import load_rm, seq_cls_scorer
-
-
-def load_policy(cfg: TrialConfig, sft_dir: Path, policy_dir: Path | None):
-    """(policy, reference-context) for eval: adapters on the merged SFT base (reference = adapters disabled), a
-    full model (reference = the SFT model), or the SFT model itself (policy_dir None)."""
-    sft_path = str(sft_dir / "model")
-    quantized = cfg.model.quantization != "none"
-    tok = models.load_tokenizer(cfg.model, sft_path)
-    if policy_dir is None:
-        return models.load_causal_lm(cfg.model, sft_path, quantize=quantized), None, tok
-    if (policy_dir / "adapter").exists():
-        from peft import PeftModel
-
-        base = models.load_causal_lm(cfg.model, sft_path, quantize=quantized)
-        return PeftModel.from_pretrained(base, str(policy_dir / "adapter")), "disable_adapter", tok
-    ref = models.load_causal_lm(cfg.model, sft_path, quantize=False)
-    return models.load_causal_lm(cfg.model, str(policy_dir / "model"), quantize=False), ref, tok
+from ..files import write_json
+from ..runtime import seed_everything
+from ..models import eval_mode, generate, load_policy, load_rm, position_ids, score_texts, seq_cls_scorer
+from ..ppo.rollout import build_batch, response_logprobs
 
 
 def _ref_logits(policy, ref, ids, attn):
@@ -43,8 +27,8 @@ def _ref_logits(policy, ref, ids, attn):
         return None
     if ref == "disable_adapter":
         with policy.disable_adapter():
-            return policy(input_ids=ids, attention_mask=attn, position_ids=_position_ids(attn)).logits.float()
-    return ref(input_ids=ids, attention_mask=attn, position_ids=_position_ids(attn)).logits.float()
+            return policy(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits.float()
+    return ref(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits.float()
 
 
 def evaluate_policy(cfg: TrialConfig, data, stage: str, sft_dir: Path, rm_dir: Path, policy_dir: Path | None,
@@ -71,7 +55,7 @@ def evaluate_policy(cfg: TrialConfig, data, stage: str, sft_dir: Path, rm_dir: P
             for i in range(0, len(prompts), 16):
                 b = build_batch(tok, prompts[i:i + 16], sampled[i:i + 16], dev)
                 lp = response_logprobs(policy(input_ids=b["ids"], attention_mask=b["attn"],
-                                              position_ids=_position_ids(b["attn"])).logits.float(), b, 1.0)
+                                              position_ids=position_ids(b["attn"])).logits.float(), b, 1.0)
                 rlp = response_logprobs(_ref_logits(policy, ref, b["ids"], b["attn"]), b, 1.0)
                 kls[i:i + 16] = ((lp - rlp) * b["rmask"]).sum(1).tolist()
     p = f"{stage}/"

@@ -6,21 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .. import metrics, models
 from ..config import TrialConfig
-from ..prompting import format_prompt, normalize
-from .common import (eval_mode, log_history, read_json, restore_trainable_dtype, score_texts, seed_everything,
-                     trl_common_args, write_json)
-
-
-def rm_base_path(cfg: TrialConfig, sft_dir: Path | None) -> str:
-    """The RM starts from the merged SFT model (shares PPO's base) or from the raw base model."""
-    if cfg.rm.init_from == "sft":
-        assert sft_dir is not None, "rm.init_from=sft needs the SFT artifact"
-        return str(sft_dir / "model")
-    return models.resolve_base(cfg.model)
+from ..data.prompting import format_prompt, normalize
+from ..files import write_json
+from ..runtime import seed_everything
+from ..models import rm_base_path, score_texts, seq_cls_scorer
+from .common import log_history, restore_trainable_dtype, trl_common_args
 
 
 def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path) -> None:
@@ -61,18 +53,6 @@ def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path) -> None:
     shutil.rmtree(out / "trainer", ignore_errors=True)
 
 
-def seq_cls_scorer(model):
-    """A (input_ids, attention_mask) -> scores function for a transformers/peft sequence-classification model."""
-    dev = next(model.parameters()).device
-
-    def score(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        with eval_mode(model):
-            out = model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev))
-        return out.logits.squeeze(-1).float()
-
-    return score
-
-
 def evaluate_rm(cfg: TrialConfig, model, tok, groups) -> tuple[dict, list[dict]]:
     score = seq_cls_scorer(model)
     prompts = [g.prompt for g in groups for _ in g.answers]
@@ -88,15 +68,3 @@ def evaluate_rm(cfg: TrialConfig, model, tok, groups) -> tuple[dict, list[dict]]
                                                                                   [g.data_id for g in groups])
 
 
-def load_rm(cfg: TrialConfig, rm_dir: Path, sft_dir: Path | None):
-    """(model, tokenizer) of a trained RM artifact, ready to score. Paths are rebuilt from the upstream artifact
-    dirs rather than stored, so a cache directory can be moved or shared between machines."""
-    info = read_json(rm_dir / "rm_info.json")
-    if info["kind"] == "model":
-        path = str(rm_dir / "model")
-        return models.load_seq_cls(cfg.model, path, quantize=False), models.load_tokenizer(cfg.model, path)
-    from peft import PeftModel
-
-    base = models.load_seq_cls(cfg.model, rm_base_path(cfg, sft_dir), quantize=cfg.model.quantization != "none")
-    model = PeftModel.from_pretrained(base, str(rm_dir / "adapter"))
-    return model, models.load_tokenizer(cfg.model, str(rm_dir / "adapter"))

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from .. import models
 from ..config import TrialConfig
-from ..prompting import format_prompt, normalize
-from .common import restore_trainable_dtype, log_history, seed_everything, trl_common_args, write_json
+from ..data.prompting import format_prompt, normalize
+from ..files import write_json
+from ..runtime import seed_everything
+from .common import log_history, restore_trainable_dtype, trl_common_args
 
 
 def train_sft(cfg: TrialConfig, data, out: Path) -> None:

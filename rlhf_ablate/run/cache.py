@@ -32,9 +32,9 @@ Guarantees
 
 The code version
 ----------------
-:func:`code_version` hashes every ``.py`` file under ``rlhf_ablate/`` except the orchestration modules listed in
-:data:`ORCHESTRATION_FILES` (cli, tune, slurm, tracking, sweep, resources, and ``__main__``), which decide *how* and
-*where* trials run but not *what* a stage computes. Editing those keeps every cached artifact; editing a stage, the
+:func:`code_version` hashes every ``.py`` file under ``rlhf_ablate/`` except the orchestration code listed in
+:data:`ORCHESTRATION` (the ``launch/`` package, the CLI, sweep expansion, tracking, the result file and this cache),
+which decides *how* and *where* trials run but not *what* a stage computes. Editing those keeps every cached artifact; editing a stage, the
 data readers, the model loading or the PPO math invalidates all of them, which is the safe direction. Set
 ``RLHF_ABLATE_CODE_VERSION`` to pin the version explicitly (for example to reuse artifacts after a pure refactor);
 you then take responsibility for the artifacts matching the code.
@@ -46,8 +46,10 @@ stage executions.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import logging
 import functools
 import hashlib
 import json
@@ -60,15 +62,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..files import canonical_json
+
 COMPLETE = "COMPLETE"
 EXECUTIONS_LOG = "executions.jsonl"
 KEY_HEX = 32  # 128 bits of sha256: collisions are not a practical concern for a cache
 
-# Modules that orchestrate trials but do not compute stage artifacts. Editing them must not invalidate the cache.
-ORCHESTRATION_FILES = frozenset({"cli.py", "tune.py", "slurm.py", "tracking.py", "sweep.py", "resources.py",
-                                 "__main__.py"})
+# Code (paths relative to the package) that orchestrates trials but does not compute stage artifacts. Editing it
+# must not invalidate the cache. A directory entry covers everything under it. tests/test_cache.py checks that each
+# entry exists, so a move cannot silently turn an exclusion off.
+ORCHESTRATION = frozenset({"launch", "cli.py", "__main__.py", "config/sweep.py", "run/tracking.py",
+                           "run/result.py", "run/cache.py"})
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def code_version(package_dir: Optional[Path] = None) -> str:
@@ -87,16 +93,11 @@ def _code_version(package_dir: str) -> str:
     h = hashlib.sha256()
     for p in sorted(root.rglob("*.py")):
         rel = p.relative_to(root)
-        if "__pycache__" in rel.parts or (len(rel.parts) == 1 and rel.name in ORCHESTRATION_FILES):
+        if "__pycache__" in rel.parts or rel.as_posix() in ORCHESTRATION or rel.parts[0] in ORCHESTRATION:
             continue
         h.update(rel.as_posix().encode() + b"\0")
         h.update(p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
-
-
-def canonical_json(obj: Any) -> str:
-    """Deterministic JSON: sorted keys, no whitespace, non-JSON values (paths, tuples) as strings."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def default_cache_root(spec: Any = None) -> Path:
@@ -123,7 +124,7 @@ class StageRun:
     waited: float = 0.0  # seconds spent waiting on the lock held by another builder
 
     def timing(self) -> dict:
-        """The shape of one entry of result.json ``timings`` (see docs/contracts.md)."""
+        """The shape of one entry of result.json ``timings`` (see docs/architecture.md)."""
         return {"seconds": round(self.seconds, 3), "cache_hit": self.hit, "key": self.key,
                 "waited": round(self.waited, 3)}
 
@@ -139,6 +140,7 @@ class StageCache:
     def __init__(self, root: Path | str, enabled: bool = True):
         self.root = Path(root).expanduser().resolve()
         self.enabled = enabled
+        self._payloads: dict[str, dict] = {}  # key -> what it hashes, written to the artifact's config.json
 
     # ---- keys ----------------------------------------------------------------------------------------------
     def key(self, stage: str, payload: dict) -> str:
@@ -146,8 +148,10 @@ class StageCache:
 
         ``payload`` is built by the caller: the stage's own config, the upstream stage keys and the data
         fingerprint. The seed belongs in it too when the stage is stochastic."""
-        blob = canonical_json({"stage": stage, "payload": payload, "code_version": code_version()})
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:KEY_HEX]
+        content = {"stage": stage, "payload": payload, "code_version": code_version()}
+        key = hashlib.sha256(canonical_json(content).encode("utf-8")).hexdigest()[:KEY_HEX]
+        self._payloads[key] = content
+        return key
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -180,6 +184,8 @@ class StageCache:
             # We hold the key's lock, so any temporary directory of this key belongs to a dead builder.
             for stale in stage_dir.glob(f".tmp-{key}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
+            for stale in stage_dir.glob(f".log-{key}-*"):
+                stale.unlink(missing_ok=True)
             if final.exists():  # no COMPLETE marker: cannot come from this code, but never trust it
                 shutil.rmtree(final, ignore_errors=True)
             seconds = self._build_into(stage_dir, stage, key, final, build)
@@ -198,7 +204,15 @@ class StageCache:
         tmp.mkdir(parents=True)
         t0 = time.monotonic()
         try:
-            build(tmp)
+            log = parent / f".log-{tmp.name[len('.tmp-'):]}"  # beside the build directory: `build` gets it empty
+            try:
+                with _stage_log(log, stage, key):
+                    build(tmp)
+                os.replace(log, tmp / "log.txt")
+            finally:
+                log.unlink(missing_ok=True)
+            if key in self._payloads:  # what the key hashes: the stage's config, upstream keys, data, code
+                (tmp / "config.json").write_text(canonical_json(self._payloads[key]), encoding="utf-8")
             seconds = time.monotonic() - t0
             marker = {"stage": stage, "key": key, "seconds": round(seconds, 3), "host": socket.gethostname(),
                       "pid": os.getpid(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -282,6 +296,31 @@ class _FileLock:
         finally:
             os.close(self.fd)
             self.fd = None
+
+
+@contextlib.contextmanager
+def _stage_log(path: Path, stage: str, key: str):
+    """Python warnings and log records at INFO and above, from the start to the end of a build, into log.txt."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    was_capturing = logging.getLogger("py.warnings").handlers or None
+    root.addHandler(handler)
+    logging.captureWarnings(True)
+    root_level = root.level
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    logging.getLogger("rlhf_ablate").info("build %s/%s on %s pid %d", stage, key, socket.gethostname(), os.getpid())
+    try:
+        yield
+    finally:
+        logging.getLogger("rlhf_ablate").info("end of build %s/%s", stage, key)
+        root.removeHandler(handler)
+        root.setLevel(root_level)
+        if not was_capturing:
+            logging.captureWarnings(False)
+        handler.close()
 
 
 def _check_name(value: str, what: str) -> None:

@@ -4,17 +4,17 @@ What it promises a researcher who starts a sweep at night:
 
 - **Every trial ends done or failed with a reason.** The trainable never raises: the trial function records its
   own failures (OOM, NaN loss, bad data, divergence) in ``result.json``; a worker that dies outright (killed,
-  segfault) is recorded by the driver's callback (:class:`_Lines`). The sweep goes on either way.
+  segfault) is recorded by the driver's callback (rlhf_ablate/launch/progress.py). The sweep goes on either way.
 - **No GPU-hour is spent twice.** Our own ``RUN_DIR/trials/<id>/result.json`` is the record of finished trials, not
   Ray's experiment snapshot (which is saved at most every ~10 s, so a driver killed sooner would restart trials from
-  zero on ``Tuner.restore``; FACTS.md). Before launching, every trial whose result says ``ok`` (or ``stopped``, an
+  zero on ``Tuner.restore``; docs/stack.md, "Ray Tune"). Before launching, every trial whose result says ``ok`` (or ``stopped``, an
   ASHA early stop) is skipped. Finished stages of interrupted trials come back from the stage cache.
 - **Rerunning the same command continues the sweep**, exactly like ``--resume``: ok trials are never rerun, failed
   trials are retried (a failure is often transient: OOM next to another job, a preempted node), trials never
   started are run. ``--resume`` only adds a check that there is a sweep to resume. A second driver on the same run
   directory is refused (a lock on ``RUN_DIR/.driver.lock``).
 - **Resources:** per trial from the sweep (``resources.cpu``, ``resources.gpu`` or the packing estimate of
-  :mod:`rlhf_ablate.resources`); an impossible trial is refused before Ray starts.
+  :mod:`rlhf_ablate.launch.resources`); an impossible trial is refused before Ray starts.
 - **Cluster:** ``--address`` or ``RAY_ADDRESS`` connects to an existing Ray cluster (the run directory and the stage
   cache must then be on a file system every node sees); otherwise Ray starts locally with this machine's CPUs and
   GPUs.
@@ -39,31 +39,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .errors import ConfigError
-from .trial import _now, read_result, result_path, write_json_atomic  # noqa: F401 (re-exported for tests)
-
-FINISHED = ("ok", "stopped")  # statuses that are never rerun
-KEY_METRICS = ("ppo/objective/scores", "ppo/objective/kl")  # live-line metrics when no search metric is set
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Result records (our source of truth for resume)
-# ---------------------------------------------------------------------------------------------------------
-
-def record_failure(run_dir: Path, spec: Any, trial: Any, etype: str, message: str, *, stage: str = "driver",
-                   status: str = "failed") -> dict:
-    """Write a result.json for a trial that could not record its own end (worker death, early stop), unless the
-    trial already wrote a finished one."""
-    existing = read_result(run_dir, trial.trial_id)
-    if existing is not None and existing.get("status") in FINISHED:
-        return existing
-    result = {"schema": 1, "trial_id": trial.trial_id, "sweep": spec.name, "index": trial.index, "status": status,
-              "error": {"type": etype, "message": message[:2000], "stage": stage}, "seed": trial.seed,
-              "config": trial.config.flat(), "axes": dict(trial.axes), "metrics": {}, "metric_meta": {},
-              "timings": {}, "history": {}, "records": {}, "versions": {},
-              "started_at": (existing or {}).get("started_at"), "finished_at": _now()}
-    write_json_atomic(result_path(run_dir, trial.trial_id), result)
-    return result
+from ..errors import ConfigError
+from ..files import write_json
+from ..run.result import FINISHED, now, read_result, record_failure, scan_results
+from .progress import LiveLines, summary_table
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -80,7 +59,7 @@ def _trainable(config: dict, *, spec: Any, run_dir: str, use_cache: bool, trial_
 
     trial = _trial_from_config(spec, config, tune.get_context().get_trial_id() or "")
     if trial_fn is None:
-        from .trial import run_trial_in_sweep as trial_fn  # noqa: N813 - the default trial function
+        from ..run.trial import run_trial_in_sweep as trial_fn  # noqa: N813 - the default trial function
 
     def on_step(event: dict) -> None:
         # Everything goes to the driver through tune.report: live lines (stage events), ASHA (per PPO step).
@@ -96,8 +75,8 @@ def _trainable(config: dict, *, spec: Any, run_dir: str, use_cache: bool, trial_
     try:
         result = trial_fn(spec, trial, Path(run_dir), use_cache=use_cache, on_step=on_step)
     except Exception as e:  # noqa: BLE001 - the trial function should record its own failures; be safe anyway
-        result = record_failure(Path(run_dir), spec, trial, type(e).__name__, f"{e}\n{traceback.format_exc()}",
-                                stage="trial")
+        result = record_failure(Path(run_dir), spec.name, trial, type(e).__name__,
+                                f"{e}\n{traceback.format_exc()}", stage="trial")
     final = {"trial_index": trial.index, "trial_key": trial.trial_id, "event": "end", "stage": "done",
              "status": result.get("status", "failed")}
     final.update(_numeric(result.get("metrics") or {}))
@@ -109,7 +88,7 @@ def _trainable(config: dict, *, spec: Any, run_dir: str, use_cache: bool, trial_
 def _trial_from_config(spec: Any, config: dict, tune_id: str = "") -> Any:
     """Grid: ``{"index": i}`` into the expanded list. Optuna: the sampled dotted keys; the sample number (the
     suffix of Tune's trial id, ``abc12_00003``) picks the seed round-robin and serves as the display index."""
-    from .sweep import expand
+    from ..config.sweep import expand
 
     if "index" in config:
         return expand(spec)[config["index"]]
@@ -118,110 +97,6 @@ def _trial_from_config(spec: Any, config: dict, tune_id: str = "") -> Any:
     number = int(tail) if tail.isdigit() else 0
     seed = spec.seeds[number % len(spec.seeds)]
     return spec.trial(params, seed, number, params)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Live lines (a Tune callback in the driver)
-# ---------------------------------------------------------------------------------------------------------
-
-def _error_from_file(path: Optional[str]) -> tuple[str, str]:
-    """The exception class and message from Ray's error file of a trial whose worker crashed or died."""
-    import re
-
-    text = ""
-    try:
-        text = Path(path).read_text(errors="replace") if path else ""
-    except OSError:
-        pass
-    found = re.findall(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit|Interrupt|Died))\s*:\s*(.*)$", text, re.M)
-    if found:
-        etype, msg = found[-1]
-        return etype, f"{msg.strip()} (Ray error file: {path})"
-    return "WorkerDied", f"the Ray worker running this trial died; see {path or 'the Ray logs'}"
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-class _Lines:
-    """Builds the Tune callback lazily (ray import) and formats one line per trial event."""
-
-    def __init__(self, spec: Any, run_dir: Path, total: int, stream: Any = None):
-        self.spec, self.run_dir, self.total = spec, run_dir, total
-        self.stream = stream or sys.stdout
-        self.metric = spec.scheduler.metric if spec.scheduler.type == "asha" else None
-        self.trials: dict[str, Any] = {}
-
-    def prefix(self, trial: Any) -> str:
-        axes = " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in trial.axes.items())
-        return f"[{trial.trial_id[:6]} {trial.index + 1}/{self.total} {axes} seed={trial.seed}]"
-
-    def line(self, trial: Any, result: dict) -> Optional[str]:
-        ev, stage = result.get("event"), result.get("stage", "")
-        if ev == "start":
-            return f"{self.prefix(trial)} {stage} ..."
-        if ev == "end" and stage == "done":
-            if result.get("status") == "ok":
-                keys = [k for k in dict.fromkeys((self.spec.search.metric, "ppo/reward_mean",
-                                                  "rm/separation_margin")) if k in result][:2]
-                return f"{self.prefix(trial)} done " + " ".join(f"{k}={_fmt(result[k])}" for k in keys)
-            return f"{self.prefix(trial)} FAILED {result.get('error', '')}"[:200]
-        if ev == "end":
-            hit = " (cache hit)" if result.get("cache_hit") else ""
-            return f"{self.prefix(trial)} {stage} done {result.get('seconds', 0):.1f}s{hit}"
-        if ev == "failed":
-            return f"{self.prefix(trial)} {stage} failed: {result.get('error', '')}"[:200]
-        if "step" in result:
-            step, steps = int(result["step"]), int(result.get("steps", 0) or 0)
-            every = max(1, steps // 10)
-            if step % every and step != steps and step != 1:
-                return None
-            keys = [self.metric] if self.metric in result else []
-            keys += [k for k in KEY_METRICS if k in result and k not in keys]
-            shown = " ".join(f"{k.split('/', 1)[-1]}={_fmt(result[k])}" for k in keys[:2])
-            return f"{self.prefix(trial)} {stage} step {step}/{steps or '?'} {shown}"
-        return None
-
-    def emit(self, text: Optional[str]) -> None:
-        if text:
-            print(text, file=self.stream, flush=True)
-
-    def callback(self) -> Any:
-        from ray.tune import Callback
-
-        lines = self
-
-        class LiveLines(Callback):
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                t = lines._lookup(trial, result)
-                if t is not None:
-                    lines.emit(lines.line(t, result))
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                t = lines._lookup(trial, {})
-                etype, msg = _error_from_file(getattr(trial, "error_file", None))
-                rec = record_failure(lines.run_dir, lines.spec, t, etype, msg)
-                lines.emit(f"{lines.prefix(t)} FAILED {rec['error']['type']}: {rec['error']['message']}"[:200])
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                t = lines._lookup(trial, {})
-                if (read_result(lines.run_dir, t.trial_id) or {}).get("status") not in ("ok", "failed"):
-                    last = trial.last_result or {}
-                    record_failure(lines.run_dir, lines.spec, t, "EarlyStopped",
-                                   f"stopped by the {lines.spec.scheduler.type} scheduler at iteration "
-                                   f"{last.get('training_iteration')}", stage=str(last.get("stage", "")),
-                                   status="stopped")
-                    lines.emit(f"{lines.prefix(t)} stopped early by {lines.spec.scheduler.type}")
-
-        return LiveLines()
-
-    def _lookup(self, trial: Any, result: dict) -> Any:
-        t = self.trials.get(trial.trial_id)
-        if t is None:
-            t = _trial_from_config(self.spec, trial.config, trial.trial_id)
-            self.trials[trial.trial_id] = t
-        return t
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,7 +117,7 @@ class _DriverLock:
             raise ConfigError(f"another sweep driver is already running on {self.path.parent} ({holder}). Wait "
                               f"for it, or stop it; rerunning the same command later continues the sweep.") from None
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"host={socket.gethostname()} pid={os.getpid()} since={_now()}".encode(), 0)
+        os.pwrite(self.fd, f"host={socket.gethostname()} pid={os.getpid()} since={now()}".encode(), 0)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -251,7 +126,7 @@ class _DriverLock:
 
 
 def _package_root() -> str:
-    return str(Path(__file__).resolve().parent.parent)
+    return str(Path(__file__).resolve().parents[2])  # <root>/rlhf_ablate/launch/tune.py
 
 
 def _init_ray(address: Optional[str], num_gpus: int) -> None:
@@ -281,19 +156,19 @@ def _setup_env(address: Optional[str]) -> None:
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "1000")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not address:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local Ray: no token written under ~/.ray (FACTS)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local Ray: no token written under ~/.ray (docs/stack.md)
 
 
 def _sweep_json(spec: Any, trials: list, run_dir: Path, use_cache: bool) -> None:
-    from .cache import default_cache_root
+    from ..run.cache import default_cache_root
 
     path = run_dir / "sweep.json"
     prev = json.loads(path.read_text()) if path.exists() else {}
-    write_json_atomic(path, {
+    write_json(path, {
         "name": spec.name, "version": spec.version, "path": str(Path(spec.path).resolve()),
         "description": spec.description, "search": spec.search.type, "scheduler": spec.scheduler.type,
         "cache_dir": str(default_cache_root(spec)), "use_cache": use_cache,
-        "first_started_at": prev.get("first_started_at") or _now(), "last_started_at": _now(),
+        "first_started_at": prev.get("first_started_at") or now(), "last_started_at": now(),
         "trials": [{"index": t.index, "trial_id": t.trial_id, "seed": t.seed, "axes": t.axes} for t in trials]})
 
 
@@ -303,10 +178,10 @@ def run_sweep(spec: Any, run_dir: Path, *, resume: bool = False, max_concurrent:
     """Run (or continue) every trial of ``spec`` under ``run_dir``. Returns 0 if all trials are ok, 1 otherwise.
 
     ``trial_fn(spec, trial, run_dir, *, use_cache, on_step) -> result dict`` defaults to
-    :func:`rlhf_ablate.trial.run_trial_in_sweep`; it must write ``result.json`` and return it."""
+    :func:`rlhf_ablate.run.trial.run_trial_in_sweep`; it must write ``result.json`` and return it."""
     from .resources import detect_gpus, trial_resources
-    from .sweep import expand
-    from .tracking import check_tracking
+    from ..config.sweep import expand
+    from ..run.tracking import check_tracking
 
     out = stream or sys.stdout
     run_dir = Path(run_dir).resolve()
@@ -349,7 +224,7 @@ def run_sweep(spec: Any, run_dir: Path, *, resume: bool = False, max_concurrent:
             r = read_result(run_dir, tid)
             if r is None:
                 t = next(t for t in trials if t.trial_id == tid)
-                r = record_failure(run_dir, spec, t, "NotRun", "the trial did not record a result; rerun the "
+                r = record_failure(run_dir, spec.name, t, "NotRun", "the trial did not record a result; rerun the "
                                    "same command to retry it")
             results.append(r)
         print(summary_table(results, spec), file=out)
@@ -382,7 +257,7 @@ def _fit(spec: Any, run_dir: Path, pending: list, resources: dict, gpus: list, m
         tune.with_parameters(_trainable, spec=spec, run_dir=str(run_dir), use_cache=use_cache, trial_fn=trial_fn),
         request)
     total = len(expand_ids(spec)) if optuna_prior is None else spec.search.num_samples
-    lines = _Lines(spec, run_dir, total, out)
+    lines = LiveLines(spec, run_dir, total, out, lookup=lambda cfg, tid: _trial_from_config(spec, cfg, tid))
     limit = max_concurrent or spec.max_concurrent or None
     scheduler = None
     if spec.scheduler.type == "asha":
@@ -434,7 +309,7 @@ def _fit(spec: Any, run_dir: Path, pending: list, resources: dict, gpus: list, m
 
 
 def expand_ids(spec: Any) -> list[str]:
-    from .sweep import expand
+    from ..config.sweep import expand
 
     return [t.trial_id for t in expand(spec)]
 
@@ -455,15 +330,7 @@ def _tune_dist(key: str, dist: dict) -> Any:
 
 
 def _all_results(run_dir: Path, sweep_name: str) -> list[dict]:
-    out = []
-    for p in sorted((run_dir / "trials").glob("*/result.json")):
-        try:
-            r = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if r.get("sweep") in (sweep_name, None):
-            out.append(r)
-    return out
+    return [r for _, r in scan_results(run_dir, sweep_name)]
 
 
 def _optuna_prior(spec: Any, run_dir: Path) -> list[tuple[dict, float]]:
@@ -475,34 +342,6 @@ def _optuna_prior(spec: Any, run_dir: Path) -> list[tuple[dict, float]]:
             if len(params) == len(spec.search.space):
                 prior.append((params, r["metrics"][spec.search.metric]))
     return prior
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The end: a summary table and the report
-# ---------------------------------------------------------------------------------------------------------
-
-def summary_table(results: list[dict], spec: Any, width: int = 100) -> str:
-    metric_keys = [k for k in dict.fromkeys([spec.search.metric, "ppo/reward_mean", "rm/separation_margin",
-                                             "ppo/rougeL"])
-                   if any(k in (r.get("metrics") or {}) for r in results)][:3]
-    header = ["trial", "axes", "seed", "status"] + [k.split("/", 1)[-1] if len(k) > 16 else k
-                                                    for k in metric_keys] + ["time", "cache hits"]
-    rows = []
-    for r in sorted(results, key=lambda r: (r.get("index") if isinstance(r.get("index"), int) else 1 << 30)):
-        axes = " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in (r.get("axes") or {}).items())
-        status = r.get("status", "?")
-        if status not in FINISHED and r.get("error"):
-            status = f"{status}: {r['error'].get('type')}"
-        timings = {k: v for k, v in (r.get("timings") or {}).items() if isinstance(v, dict)}
-        hits = sum(1 for v in timings.values() if v.get("cache_hit"))
-        total = (r.get("timings") or {}).get("total")
-        rows.append([r.get("trial_id", "?")[:8], axes[:30], str(r.get("seed", "")), status[:32]]
-                    + [_fmt((r.get("metrics") or {}).get(k, "")) for k in metric_keys]
-                    + [f"{total:.0f}s" if isinstance(total, (int, float)) else "-",
-                       f"{hits}/{len(timings)}" if timings else "-"])
-    widths = [max(len(x[i]) for x in [header] + rows) for i in range(len(header))]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
 
 
 def _write_report(run_dir: Path, out: Any) -> None:

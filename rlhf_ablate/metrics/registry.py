@@ -5,7 +5,7 @@ direction decides the arrow in a column header and which value can be bold. ``No
 (a raw score whose scale is arbitrary, a length, a correlation that should be near zero); such columns get no
 arrow and no bold.
 
-Names follow the one namespace of DESIGN.md ("Metric names"). A metric that a result.json carries but this
+Names follow the one namespace of docs/architecture.md ("Metric names"). A metric that a result.json carries but this
 registry does not know still appears in the "everything" tables, with its raw name and no direction.
 """
 
@@ -98,7 +98,7 @@ def spec_for(name: str) -> MetricSpec:
 
 
 def table_kind(axis: str) -> str:
-    """Which metric set a swept axis gets (the tables our users publish, see DESIGN.md)."""
+    """Which metric set a swept axis gets (the tables our users publish, see docs/architecture.md)."""
     a = axis.lower()
     if "kl_coef" in a or "kl_target" in a or "adaptive_kl" in a:
         return KL
@@ -124,7 +124,7 @@ def metrics_for(kinds: Iterable[str], present: Iterable[str]) -> list[MetricSpec
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One value per ranked group, for the paired test of RM metrics (records.rm, see docs/contracts.md).
+# One value per ranked group, for the paired test of RM metrics (records.rm, see docs/architecture.md).
 # ---------------------------------------------------------------------------------------------------------
 def _pair_margins(scores: Sequence[float], ranks: Sequence[int]) -> list[float]:
     """score(better) - score(worse) for every pair with different ranks (rank 1 = best), the pairs RankedGroup
@@ -140,7 +140,7 @@ def _pair_margins(scores: Sequence[float], ranks: Sequence[int]) -> list[float]:
 def _tau(scores: Sequence[float], ranks: Sequence[int]) -> float:
     from scipy.stats import kendalltau
 
-    # Rank 1 = best, so correlate scores with minus the ranks (FACTS: scipy kendalltau).
+    # Rank 1 = best, so correlate scores with minus the ranks (docs/stack.md, "Korean text metrics").
     return float(kendalltau(scores, [-r for r in ranks]).statistic)
 
 

@@ -16,7 +16,7 @@ W&B settings
   disabled). ``disabled`` gives the no-op tracker. Offline runs need no key and no network; upload them later with
   ``wandb sync RUN_DIR/wandb/wandb/offline-run-*``.
 - **Directory:** ``WANDB_DIR`` if the user set it, else ``<run_dir>/wandb`` as an absolute path (under Ray the
-  working directory is a temporary one; FACTS.md). It is passed to ``wandb.init(dir=...)`` rather than written into
+  working directory is a temporary one; docs/stack.md). It is passed to ``wandb.init(dir=...)`` rather than written into
   ``os.environ``, so a reused Ray worker process does not carry one trial's directory into the next.
 - **Run identity:** group = sweep name, name = trial id, tags = ``key=value`` of the swept axes, config = the flat
   dotted trial config (``ppo.kl_coef``), minus anything secret-looking (:func:`scrub_config`).
@@ -26,7 +26,7 @@ W&B settings
 - **Secrets:** the API key is read by wandb itself from ``WANDB_API_KEY`` or ``~/.netrc``; this module never reads
   it, never copies it into config, and console capture is off so nothing printed reaches the run files.
 
-``read_offline_run(path)`` decodes an offline ``.wandb`` file (wandb 0.31 has no public reader; FACTS.md): the
+``read_offline_run(path)`` decodes an offline ``.wandb`` file (wandb 0.31 has no public reader; docs/stack.md): the
 LevelDB-style log format of ``wandb/sdk/internal/datastore.py``: a 7-byte file header (``:W&B``, magic 0xBEE1,
 version 0), then 32 KiB blocks of records, each with a 7-byte header (crc32 u32, length u16, type u8: FULL=1,
 FIRST=2, MIDDLE=3, LAST=4) holding a serialized ``wandb_internal_pb2.Record``; a block tail shorter than a header is
@@ -89,7 +89,7 @@ def resolve_mode(tracking: Any) -> str:
     mode = os.environ.get("WANDB_MODE") or getattr(tracking, "wandb", "offline")
     mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
     if mode not in ("offline", "online", "disabled"):
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError(f"W&B mode {mode!r} (from WANDB_MODE or tracking.wandb) must be offline, online or "
                           f"disabled.")
@@ -105,7 +105,7 @@ def check_tracking(tracking: Any) -> str:
     if mode == "online" and not os.environ.get("WANDB_API_KEY"):
         netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
         if not (netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
-            from .errors import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError("tracking.wandb is 'online' but no W&B key is configured (WANDB_API_KEY or "
                               "`wandb login`). Log in, or use tracking.wandb: offline (the default) and run "
@@ -306,5 +306,5 @@ def read_offline_run(path: Path | str) -> dict:
     return out
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m rlhf_ablate.tracking RUN.wandb` dumps a run
+if __name__ == "__main__":  # pragma: no cover - `python -m rlhf_ablate.run.tracking RUN.wandb` dumps a run
     json.dump(read_offline_run(sys.argv[1]), sys.stdout, indent=1, ensure_ascii=False, default=str)

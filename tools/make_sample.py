@@ -1,6 +1,6 @@
 """Generate the bundled Korean sample ``ko_sample/`` (KoChatGPT format). Deterministic: run it, commit the output.
 
-    python -m rlhf_ablate.data.make_sample            # rewrites rlhf_ablate/data/ko_sample/*.jsonl
+    python tools/make_sample.py                       # rewrites rlhf_ablate/data/ko_sample/*.jsonl
 
 Written for this project (no third-party text). 70 subjects over 10 topics, each with a short definition and a
 recommended practice; five question forms per subject. Answers are templates of these two facts, so a tiny model
@@ -41,10 +41,10 @@ import random
 import unicodedata
 from pathlib import Path
 
-from .readers import prompt_id
-from .splits import is_eval
+from rlhf_ablate.data.readers import prompt_id
+from rlhf_ablate.data.splits import is_eval
 
-OUT = Path(__file__).parent / "ko_sample"
+OUT = Path(__file__).resolve().parents[1] / "rlhf_ablate" / "data" / "ko_sample"
 SEED = 20240611
 N_EVAL = 50
 N_RM = 130

@@ -9,27 +9,21 @@ unknown keys get a "did you mean", type errors name the dotted key and the file,
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import hashlib
-import json
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
 
-from .errors import ConfigError
+from ..data.versions import FILTERS
+from ..errors import ConfigError
+from ..files import config_hash
+from . import fields
+from .fields import _resolve, build_dataclass, flatten, help_field as _f, suggest
 
 # Bump when a default below changes meaning, so trial ids (which hash the full config) move with it.
-CONFIG_VERSION = 1
+# 2: the stage configs share their LoRA and training parts (DPO and RM gained weight_decay/warmup_ratio), and ids
+#    hash rlhf_ablate.files.canonical_json.
+CONFIG_VERSION = 2
 
 BUILTIN_MODELS = ("tiny-llama", "tiny-gpt2")
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with help text (shown by ``--help-config`` and in the README table)."""
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
 
 
 @dataclass(frozen=True)
@@ -65,40 +59,43 @@ class DataConfig:
     max_eval: int = _f(0, "Use at most this many eval prompts (0 = all).")
 
 
+# ---- parts the stage configs share: one declaration each, stage-specific defaults overridden below -----------
+
 @dataclass(frozen=True)
-class SFTConfig:
+class LoraParams:
     lora_rank: int = _f(8, "LoRA rank; 0 means a full fine-tune (needs model.quantization=none).")
     lora_alpha: int = _f(0, "LoRA alpha; 0 means 2 * lora_rank.")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """What a TRL-trained stage (SFT, RM, DPO) is optimised with (rlhf_ablate/stages/common.py: trl_args)."""
+
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     learning_rate: float = _f(3e-3, "Peak learning rate.")
-    epochs: float = _f(3.0, "Training epochs over the SFT set.")
+    epochs: float = _f(3.0, "Training epochs.")
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1 = use epochs).")
-    batch_size: int = _f(16, "Per-device batch size.")
+    batch_size: int = _f(16, "Per-device batch size (pairs, for RM and DPO).")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     warmup_ratio: float = _f(0.05, "Linear warmup fraction.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
 
 
 @dataclass(frozen=True)
-class RMConfig:
-    lora_rank: int = _f(8, "LoRA rank of the reward adapter (trains the score head too); 0 = full fine-tune.")
-    lora_alpha: int = _f(0, "LoRA alpha; 0 means 2 * lora_rank.")
-    lora_dropout: float = _f(0.0, "LoRA dropout.")
+class SFTConfig(TrainParams, LoraParams):
+    pass
+
+
+@dataclass(frozen=True)
+class RMConfig(TrainParams, LoraParams):
     init_from: Literal["sft", "base"] = _f(
         "sft", "Start the RM from the SFT model (shares PPO's base) or from the raw base model.")
-    learning_rate: float = _f(3e-3, "Peak learning rate.")
-    epochs: float = _f(3.0, "Training epochs over all pairs of the ranked groups.")
-    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1 = use epochs).")
-    batch_size: int = _f(16, "Pairs per batch.")
-    grad_accum: int = _f(1, "Gradient accumulation steps.")
-    warmup_ratio: float = _f(0.05, "Linear warmup fraction.")
     center_rewards_coefficient: float = _f(0.0, "TRL's auxiliary loss that centres rewards on zero.")
 
 
 @dataclass(frozen=True)
-class PPOConfig:
+class PPOConfig(LoraParams):
     lora_rank: int = _f(8, "Rank of the policy and value adapters; 0 = full copies (small models only).")
-    lora_alpha: int = _f(0, "LoRA alpha; 0 means 2 * lora_rank.")
     # 5e-4 and kl_coef 0.1: at 1e-3 / 0.05 one seed in two of the tiny default trial collapsed into a repetition
     # loop that the RM over-scores (eval reward fell from 3.65 to 1.42); at 5e-4 / 0.1 both seeds rose (4.32 -> 5.53,
     # 3.65 -> 5.09). Measured with the bundled data, tiny-llama, nf4.
@@ -128,15 +125,10 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
-class DPOConfig:
-    lora_rank: int = _f(8, "LoRA rank of the DPO policy; 0 = full fine-tune.")
-    lora_alpha: int = _f(0, "LoRA alpha; 0 means 2 * lora_rank.")
+class DPOConfig(TrainParams, LoraParams):
     beta: float = _f(0.1, "DPO beta.")
     learning_rate: float = _f(1e-3, "Peak learning rate.")
     epochs: float = _f(2.0, "Training epochs over the pairs.")
-    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1 = use epochs).")
-    batch_size: int = _f(16, "Pairs per batch.")
-    grad_accum: int = _f(1, "Gradient accumulation steps.")
 
 
 @dataclass(frozen=True)
@@ -175,168 +167,17 @@ class TrialConfig:
         return "t" + config_hash({"config_version": CONFIG_VERSION, **self.to_dict()})[:10]
 
     def replace(self, **dotted: Any) -> "TrialConfig":
-        return build_trial_config(apply_overrides(self.to_dict(), dotted, source="<replace>"), "<replace>")
+        return build_trial_config(apply_overrides(self.to_dict(), dotted, "<replace>"), "<replace>")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Generic helpers: flatten / dotted overrides / typed construction with good errors
-# ---------------------------------------------------------------------------------------------------------
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and key != "data.custom_versions":
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def all_keys(cls: type = TrialConfig, prefix: str = "") -> list[str]:
-    """Every valid dotted key, for "did you mean" suggestions and docs."""
-    keys = []
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else _resolve(cls, f.name)):
-            keys.extend(all_keys(_resolve(cls, f.name), f"{prefix}{f.name}."))
-        else:
-            keys.append(prefix + f.name)
-    return keys
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _resolve(cls: type, name: str) -> Any:
-    return _hints(cls)[name]
-
-
-def suggest(key: str, candidates: list[str]) -> str:
-    """' Did you mean ...?' for a mistyped dotted key, or '' when nothing is close."""
-    tail = key.rsplit(".", 1)[-1]
-    same_tail = [c for c in candidates if c.rsplit(".", 1)[-1] == tail and c != key]
-    if len(same_tail) > 1:  # 'lora_rank' is a key of several stages: name them all
-        return " Did you mean one of " + ", ".join(f"'{c}'" for c in same_tail) + "?"
-    m = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    if not m:  # try matching the last component alone (e.g. 'kl_coeff' -> 'ppo.kl_coef')
-        tails = {c.rsplit(".", 1)[-1]: c for c in candidates}
-        t = difflib.get_close_matches(tail, list(tails), n=1, cutoff=0.75)
-        m = [tails[t[0]]] if t else []
-    return f" Did you mean '{m[0]}'?" if m else ""
+def all_keys() -> list[str]:
+    """Every valid dotted key of a trial, for "did you mean" suggestions and docs."""
+    return fields.all_keys(TrialConfig)
 
 
 def apply_overrides(base: dict, overrides: Mapping[str, Any], source: str) -> dict:
-    """Apply dotted-key overrides to a nested dict (copy). Unknown keys raise ConfigError with a suggestion."""
-    import copy
-
-    out = copy.deepcopy(base)
-    valid = all_keys()
-    for dotted, value in overrides.items():
-        if not isinstance(dotted, str):
-            raise ConfigError(f"{source}: key {dotted!r} is not a string; write dotted keys like 'ppo.kl_coef'.")
-        if dotted not in valid:
-            # allow setting a whole section with a mapping, e.g. data.custom_versions or `ppo: {...}`
-            section = dotted in {f.name for f in dataclasses.fields(TrialConfig)}
-            if section and isinstance(value, Mapping):
-                out = apply_overrides(out, {f"{dotted}.{k}": v for k, v in value.items()}, source)
-                continue
-            raise ConfigError(f"{source}: unknown key '{dotted}'.{suggest(dotted, valid)}")
-        node = out
-        parts = dotted.split(".")
-        for p in parts[:-1]:
-            node = node[p]
-        node[parts[-1]] = value
-    return out
-
-
-def parse_cli_overrides(items: list[str]) -> dict[str, Any]:
-    """``['ppo.kl_coef=0.05', 'model.quantization=none']`` -> dict, values parsed as YAML scalars."""
-    import yaml
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value, e.g. ppo.kl_coef=0.05")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
-
-
-def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check (and minimally coerce: int -> float) a value against a type hint."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        errors = []
-        for a in non_none:
-            try:
-                return _check_type(value, a, key, source)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0] if len(non_none) == 1 else ConfigError(
-            f"{source}: '{key}' must be one of the types {', '.join(getattr(a, '__name__', str(a)) for a in non_none)}"
-            f", got {value!r}.")
-    if origin is Literal:
-        if value not in args:
-            choices = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{source}: '{key}' must be one of {choices}, got {value!r}.")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r} ({type(value).__name__}).")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r} ({type(value).__name__}).")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r} ({type(value).__name__}).")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r} ({type(value).__name__}).")
-        return value
-    if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}.")
-        inner = args[0] if args else None
-        items = [_check_type(v, inner, f"{key}[{i}]", source) if inner else v for i, v in enumerate(value)]
-        return tuple(items) if (origin is tuple or tp is tuple) else items
-    if tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}.")
-        return dict(value)
-    return value
-
-
-def build_dataclass(cls: type, d: Any, source: str, prefix: str = "") -> Any:
-    """Mapping -> frozen dataclass `cls`, recursively, refusing unknown keys and checking types.
-
-    Errors name the dotted key (``prefix`` + field) and ``source`` (the file)."""
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'the file'}' must be a mapping, got {d!r}.")
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for k, v in d.items():
-        key = prefix + str(k)
-        if k not in names:
-            raise ConfigError(f"{source}: unknown key '{key}'.{suggest(key, all_keys(cls, prefix))}")
-        tp = hints[k]
-        if dataclasses.is_dataclass(tp):
-            kwargs[k] = build_dataclass(tp, v, source, key + ".")
-        else:
-            kwargs[k] = _check_type(v, tp, key, source)
-    return cls(**kwargs)
+    """Dotted-key overrides on a nested trial dict (a copy); unknown keys raise ConfigError naming ``source``."""
+    return fields.apply_overrides(base, overrides, source, TrialConfig)
 
 
 def build_trial_config(d: Mapping[str, Any], source: str) -> TrialConfig:
@@ -405,8 +246,6 @@ def validate(cfg: TrialConfig, source: str) -> None:
     for name, filters in d.custom_versions.items():
         if not isinstance(filters, list) or not all(isinstance(x, str) for x in filters):
             bad(f"data.custom_versions.{name}", "must be a list of filter names.")
-        from .data.versions import FILTERS  # local import: data imports config
-
         for flt in filters:
             if flt not in FILTERS:
                 bad(f"data.custom_versions.{name}", f"names unknown filter {flt!r}.{suggest(flt, list(FILTERS))} "

@@ -36,16 +36,9 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 import yaml
 
-from .config import (
-    TrialConfig,
-    all_keys,
-    apply_overrides,
-    build_dataclass,
-    build_trial_config,
-    flatten,
-    suggest,
-)
-from .errors import ConfigError
+from ..errors import ConfigError
+from .fields import build_dataclass, flatten, suggest
+from .schema import TrialConfig, all_keys, apply_overrides, build_trial_config
 
 # ---------------------------------------------------------------------------------------------------------
 # Sweep-level sections. They configure how trials run, not what a trial computes, so they are not part of the
@@ -261,7 +254,7 @@ def parse_sweep(raw: Mapping[str, Any], source: str, cli_overrides: Mapping[str,
         overrides.append(Override(when=dict(ov["when"]), set=dict(ov["set"])))
 
     search = build_dataclass(SearchSpec, raw.get("search") or {}, source, "search.")
-    scheduler = build_dataclass(SchedulerSpec, raw.get("scheduler") or {}, source, "scheduler.")
+    scheduler = _one_objective(search, raw.get("scheduler") or {}, source)
     resources = build_dataclass(ResourceSpec, raw.get("resources") or {}, source, "resources.")
     tracking = build_dataclass(TrackingSpec, raw.get("tracking") or {}, source, "tracking.")
     slurm = build_dataclass(SlurmSpec, raw.get("slurm") or {}, source, "slurm.")
@@ -278,6 +271,26 @@ def parse_sweep(raw: Mapping[str, Any], source: str, cli_overrides: Mapping[str,
                      description=str(raw.get("description") or ""))
     expand(spec)  # validate every trial now, so a bad combination fails at load time
     return spec
+
+
+PER_STEP_PREFIXES = ("ppo/objective/", "ppo/policy/", "ppo/val/", "ppo/loss/")  # reported at every PPO step
+
+
+def _one_objective(search: SearchSpec, raw: Any, source: str) -> SchedulerSpec:
+    """One sweep, one objective. With an Optuna search the scheduler follows ``search.mode``, and follows
+    ``search.metric`` too when that metric is reported at every PPO step. An eval metric (``ppo/reward_mean``) is
+    known only at the end of a trial, so ASHA then ranks by a per-step proxy (``scheduler.metric``, by default
+    ``ppo/objective/scores``). A scheduler that disagrees with the search is an error."""
+    raw = dict(raw) if isinstance(raw, Mapping) else raw
+    if isinstance(raw, dict) and search.type == "optuna":
+        per_step = search.metric.startswith(PER_STEP_PREFIXES)
+        for k in ("metric", "mode") if per_step else ("mode",):
+            mine, theirs = raw.get(k), getattr(search, k)
+            if mine is not None and mine != theirs:
+                raise ConfigError(f"{source}: scheduler.{k} is {mine!r} but search.{k} is {theirs!r}: a sweep has "
+                                  f"one objective. Drop scheduler.{k} (it follows search.{k}).")
+            raw[k] = theirs
+    return build_dataclass(SchedulerSpec, raw, source, "scheduler.")
 
 
 def _parse_axes(raw: Any, source: str) -> list[Axis]:

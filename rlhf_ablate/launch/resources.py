@@ -31,7 +31,7 @@ import shutil
 import subprocess
 from typing import Any, Optional
 
-from .errors import ConfigError, RlhfAblateError
+from ..errors import ConfigError, RlhfAblateError
 
 FRACTION_STEP = 8  # GPU fractions are multiples of 1/8: at most 8 trials share a GPU
 
@@ -76,7 +76,7 @@ def estimate_gb(spec: Any, trial: Any) -> Optional[float]:
     if spec.resources.memory_gb is not None:
         return float(spec.resources.memory_gb)
     try:
-        from .models import estimate_trial_memory_gb
+        from ..models import estimate_trial_memory_gb
     except ImportError:  # pragma: no cover - models.py is part of the package
         return None
     model = trial.config.model

@@ -1,5 +1,5 @@
 """One trial: data(version) -> SFT -> RM -> PPO (or DPO) -> eval, each stage a cached artifact directory,
-then ``RUN_DIR/trials/<trial_id>/result.json`` (docs/contracts.md).
+then ``RUN_DIR/trials/<trial_id>/result.json`` (docs/architecture.md; rlhf_ablate/run/result.py owns the file).
 
 The Ray trainable and the SLURM array task are thin shells around :func:`run_trial_in_sweep`. A trial never
 raises for a failure of its own: it records ``status: failed`` with the error class, message and stage, so the
@@ -9,56 +9,16 @@ sweep goes on and the table lists it.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
-import functools
-import json
-import os
-import platform
-import subprocess
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
+from ..config import TrialConfig
 from .cache import StageCache, default_cache_root
-from .config import TrialConfig
-from .errors import RlhfAblateError
+from .result import SCHEMA, now, read_result, result_path, versions, write_result
 
-SCHEMA = 1
-OnStep = Optional[Callable[[dict], None]]
-
-
-def result_path(run_dir: Path, trial_id: str) -> Path:
-    return Path(run_dir) / "trials" / trial_id / "result.json"
-
-
-def read_result(run_dir: Path, trial_id: str) -> dict | None:
-    p = result_path(run_dir, trial_id)
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-@functools.lru_cache(maxsize=1)
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for mod in ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "sacrebleu", "kiwipiepy",
-                "ray", "rlhf_ablate"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing optional package is just not reported
-            pass
-    try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                           capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
-    return out
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+OnStep = Callable[[dict], None] | None
 
 
 def stage_keys(cfg: TrialConfig, cache: StageCache, data_fp: str) -> dict[str, str]:
@@ -84,8 +44,9 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
               index: int = 0, axes: dict | None = None, cache: StageCache, tracker: Any = None,
               on_step: OnStep = None) -> dict:
     """Run every stage (reusing cached ones) and write result.json atomically. Returns the result dict."""
-    from .data import load_data
-    from .stages.common import read_json, set_threads
+    from ..data import load_data
+    from ..files import read_json
+    from ..runtime import set_threads
 
     set_threads()
     trial_id = trial_id or cfg.trial_id
@@ -95,7 +56,7 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
         "schema": SCHEMA, "trial_id": trial_id, "sweep": sweep_name, "index": index, "status": "ok",
         "error": None, "seed": cfg.seed, "config": cfg.flat(), "axes": dict(axes or {}), "metrics": {},
         "metric_meta": {}, "timings": {}, "history": {}, "records": {}, "versions": versions(),
-        "started_at": _now(), "finished_at": None}
+        "started_at": now(), "finished_at": None}
     emit = on_step or (lambda _e: None)
     t_start = time.perf_counter()
     stage = "data"
@@ -125,19 +86,19 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
             dirs[name] = r.path
             return r.path
 
-        from .stages.evaluate import evaluate_policy
-        from .stages.rm import train_rm
-        from .stages.sft import train_sft
+        from ..stages.evaluate import evaluate_policy
+        from ..stages.rm import train_rm
+        from ..stages.sft import train_sft
 
         run("sft", "sft", lambda out: train_sft(cfg, data, out))
         run("rm", "rm", lambda out: train_rm(cfg, data, dirs["sft"] if cfg.rm.init_from == "sft" else None, out))
         run("eval_sft", "eval", lambda out: evaluate_policy(cfg, data, "sft", dirs["sft"], dirs["rm"], None, out))
         if cfg.method == "ppo":
-            from .stages.ppo import train_ppo
+            from ..stages.ppo import train_ppo
 
             run("ppo", "ppo", lambda out: train_ppo(cfg, data, dirs["sft"], dirs["rm"], out, on_step=step_cb))
         else:
-            from .stages.dpo import train_dpo
+            from ..stages.dpo import train_dpo
 
             run("dpo", "dpo", lambda out: train_dpo(cfg, data, dirs["sft"], out))
         m = cfg.method
@@ -160,8 +121,8 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
         (tdir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
         emit({"stage": stage, "event": "failed", "error": f"{type(e).__name__}: {e}"[:300]})
     result["timings"]["total"] = round(time.perf_counter() - t_start, 3)
-    result["finished_at"] = _now()
-    write_json_atomic(result_path(run_dir, trial_id), result)
+    result["finished_at"] = now()
+    write_result(run_dir, result)
     if tracker is not None:
         _track_final(tracker, cfg, result)
     return result
@@ -174,13 +135,6 @@ def _track_final(tracker: Any, cfg: TrialConfig, result: dict) -> None:
             for r in result["records"].get(cfg.method, [])[:cfg.eval.num_samples_logged]]
     if rows:
         tracker.log_table(f"{cfg.method}/samples", ["data_id", "prompt", "generation", "reference", "reward"], rows)
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def run_trial_in_sweep(spec, trial, run_dir: Path, *, use_cache: bool = True, on_step: OnStep = None) -> dict:
@@ -205,4 +159,4 @@ def run_trial_in_sweep(spec, trial, run_dir: Path, *, use_cache: bool = True, on
         tracker.finish(status)
 
 
-__all__ = ["run_trial", "run_trial_in_sweep", "result_path", "read_result", "stage_keys", "RlhfAblateError"]
+__all__ = ["run_trial", "run_trial_in_sweep", "result_path", "read_result", "stage_keys", "SCHEMA"]

@@ -15,7 +15,7 @@ Why this is enough for a cluster:
 
 - **Same results layout as Ray.** A task is exactly the ``trial`` command, which calls the same
   ``run_trial_in_sweep`` as the Ray trainable and writes ``RUN_DIR/trials/<trial_id>/result.json``.
-- **Shared stage cache.** All tasks use one content-addressed cache (``rlhf_ablate.cache``): a ``flock`` per key
+- **Shared stage cache.** All tasks use one content-addressed cache (``rlhf_ablate.run.cache``): a ``flock`` per key
   stops two tasks from computing the same SFT or RM stage, and artifacts appear by atomic rename. So in a
   ``kl_coef`` sweep the first task of a seed trains SFT and RM and the others wait for it and reuse them.
 - **Requeue-safe.** ``#SBATCH --requeue`` lets the scheduler rerun a preempted task; ``--open-mode=append`` keeps
@@ -28,7 +28,7 @@ Why this is enough for a cluster:
   this checkout on ``PYTHONPATH`` when the package is not installed, so tasks run the code you tested.
 
 Sources: sbatch(1) for ``--array``/``%K``, ``%A``/``%a``, ``--dependency``, ``--requeue``, ``--open-mode``,
-``--parsable``; shared FACTS.md ("SLURM") for what was verified on Debian's slurm-wlm 22.05.
+``--parsable``; docs/stack.md ("SLURM") for what was verified on Debian's slurm-wlm 22.05.
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from .errors import ConfigError, RlhfAblateError
-from .sweep import SweepSpec, Trial
+from ..config.sweep import SweepSpec, Trial
+from ..errors import ConfigError, RlhfAblateError
+from ..files import atomic_write_text
 
 #: Time limit of the report job: analysis reads result files and bootstraps CIs, minutes at most.
 REPORT_TIME = "01:00:00"
@@ -153,7 +153,7 @@ def _gpus_from_resources(spec: SweepSpec, trials: Sequence[Trial], notes: list[s
     g = spec.resources.gpu
     if g == "auto":
         # Built-in tiny models train on CPU in seconds; anything else (hub id, local path) wants a GPU.
-        from .config import BUILTIN_MODELS
+        from ..config import BUILTIN_MODELS
 
         if all(t.config.model.base_model in BUILTIN_MODELS for t in trials):
             return 0
@@ -178,7 +178,7 @@ def _source_root() -> Optional[Path]:
     """The directory holding this ``rlhf_ablate`` package when it is a checkout rather than an installed
     distribution; array tasks get it on PYTHONPATH so ``-m rlhf_ablate`` and ``-m analysis`` resolve to this
     code even when the job starts in another directory."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # <root>/rlhf_ablate/launch/slurm.py
     if "site-packages" in root.parts or "dist-packages" in root.parts:
         return None
     return root
@@ -236,7 +236,7 @@ def array_script(spec: SweepSpec, trials: Sequence[Trial], run_dir: Path, opts: 
     chdir = (chdir or Path.cwd()).resolve()
     logs = run_dir / "slurm" / "logs"
     cmd = [python, "-m", "rlhf_ablate", "trial", str(sweep_path), *overrides]
-    from .cache import default_cache_root
+    from ..run.cache import default_cache_root
 
     lines = ["#!/bin/bash",
              f"# Written by `python -m rlhf_ablate slurm` for sweep '{spec.name}' (version {spec.version}): "
@@ -284,21 +284,6 @@ def report_script(spec: SweepSpec, run_dir: Path, opts: SlurmOptions, *, python:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_scripts(spec: SweepSpec, trials: Sequence[Trial], run_dir: Path, opts: SlurmOptions, *,
                   sweep_path: Path, overrides: Sequence[str] = (), python: str = sys.executable,
                   chdir: Optional[Path] = None) -> SlurmFiles:
@@ -312,8 +297,8 @@ def write_scripts(spec: SweepSpec, trials: Sequence[Trial], run_dir: Path, opts:
     sdir = run_dir / "slurm"
     logs = sdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
-    _atomic_write(sdir / "array.sbatch", arr, 0o755)
-    _atomic_write(sdir / "report.sbatch", rep, 0o755)
+    atomic_write_text(sdir / "array.sbatch", arr, 0o755)
+    atomic_write_text(sdir / "report.sbatch", rep, 0o755)
     return SlurmFiles(run_dir=run_dir, array_script=sdir / "array.sbatch", report_script=sdir / "report.sbatch",
                       log_dir=logs, n_trials=len(trials))
 
@@ -385,36 +370,38 @@ def _record(files: SlurmFiles, record: dict) -> None:
             history = []
     if not isinstance(history, list):
         history = []
-    _atomic_write(path, json.dumps(history + [record], indent=2) + "\n")
+    atomic_write_text(path, json.dumps(history + [record], indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The `slurm` command
 # ---------------------------------------------------------------------------------------------------------
 
-def main(args: Any) -> int:
-    """``python -m rlhf_ablate slurm``: ``args`` carries sweep_file, overrides, out, submit, partition, account,
-    time, qos, max_concurrent (and optionally report_after_any)."""
-    from .cli import run_dir_for
-    from .config import parse_cli_overrides
-    from .sweep import expand, load_sweep
+def slurm_command(sweep_file: str, overrides: Sequence[str] = (), *, out: Optional[Path] = None,
+                  submit_jobs: bool = False, partition: Optional[str] = None, account: Optional[str] = None,
+                  qos: Optional[str] = None, time_limit: Optional[str] = None, max_concurrent: Optional[int] = None,
+                  report_after_any: bool = False) -> int:
+    """``python -m rlhf_ablate slurm``: write the array and report scripts, and submit them with ``submit_jobs``."""
+    from ..config import parse_cli_overrides
+    from ..config.sweep import expand, load_sweep
+    from ..run.result import run_dir_for
 
-    overrides = list(getattr(args, "overrides", None) or [])
+    overrides = list(overrides or [])
     # Everything is validated before anything is written or submitted.
-    spec = load_sweep(args.sweep_file, parse_cli_overrides(overrides))
+    spec = load_sweep(sweep_file, parse_cli_overrides(overrides))
     if spec.search.type == "optuna":
         raise ConfigError(
-            f"{args.sweep_file}: search.type=optuna samples trials at run time from earlier results, but a SLURM "
+            f"{sweep_file}: search.type=optuna samples trials at run time from earlier results, but a SLURM "
             f"array needs a fixed list of trials. Use a grid (search.type=grid) here, or run the Optuna search "
-            f"with Ray: `python -m rlhf_ablate sweep {args.sweep_file}` (on a multi-node allocation with "
+            f"with Ray: `python -m rlhf_ablate sweep {sweep_file}` (on a multi-node allocation with "
             f"slurm/ray_on_allocation.sbatch, see docs/slurm.md).")
     trials = expand(spec)
-    opts = resolve_options(spec, trials, partition=args.partition, account=args.account, qos=args.qos,
-                           time=args.time, max_concurrent=args.max_concurrent)
-    sbatch = find_sbatch() if args.submit else None
-    run_dir = run_dir_for(spec, args.out)
-    dependency = "afterany" if getattr(args, "report_after_any", False) else "afterok"
-    files = write_scripts(spec, trials, run_dir, opts, sweep_path=Path(args.sweep_file).resolve(),
+    opts = resolve_options(spec, trials, partition=partition, account=account, qos=qos,
+                           time=time_limit, max_concurrent=max_concurrent)
+    sbatch = find_sbatch() if submit_jobs else None
+    run_dir = run_dir_for(spec, out)
+    dependency = "afterany" if report_after_any else "afterok"
+    files = write_scripts(spec, trials, run_dir, opts, sweep_path=Path(sweep_file).resolve(),
                           overrides=overrides, python=sys.executable)
 
     for note in opts.notes:
@@ -423,7 +410,7 @@ def main(args: Any) -> int:
     print(f"wrote {files.array_script}")
     print(f"wrote {files.report_script}")
     print(f"logs: {files.log_dir}/%A_%a.out")
-    if not args.submit:
+    if not submit_jobs:
         print("submit with:")
         for c in submit_commands(files, dependency=dependency):
             print(f"  {c}")
