@@ -4,12 +4,18 @@ Each is built once from a config with a fixed seed, with a byte-level BPE tokeni
 corpus, pretrained a few hundred steps on it, and saved to a cache directory. Loading them by path then exercises
 the code that loads real hub models (rlhf_ablate/models/loading.py), including 4-bit quantization, which
 transformers honours only when the model is given as a path string (docs/stack.md, "TRL").
+
+**The same weights in every process.** The pretraining runs with a pinned torch thread count
+(:data:`BUILD_THREADS`) and deterministic algorithms, whatever ``OMP_NUM_THREADS`` or the caller's thread count
+is: with the machine's default threads a fresh clone (2 threads) and an earlier run (1 thread, inside a Ray trial)
+built different weights, and the same trial ids then gave different PPO rewards (issue 12). The sha256 of the
+weights is recorded in ``rlhf_ablate_builtin.json`` and in every result.json (``versions.builtin_sha256``), so a
+difference between machines is visible rather than silent.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -19,10 +25,14 @@ from typing import Any, Optional
 
 from ..config import BUILTIN_MODELS
 from ..errors import ModelError
+from ..files import config_hash, file_lock, read_json, write_json
 
 # Bump when the way built-in models or their tokenizer are made changes; it is part of the cache directory name,
-# so an old build is never reused by new code.
-BUILTIN_CODE_VERSION = 2
+# so an old build is never reused by new code. 3: built with BUILD_THREADS and deterministic algorithms.
+BUILTIN_CODE_VERSION = 3
+
+# torch threads of the build, in every process (see the module docstring).
+BUILD_THREADS = 1
 
 # Fixed init seed of the built-in models: the same weights on every machine, whatever the trial seed.
 BUILTIN_INIT_SEED = 1234
@@ -124,11 +134,11 @@ def builtin_dir(name: str, texts: Optional[list[str]] = None) -> Path:
     mc.pop("transformers_version", None)  # hashed separately below, so the key is explicit about it
     import transformers
 
-    key = json.dumps({"model_config": mc, "corpus": _corpus_hash(texts if texts is not None else corpus_texts()),
-                      "vocab": BUILTIN_VOCAB_SIZE, "seed": BUILTIN_INIT_SEED, "code": BUILTIN_CODE_VERSION,
-                      "pretrain_steps": BUILTIN_PRETRAIN_STEPS,
-                      "transformers": transformers.__version__}, sort_keys=True, default=str)
-    return cache_root() / "builtin" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    key = {"model_config": mc, "corpus": _corpus_hash(texts if texts is not None else corpus_texts()),
+           "vocab": BUILTIN_VOCAB_SIZE, "seed": BUILTIN_INIT_SEED, "code": BUILTIN_CODE_VERSION,
+           "pretrain_steps": BUILTIN_PRETRAIN_STEPS, "threads": BUILD_THREADS,
+           "transformers": transformers.__version__}
+    return cache_root() / "builtin" / f"{name}-{config_hash(key, 12)}"
 
 
 def _train_tokenizer(texts: list[str]) -> Any:
@@ -155,21 +165,38 @@ def _build_builtin(name: str, texts: list[str], out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ..runtime import pinned_threads
+
     global BUILD_COUNT
     tokenizer = _train_tokenizer(texts)
     config = _builtin_model_config(name)
-    # Fixed init independent of (and without disturbing) the caller's RNG state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(BUILTIN_INIT_SEED)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    _pretrain(model, tokenizer)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    # Fixed init independent of (and without disturbing) the caller's RNG state; a fixed thread count and
+    # deterministic kernels, so every process computes the same weights (module docstring).
+    with torch.random.fork_rng(devices=[]), pinned_threads(BUILD_THREADS):
+        torch.use_deterministic_algorithms(True)
+        try:
+            torch.manual_seed(BUILTIN_INIT_SEED)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            _pretrain(model, tokenizer)
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / "rlhf_ablate_builtin.json").write_text(json.dumps(
-        {"name": name, "corpus_sha256": _corpus_hash(texts), "texts": len(texts), "vocab": len(tokenizer),
-         "code_version": BUILTIN_CODE_VERSION, "init_seed": BUILTIN_INIT_SEED}, indent=1))
+    write_json(out / "rlhf_ablate_builtin.json", {
+        "name": name, "corpus_sha256": _corpus_hash(texts), "texts": len(texts), "vocab": len(tokenizer),
+        "code_version": BUILTIN_CODE_VERSION, "init_seed": BUILTIN_INIT_SEED, "threads": BUILD_THREADS,
+        "weights_sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()})
     BUILD_COUNT += 1
+
+
+def builtin_sha256(path: str | Path) -> Optional[str]:
+    """The sha256 of a built-in model's weights, as recorded at build time (None for anything else)."""
+    try:
+        return read_json(Path(path) / "rlhf_ablate_builtin.json").get("weights_sha256")
+    except (OSError, ValueError):
+        return None
 
 
 BUILTIN_PRETRAIN_STEPS = 300
@@ -208,13 +235,11 @@ def _pretrain(model: Any, tokenizer: Any, steps: int = BUILTIN_PRETRAIN_STEPS) -
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
     model.eval()
-    model.config.rlhf_ablate_pretrain = {"steps": steps, "final_loss": round(float(loss), 4)}
+    model.config.rlhf_ablate_pretrain = {"steps": steps, "final_loss": round(float(loss.detach()), 4)}
 
 
 def ensure_builtin(name: str) -> str:
     """Build the built-in model once (atomically, under a file lock) and return its directory."""
-    from filelock import FileLock
-
     texts = corpus_texts()
     final = builtin_dir(name, texts)
     if final.is_dir():
@@ -222,7 +247,7 @@ def ensure_builtin(name: str) -> str:
     final.parent.mkdir(parents=True, exist_ok=True)
     # The lock makes a concurrent process wait for the first build instead of building too; the rename makes the
     # directory appear only complete, so a killed build never leaves something a later trial would load.
-    with FileLock(str(final) + ".lock", timeout=600):
+    with file_lock(str(final) + ".lock"):
         if final.is_dir():
             return str(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))

@@ -18,11 +18,11 @@ Guarantees
   system). A build that raises has its temporary directory deleted and the exception re-raised. A process killed
   with SIGKILL leaves a ``.tmp-*`` directory behind; no reader ever looks at those, and the next build of the same
   key (which holds the key's lock, so no live process can own them) deletes them.
-- **No stage is computed twice concurrently.** A miss takes an exclusive ``fcntl.flock`` on
-  ``<root>/<stage>/<key>.lock``, re-checks, and only then builds. A second trial needing the same stage blocks on
-  the lock and then finds the finished artifact (a hit). The holder writes ``host pid time`` into the lock file,
-  so ``cat <key>.lock`` tells you who is building it. The kernel drops a flock when its holder dies, so a
-  SIGKILLed builder never leaves a stuck lock.
+- **No stage is computed twice concurrently.** A miss takes an exclusive lock on ``<root>/<stage>/<key>.lock``
+  (:func:`rlhf_ablate.files.file_lock`, ``fcntl.flock`` through ``filelock``), re-checks, and only then builds. A
+  second trial needing the same stage blocks on the lock and then finds the finished artifact (a hit). The holder
+  writes ``host pid time`` into the lock file, so ``cat <key>.lock`` tells you who is building it. The kernel drops
+  a flock when its holder dies, so a SIGKILLed builder never leaves a stuck lock.
 - **Shared file systems.** ``flock`` is local-only on NFSv3 (each client sees only its own locks). On NFSv4 Linux
   emulates flock with NFS byte-range locks, which the server arbitrates across clients; on Lustre it works when
   the file system is mounted with the ``flock`` option (not ``localflock``). BeeGFS/GPFS behave like NFSv4 by
@@ -40,15 +40,15 @@ data readers, the model loading or the PPO math invalidates all of them, which i
 you then take responsibility for the artifacts matching the code.
 
 Each build (hit or not, cached or not) that actually ran a stage appends one JSON line to
-``<root>/executions.jsonl`` (stage, key, pid, host, seconds, status), which benchmarks and tests use to count
-stage executions.
+``<root>/executions.jsonl`` (stage, key, pid, host, seconds, status: ``ok``, ``failed``, or ``interrupted`` when
+the build was ended from outside: an ASHA stop, Ctrl-C, SLURM's time-limit warning), which benchmarks and tests
+use to count stage executions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import functools
 import hashlib
@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..files import canonical_json
+from ..files import atomic_write_text, canonical_json, config_hash, file_lock, fsync_dir
 
 COMPLETE = "COMPLETE"
 EXECUTIONS_LOG = "executions.jsonl"
@@ -149,7 +149,7 @@ class StageCache:
         ``payload`` is built by the caller: the stage's own config, the upstream stage keys and the data
         fingerprint. The seed belongs in it too when the stage is stochastic."""
         content = {"stage": stage, "payload": payload, "code_version": code_version()}
-        key = hashlib.sha256(canonical_json(content).encode("utf-8")).hexdigest()[:KEY_HEX]
+        key = config_hash(content, KEY_HEX)
         self._payloads[key] = content
         return key
 
@@ -177,7 +177,7 @@ class StageCache:
 
         stage_dir.mkdir(parents=True, exist_ok=True)
         t_wait = time.monotonic()
-        with _FileLock(stage_dir / f"{key}.lock"):
+        with file_lock(stage_dir / f"{key}.lock"):
             waited = time.monotonic() - t_wait
             if (final / COMPLETE).is_file():  # another process built it while we waited
                 return StageRun(stage, key, final, hit=True, seconds=0.0, waited=waited)
@@ -217,8 +217,8 @@ class StageCache:
             marker = {"stage": stage, "key": key, "seconds": round(seconds, 3), "host": socket.gethostname(),
                       "pid": os.getpid(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       "code_version": code_version()}
-            _write_synced(tmp / COMPLETE, json.dumps(marker))
-            _fsync_dir(tmp)
+            atomic_write_text(tmp / COMPLETE, json.dumps(marker))
+            fsync_dir(tmp)
             try:
                 os.rename(tmp, final)
             except OSError as e:
@@ -227,10 +227,13 @@ class StageCache:
                     shutil.rmtree(tmp, ignore_errors=True)
                 else:
                     raise
-            _fsync_dir(parent)
-        except BaseException:
+            fsync_dir(parent)  # the rename is durable only once the parent is synced
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            self._log_execution(stage, key, time.monotonic() - t0, "failed")
+            # "interrupted": the build was ended from outside (an ASHA stop, Ctrl-C, SLURM's time-limit warning),
+            # not by an error of its own.
+            self._log_execution(stage, key, time.monotonic() - t0,
+                                "failed" if isinstance(e, Exception) and not _is_interrupt(e) else "interrupted")
             raise
         self._log_execution(stage, key, seconds, "ok")
         return seconds
@@ -265,39 +268,6 @@ def read_executions(root: Path | str) -> list[dict]:
     return out
 
 
-class _FileLock:
-    """Exclusive ``fcntl.flock`` on a lock file that records its holder (``host pid time``) for diagnostics.
-
-    The file is never deleted: deleting a lock file while another process waits on its inode would let a third
-    process lock a new inode and build concurrently."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd: Optional[int] = None
-
-    def __enter__(self) -> "_FileLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
-                      .encode(), 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        assert self.fd is not None
-        try:
-            os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self.fd)
-            self.fd = None
-
-
 @contextlib.contextmanager
 def _stage_log(path: Path, stage: str, key: str):
     """Python warnings and log records at INFO and above, from the start to the end of a build, into log.txt."""
@@ -323,27 +293,12 @@ def _stage_log(path: Path, stage: str, key: str):
         handler.close()
 
 
+def _is_interrupt(e: BaseException) -> bool:
+    from ..runtime import TimeLimitReached
+
+    return isinstance(e, TimeLimitReached)
+
+
 def _check_name(value: str, what: str) -> None:
     if not value or "/" in value or value.startswith(".") or value in ("uncached",):
         raise ValueError(f"invalid cache {what} {value!r}: must be a plain, non-hidden directory name")
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename is durable only once the parent directory is synced (a power loss at 3 a.m. must lose nothing).
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
