@@ -1,14 +1,19 @@
-"""Load and check RUN_DIR/trials/*/result.json (schema 1, docs/architecture.md).
+"""Load and check RUN_DIR/trials/*/result.json (schema 1, docs/architecture.md), through
+``rlhf_ablate.run.result.scan_results`` (the one owner of the file).
 
 The result files are the only input of the analysis, so the loader is forgiving where a sweep is merely
 unfinished and loud where the input is unusable:
 - a trial directory without result.json is *pending* (still running, queued, or killed before it wrote);
 - a file that is not JSON, has another schema or misses required fields is listed under *problems* and skipped;
-- ``status: failed`` trials are kept (the report lists them), they just contribute no numbers;
+- ``status: failed`` and ``stopped`` (an ASHA early stop) trials are kept (the report lists them), they just
+  contribute no numbers;
 - a metric that is null, NaN or not a number counts as NaN (not finite), so it never becomes a fake zero.
 Only a missing run directory, or one with no result file at all, is an error.
 Ray Tune and SLURM array tasks write the same layout (``run_trial`` writes result.json in both), so nothing here
 depends on which scheduler ran the sweep.
+
+:class:`RunResults` is also what a notebook gets back (``rlhf_ablate.run_sweep`` and ``analysis.load_run``):
+``.to_pandas()`` gives one row per trial, ``.report()`` writes the report.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rlhf_ablate.errors import RlhfAblateError
-
-SCHEMA_VERSION = 1
+from rlhf_ablate.run.result import SCHEMA as SCHEMA_VERSION
+from rlhf_ablate.run.result import STATUSES, scan_results
 
 
 class ReportError(RlhfAblateError):
@@ -32,7 +37,7 @@ class ReportError(RlhfAblateError):
 class TrialResult:
     trial_id: str
     path: str                       # relative to the run directory, for messages
-    status: str                     # "ok" or "failed"
+    status: str                     # "ok", "failed" or "stopped"
     seed: Optional[int]
     axes: dict[str, Any]            # axis name -> hashable value (lists become JSON strings)
     metrics: dict[str, float]       # NaN for null / non-finite / non-numeric
@@ -52,7 +57,7 @@ class TrialResult:
 @dataclass
 class RunResults:
     run_dir: Path
-    trials: list[TrialResult]       # ok and failed, sorted by (index, trial_id)
+    trials: list[TrialResult]       # ok, failed and stopped, sorted by (index, trial_id)
     problems: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)   # trial directories with no result.json yet
 
@@ -76,6 +81,32 @@ class RunResults:
     @property
     def seeds(self) -> list[int]:
         return sorted({t.seed for t in self.trials if t.seed is not None})
+
+    def to_pandas(self) -> Any:
+        """One row per trial: ``trial_id``, ``index``, ``seed``, ``status``, one column per swept axis, one per
+        metric (NaN where a trial has none), and ``error`` (``type: message`` of a failed or stopped trial)."""
+        import pandas as pd
+
+        axes = self.axis_names
+        metrics = sorted({k for t in self.trials for k in t.metrics})
+        rows = []
+        for t in self.trials:
+            err = f"{t.error.get('type')}: {t.error.get('message', '')}" if t.error else None
+            rows.append({"trial_id": t.trial_id, "index": t.index, "seed": t.seed, "status": t.status,
+                         **{a: t.axes.get(a) for a in axes},
+                         **{m: t.metrics.get(m, math.nan) for m in metrics}, "error": err})
+        return pd.DataFrame(rows, columns=["trial_id", "index", "seed", "status", *axes, *metrics, "error"])
+
+    def report(self, out: Optional[Path] = None, **kwargs: Any) -> Any:
+        """Write the report (tables, plots, report.md) of this run: ``analysis.report.write_report``."""
+        from .report import write_report
+
+        return write_report(self.run_dir, out, **kwargs)
+
+    def __repr__(self) -> str:
+        counts = {s: sum(t.status == s for t in self.trials) for s in STATUSES}
+        return (f"RunResults({str(self.run_dir)!r}: {len(self.trials)} trials, "
+                + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ")")
 
 
 def _hashable(v: Any) -> Any:
@@ -106,8 +137,8 @@ def _parse(data: Any, rel: str, problems: list[str]) -> Optional[TrialResult]:
         problems.append(f"{rel}: schema is {schema!r}, this analysis reads schema {SCHEMA_VERSION}; skipped.")
         return None
     status = data.get("status")
-    if status not in ("ok", "failed"):
-        problems.append(f"{rel}: status is {status!r} (expected 'ok' or 'failed'); skipped.")
+    if status not in STATUSES:
+        problems.append(f"{rel}: status is {status!r} (expected one of {', '.join(STATUSES)}); skipped.")
         return None
     dir_name = Path(rel).parent.name
     trial_id = data.get("trial_id")
@@ -138,7 +169,7 @@ def _parse(data: Any, rel: str, problems: list[str]) -> Optional[TrialResult]:
             problems.append(f"{rel}: seed {seed!r} is not an integer; treated as unknown.")
         seed = None
     error = data.get("error")
-    if status == "failed" and not isinstance(error, dict):
+    if status != "ok" and not isinstance(error, dict):
         error = {"type": "unknown", "message": str(error) if error else "no error recorded"}
     index = data.get("index")
 
@@ -154,7 +185,7 @@ def _parse(data: Any, rel: str, problems: list[str]) -> Optional[TrialResult]:
     return TrialResult(
         trial_id=trial_id, path=rel, status=status, seed=seed,
         axes={str(k): _hashable(v) for k, v in axes.items()}, metrics=metrics,
-        error=error if status == "failed" else None, config=config, history=_obj("history"),
+        error=error if status != "ok" else None, config=config, history=_obj("history"),
         records=_obj("records"), timings=_obj("timings"),
         sweep=data.get("sweep") if isinstance(data.get("sweep"), str) else None,
         index=index if isinstance(index, int) and not isinstance(index, bool) else None)
@@ -176,20 +207,9 @@ def load_run(run_dir: str | Path) -> RunResults:
     problems: list[str] = []
     pending = [f"trials/{d.name}" for d in trial_dirs if not (d / "result.json").is_file()]
     by_id: dict[str, TrialResult] = {}
-    for f in files:
+    unreadable: list[tuple[Path, str]] = []
+    for f, data in scan_results(run_dir, errors=unreadable):
         rel = f"trials/{f.parent.name}/result.json"
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            problems.append(f"{rel}: not UTF-8 text ({e.reason}); skipped.")
-            continue
-        except json.JSONDecodeError as e:
-            problems.append(f"{rel}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); skipped. "
-                            f"A trial killed while writing leaves such a file; rerun it.")
-            continue
-        except OSError as e:
-            problems.append(f"{rel}: cannot be read ({e.strerror}); skipped.")
-            continue
         t = _parse(data, rel, problems)
         if t is None:
             continue
@@ -201,5 +221,6 @@ def load_run(run_dir: str | Path) -> RunResults:
             by_id[t.trial_id] = keep
         else:
             by_id[t.trial_id] = t
+    problems += [f"trials/{f.parent.name}/result.json: {msg}; skipped." for f, msg in unreadable]
     trials = sorted(by_id.values(), key=lambda t: (t.index if t.index is not None else 1 << 62, t.trial_id))
     return RunResults(run_dir=run_dir, trials=trials, problems=problems, pending=pending)

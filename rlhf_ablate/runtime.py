@@ -1,15 +1,29 @@
-"""Process-level settings that make a trial reproducible: seeds and the torch thread count."""
+"""Process-level settings that make a trial reproducible and stoppable: seeds, the torch thread count, memory
+release between trials, and SLURM's time-limit warning.
+
+**Threads.** torch's CPU kernels split reductions (matmul, sums) by thread, so the same trial rounds differently
+with 1 and 2 threads, and PPO amplifies the difference into a different run (docs/stack.md, "Determinism"). A
+trial therefore computes with the thread count of its sweep (``resources.cpu``, the CPUs Ray reserves for it and
+``--cpus-per-task`` of a SLURM task), set by :func:`set_threads` wherever it runs, never with whatever
+``OMP_NUM_THREADS`` or the machine's core count happens to be.
+
+torch is imported inside the functions, so importing this module (for :class:`TimeLimitReached`) stays cheap.
+"""
 
 from __future__ import annotations
 
-import os
+import contextlib
+import gc
 import random
-
-import numpy as np
-import torch
+import signal
+import threading
+from typing import Iterator
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -17,8 +31,63 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def set_threads() -> None:
-    """Respect OMP_NUM_THREADS (Ray sets 1 for a 1-CPU trial); otherwise let torch use the machine."""
-    n = os.environ.get("OMP_NUM_THREADS")
-    if n and n.isdigit():
-        torch.set_num_threads(int(n))
+def set_threads(n: int) -> None:
+    """Compute with ``n`` torch threads from now on (the trial's ``resources.cpu``; see the module docstring)."""
+    import torch
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"thread count must be an integer >= 1, got {n!r}")
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int) -> Iterator[None]:
+    """``n`` torch threads inside the block, the caller's count restored after (used to build the built-in models
+    the same way in any process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    set_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def release_memory() -> None:
+    """Free what a finished trial left behind in a process that runs the next one (a warm Ray worker): Python
+    garbage first (models, optimizers, adapters referenced from cycles), then the CUDA caching allocator's blocks,
+    so the next trial, or another process on the same GPU, gets the memory back."""
+    gc.collect()
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+class TimeLimitReached(Exception):
+    """SLURM's warning signal arrived: the job's time limit is near. Raised in the trial's main thread, recorded as a
+    failed trial (reason "time limit"); a later run resumes it from the stage cache."""
+
+
+TIME_LIMIT_SIGNAL = signal.SIGUSR1  # what `#SBATCH --signal=B:USR1@<seconds>` sends (rlhf_ablate/launch/slurm.py)
+
+
+def install_time_limit_handler() -> bool:
+    """Turn SLURM's warning signal into :class:`TimeLimitReached`, raised once in the main thread. Returns False
+    where a handler cannot be installed (not the main thread, e.g. a Ray worker's trial thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        signal.signal(signum, signal.SIG_IGN)  # once: the failure is being recorded, a second signal must not
+        raise TimeLimitReached(                # interrupt that
+            f"time limit: SLURM sent {signal.Signals(signum).name}, its warning before the job's time limit "
+            f"(#SBATCH --signal), so the trial stopped here. Finished stages are in the stage cache; submit the "
+            f"sweep again (or raise slurm.time) to resume it.")
+
+    signal.signal(TIME_LIMIT_SIGNAL, handler)
+    return True

@@ -2,14 +2,22 @@
 
 ``RUN_DIR/trials/<trial_id>/result.json`` is the record of a trial (docs/architecture.md, "result.json"). The trial
 writes it (rlhf_ablate/run/trial.py), the launchers write it for trials that could not (a worker that died, an
-early stop), resume reads it to skip finished trials, and the report reads nothing else.
+early stop, a SLURM time limit), resume reads it to skip finished trials, and the report reads nothing else
+(analysis/results.py loads it through :func:`scan_results`).
+
+Beside it, ``attempts.jsonl`` counts the starts of the trial in this run directory, one line per start (host, pid,
+time, SLURM job); the attempt number goes into result.json and the trial's W&B config, so a retried trial is
+recognisable as such.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import functools
+import json
+import os
 import platform
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -18,6 +26,8 @@ from ..files import read_json, write_json
 
 SCHEMA = 1
 FINISHED = ("ok", "stopped")  # statuses that are never rerun ("stopped": an ASHA early stop)
+STATUSES = ("ok", "failed", "stopped")
+ATTEMPTS = "attempts.jsonl"
 
 
 def run_dir_for(spec: Any, out: Optional[Path]) -> Path:
@@ -42,15 +52,58 @@ def write_result(run_dir: Path, result: dict) -> Path:
     return write_json(result_path(run_dir, result["trial_id"]), result)
 
 
-def scan_results(run_dir: Path, sweep_name: Optional[str] = None) -> Iterator[tuple[Path, dict]]:
-    """Every parseable result under ``run_dir/trials`` (optionally of one sweep), sorted by path."""
+def scan_results(run_dir: Path, sweep_name: Optional[str] = None, *,
+                 errors: Optional[list] = None) -> Iterator[tuple[Path, Any]]:
+    """Every parseable result under ``run_dir/trials`` (optionally of one sweep), sorted by path.
+
+    A file that cannot be read or is not JSON is skipped; with ``errors`` given, ``(path, message)`` is appended for
+    it (the report lists them). The parsed value is returned as it is: checking its fields is the reader's job."""
     for p in sorted((Path(run_dir) / "trials").glob("*/result.json")):
         try:
             r = read_json(p)
-        except (OSError, ValueError):
+        except UnicodeDecodeError as e:
+            _note(errors, p, f"not UTF-8 text ({e.reason})")
             continue
-        if sweep_name is None or r.get("sweep") in (sweep_name, None):
+        except json.JSONDecodeError as e:
+            _note(errors, p, f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); a trial killed while "
+                             f"writing leaves such a file, rerun it")
+            continue
+        except OSError as e:
+            _note(errors, p, f"cannot be read ({e.strerror})")
+            continue
+        if sweep_name is None or not isinstance(r, dict) or r.get("sweep") in (sweep_name, None):
             yield p, r
+
+
+def _note(errors: Optional[list], path: Path, message: str) -> None:
+    if errors is not None:
+        errors.append((path, message))
+
+
+def begin_attempt(run_dir: Path, trial_id: str) -> int:
+    """Record that the trial starts (again) and return its attempt number: 1 the first time in this run directory.
+
+    One ``write`` on an ``O_APPEND`` descriptor per start, so concurrent starts (a requeued SLURM task beside a
+    Ray retry) never interleave lines; a start killed before it wrote result.json still counts."""
+    path = Path(run_dir) / "trials" / trial_id / ATTEMPTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": now(),
+                       "slurm_job": os.environ.get("SLURM_JOB_ID")}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+    return attempts(run_dir, trial_id)
+
+
+def attempts(run_dir: Path, trial_id: str) -> int:
+    """How many times the trial has started in this run directory (0: never)."""
+    try:
+        text = (Path(run_dir) / "trials" / trial_id / ATTEMPTS).read_text(errors="replace")
+    except OSError:
+        return 0
+    return sum(1 for line in text.splitlines() if line.strip())
 
 
 def now() -> str:
@@ -74,23 +127,36 @@ def versions() -> dict:
     return out
 
 
-def new_result(trial: Any, sweep_name: str) -> dict:
-    """A result with every field of the schema, for ``trial`` (a config.sweep.Trial), status ok and no metrics."""
-    return {"schema": SCHEMA, "trial_id": trial.trial_id, "sweep": sweep_name, "index": trial.index,
-            "status": "ok", "error": None, "seed": trial.seed, "config": trial.config.flat(),
-            "axes": dict(trial.axes), "metrics": {}, "metric_meta": {}, "timings": {}, "history": {},
-            "records": {}, "versions": {}, "started_at": now(), "finished_at": None}
+def new_result(trial_id: str, *, sweep: str, index: int, seed: int, config: dict, axes: dict,
+               attempt: int = 0, threads: Optional[int] = None) -> dict:
+    """A result with every field of the schema (docs/architecture.md, "result.json"): status ok, no metrics yet."""
+    return {"schema": SCHEMA, "trial_id": trial_id, "sweep": sweep, "index": index, "status": "ok", "error": None,
+            "seed": seed, "config": dict(config), "axes": dict(axes), "metrics": {}, "metric_meta": {},
+            "timings": {}, "history": {}, "records": {}, "versions": {}, "attempt": attempt, "threads": threads,
+            "started_at": now(), "finished_at": None}
+
+
+def result_for(trial: Any, sweep_name: str, run_dir: Optional[Path] = None) -> dict:
+    """:func:`new_result` for ``trial`` (a config.sweep.Trial), with its attempt count when ``run_dir`` is given."""
+    return new_result(trial.trial_id, sweep=sweep_name, index=trial.index, seed=trial.seed,
+                      config=trial.config.flat(), axes=trial.axes,
+                      attempt=attempts(run_dir, trial.trial_id) if run_dir is not None else 0)
+
+
+def error_record(etype: str, message: str, stage: str) -> dict:
+    return {"type": etype, "message": str(message)[:2000], "stage": stage}
 
 
 def record_failure(run_dir: Path, sweep_name: str, trial: Any, etype: str, message: str, *,
-                   stage: str = "driver", status: str = "failed") -> dict:
+                   stage: str = "driver", status: str = "failed", **extra: Any) -> dict:
     """Write a result.json for a trial that could not record its own end (worker death, early stop, time limit),
-    unless the trial already wrote a finished one."""
+    unless the trial already wrote a finished one. ``extra`` fields go into the error record (``ppo_step`` of an
+    early stop)."""
     existing = read_result(run_dir, trial.trial_id)
     if existing is not None and existing.get("status") in FINISHED:
         return existing
-    result = new_result(trial, sweep_name)
-    result.update(status=status, error={"type": etype, "message": message[:2000], "stage": stage},
+    result = result_for(trial, sweep_name, run_dir)
+    result.update(status=status, error={**error_record(etype, message, stage), **extra},
                   started_at=(existing or {}).get("started_at"), finished_at=now())
     write_result(run_dir, result)
     return result

@@ -18,8 +18,13 @@ W&B settings
 - **Directory:** ``WANDB_DIR`` if the user set it, else ``<run_dir>/wandb`` as an absolute path (under Ray the
   working directory is a temporary one; docs/stack.md). It is passed to ``wandb.init(dir=...)`` rather than written into
   ``os.environ``, so a reused Ray worker process does not carry one trial's directory into the next.
-- **Run identity:** group = sweep name, name = trial id, tags = ``key=value`` of the swept axes, config = the flat
-  dotted trial config (``ppo.kl_coef``), minus anything secret-looking (:func:`scrub_config`).
+- **Run identity: one W&B run per trial.** The run id is derived from the trial id (:func:`wandb_run_id`:
+  ``<trial id>-<hash of sweep name and run directory>``) and ``wandb.init`` gets ``resume="allow"``, so a retried
+  trial (rerunning the sweep, a requeued SLURM task) resumes the same run instead of creating a second run with the
+  same name; a new run directory starts new runs. Offline, each attempt is its own ``offline-run-*`` directory with
+  that id, and ``wandb sync`` appends them to the one run. group = sweep name, name = trial id, tags =
+  ``key=value`` of the swept axes, config = the flat dotted trial config (``ppo.kl_coef``), minus anything
+  secret-looking (:func:`scrub_config`), plus ``attempt`` (1 for the first start; run/result.py counts them).
 - **Step axis:** W&B requires its ``_step`` to increase monotonically, but each stage counts its own steps from 1.
   So ``_step`` just counts log calls; the stage step is logged as ``<stage>/step`` (``ppo/step``) and declared with
   ``define_metric`` as the x-axis of that stage's metrics.
@@ -174,8 +179,16 @@ def _wait_for_exit_record(path: Path, timeout: float = 15.0) -> None:
                   f"--include-offline of a partial run.", stacklevel=2)
 
 
+def wandb_run_id(trial_id: str, sweep_name: str, run_dir: Path) -> str:
+    """The W&B run id of a trial: stable across its attempts in one run directory (see the module docstring).
+    W&B ids allow letters, digits, ``-`` and ``_``; trial ids are ``t`` + hex."""
+    from ..files import config_hash
+
+    return f"{trial_id}-{config_hash({'sweep': sweep_name, 'run_dir': str(Path(run_dir).resolve())}, 8)}"
+
+
 def make_tracker(tracking: Any, *, sweep_name: str, trial_id: str, config_flat: dict, axes: dict,
-                 run_dir: Path) -> Tracker:
+                 run_dir: Path, attempt: int = 1) -> Tracker:
     """A W&B run for one trial, or a :class:`NoopTracker` when tracking is disabled (see the module docstring)."""
     mode = resolve_mode(tracking)
     if mode == "disabled":
@@ -190,9 +203,13 @@ def make_tracker(tracking: Any, *, sweep_name: str, trial_id: str, config_flat: 
                                   x_disable_stats=True)
         run = wandb.init(project=getattr(tracking, "project", "rlhf_ablate"),
                          entity=getattr(tracking, "entity", None), group=sweep_name, name=trial_id,
+                         id=wandb_run_id(trial_id, sweep_name, run_dir), resume="allow",
                          tags=[f"{k}={v}"[:64] for k, v in axes.items()],  # W&B caps a tag at 64 characters
-                         config=scrub_config(dict(config_flat)), dir=str(wandb_dir), mode=mode,
-                         job_type="trial", reinit="finish_previous", settings=settings)
+                         # attempt changes between attempts of the one run: allow_val_change lets a resumed run
+                         # take the new value
+                         config={**scrub_config(dict(config_flat)), "attempt": attempt}, allow_val_change=True,
+                         dir=str(wandb_dir), mode=mode, job_type="trial", reinit="finish_previous",
+                         settings=settings)
     except Exception as e:  # tracking must never cost a trial: the tables come from result.json
         warnings.warn(f"W&B could not start for trial {trial_id} ({type(e).__name__}: {e}); continuing without "
                       f"tracking.", stacklevel=2)
@@ -257,7 +274,7 @@ def _set(d: dict, item: Any) -> None:
 
 def read_offline_run(path: Path | str) -> dict:
     """Decode an offline W&B run: ``{"history": [rows], "summary": {...}, "config": {...}, "tables": {...},
-    "group", "name", "tags", "exit_code"}``.
+    "group", "name", "id", "tags", "exit_code"}``.
 
     ``path`` is a ``run-*.wandb`` file or a directory holding exactly one. ``tables`` maps each logged table's
     name to ``{"columns": [...], "data": [[...]]}``, read from the run's ``files/`` directory."""
@@ -268,14 +285,14 @@ def read_offline_run(path: Path | str) -> dict:
         raise FileNotFoundError(f"expected one run-*.wandb under {path}, found {len(files)}")
     wfile = files[0]
     out: dict = {"history": [], "summary": {}, "config": {}, "tables": {}, "group": None, "name": None,
-                 "tags": [], "exit_code": None}
+                 "id": None, "tags": [], "exit_code": None}
     for raw in _iter_records(wfile.read_bytes()):
         rec = pb.Record()
         rec.ParseFromString(raw)
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run
-            out.update(group=r.run_group, name=r.display_name, tags=list(r.tags))
+            out.update(group=r.run_group, name=r.display_name, id=r.run_id, tags=list(r.tags))
             for item in r.config.update:
                 _set(out["config"], item)
         elif kind == "config":

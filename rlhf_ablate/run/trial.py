@@ -16,16 +16,18 @@ from typing import Any, Callable
 
 from ..config import TrialConfig
 from .cache import StageCache, default_cache_root
-from .result import SCHEMA, now, read_result, result_path, versions, write_result
+from .result import SCHEMA, begin_attempt, error_record, new_result, now, read_result, result_path, versions, write_result
 
 OnStep = Callable[[dict], None] | None
 
 
-def stage_keys(cfg: TrialConfig, cache: StageCache, data_fp: str) -> dict[str, str]:
+def stage_keys(cfg: TrialConfig, cache: StageCache, data_fp: str, threads: int = 1) -> dict[str, str]:
     """Each stage's key hashes its own config, its upstream keys and the data fingerprint (the cache adds the
-    code version). So a kl_coef sweep shares SFT and RM, and a changed SFT setting invalidates everything after."""
+    code version). So a kl_coef sweep shares SFT and RM, and a changed SFT setting invalidates everything after.
+    The torch thread count is in every key: it changes the rounding, so the same key always means the same numbers
+    (rlhf_ablate/runtime.py)."""
     a = dataclasses.asdict
-    common = {"model": a(cfg.model), "seed": cfg.seed, "data": data_fp}
+    common = {"model": a(cfg.model), "seed": cfg.seed, "data": data_fp, "threads": threads}
     keys = {"sft": cache.key("sft", {**common, "sft": a(cfg.sft)})}
     keys["rm"] = cache.key("rm", {**common, "rm": a(cfg.rm),
                                   "upstream": [keys["sft"]] if cfg.rm.init_from == "sft" else []})
@@ -42,21 +44,22 @@ def stage_keys(cfg: TrialConfig, cache: StageCache, data_fp: str) -> dict[str, s
 
 def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, sweep_name: str = "",
               index: int = 0, axes: dict | None = None, cache: StageCache, tracker: Any = None,
-              on_step: OnStep = None) -> dict:
-    """Run every stage (reusing cached ones) and write result.json atomically. Returns the result dict."""
+              on_step: OnStep = None, threads: int = 1, attempt: int = 0) -> dict:
+    """Run every stage (reusing cached ones) and write result.json atomically. Returns the result dict.
+
+    ``threads``: the torch thread count every stage computes with (the sweep's ``resources.cpu``), whatever the
+    environment says (rlhf_ablate/runtime.py)."""
     from ..data import load_data
     from ..files import read_json
     from ..runtime import set_threads
 
-    set_threads()
+    set_threads(threads)
     trial_id = trial_id or cfg.trial_id
     tdir = Path(run_dir) / "trials" / trial_id
     tdir.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {
-        "schema": SCHEMA, "trial_id": trial_id, "sweep": sweep_name, "index": index, "status": "ok",
-        "error": None, "seed": cfg.seed, "config": cfg.flat(), "axes": dict(axes or {}), "metrics": {},
-        "metric_meta": {}, "timings": {}, "history": {}, "records": {}, "versions": versions(),
-        "started_at": now(), "finished_at": None}
+    result: dict[str, Any] = new_result(trial_id, sweep=sweep_name, index=index, seed=cfg.seed, config=cfg.flat(),
+                                        axes=axes or {}, attempt=attempt, threads=threads)
+    result["versions"] = dict(versions())
     emit = on_step or (lambda _e: None)
     t_start = time.perf_counter()
     stage = "data"
@@ -73,7 +76,7 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
         result["data"] = {"version": data.version, "fingerprint": data.fingerprint,
                           "sizes": {k: len(getattr(data, k)) for k in ("sft_train", "rm_train", "rm_eval",
                                                                        "ppo_prompts", "eval")}}
-        keys = stage_keys(cfg, cache, data.fingerprint)
+        keys = stage_keys(cfg, cache, data.fingerprint, threads)
         dirs: dict[str, Path] = {}
 
         def run(name: str, cache_stage: str, build: Callable[[Path], None]) -> Path:
@@ -117,15 +120,29 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
                              if (dirs[s] / "history.json").exists()}
     except Exception as e:  # noqa: BLE001 - a trial failure is recorded, never raised: the sweep goes on
         result["status"] = "failed"
-        result["error"] = {"type": type(e).__name__, "message": str(e)[:2000], "stage": stage}
+        result["error"] = error_record(type(e).__name__, str(e), stage)
         (tdir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
         emit({"stage": stage, "event": "failed", "error": f"{type(e).__name__}: {e}"[:300]})
+    result["versions"].update(_builtin_weights(cfg))
     result["timings"]["total"] = round(time.perf_counter() - t_start, 3)
     result["finished_at"] = now()
     write_result(run_dir, result)
     if tracker is not None:
         _track_final(tracker, cfg, result)
     return result
+
+
+def _builtin_weights(cfg: TrialConfig) -> dict:
+    """The sha256 of the built-in model's weights this trial used (models/builtin.py), so that a difference between
+    machines shows in result.json instead of only in the numbers."""
+    from ..config import BUILTIN_MODELS
+
+    if cfg.model.base_model not in BUILTIN_MODELS:
+        return {}
+    from ..models.builtin import builtin_dir, builtin_sha256
+
+    sha = builtin_sha256(builtin_dir(cfg.model.base_model))
+    return {"builtin_sha256": sha} if sha else {}
 
 
 def _track_final(tracker: Any, cfg: TrialConfig, result: dict) -> None:
@@ -138,23 +155,31 @@ def _track_final(tracker: Any, cfg: TrialConfig, result: dict) -> None:
 
 
 def run_trial_in_sweep(spec, trial, run_dir: Path, *, use_cache: bool = True, on_step: OnStep = None) -> dict:
-    """What a Ray trainable or a SLURM array task runs. A trial whose result.json is already ``ok`` is not rerun
-    (resume, and SLURM requeue after preemption); its result is returned as it is."""
+    """What a Ray trainable or a SLURM array task runs (and ``trial``). A trial whose result.json is already ``ok``
+    is not rerun (resume, and SLURM requeue after preemption); its result is returned as it is.
+
+    Every start counts as an attempt (run/result.py: ``attempts.jsonl``); the attempt number goes into result.json
+    and the W&B run, which a retry resumes (run/tracking.py). The thread count is the sweep's ``resources.cpu``."""
     from .tracking import make_tracker
 
     run_dir = Path(run_dir).resolve()
     done = read_result(run_dir, trial.trial_id)
     if done is not None and done.get("status") == "ok":
         return done
+    attempt = begin_attempt(run_dir, trial.trial_id)
     cache = StageCache(default_cache_root(spec), enabled=use_cache)
     tracker = make_tracker(spec.tracking, sweep_name=spec.name, trial_id=trial.trial_id,
-                           config_flat=trial.config.flat(), axes=trial.axes, run_dir=run_dir)
+                           config_flat=trial.config.flat(), axes=trial.axes, run_dir=run_dir, attempt=attempt)
     status = "failed"
     try:
         result = run_trial(trial.config, run_dir, trial_id=trial.trial_id, sweep_name=spec.name, index=trial.index,
-                           axes=trial.axes, cache=cache, tracker=tracker, on_step=on_step)
+                           axes=trial.axes, cache=cache, tracker=tracker, on_step=on_step,
+                           threads=spec.resources.cpu, attempt=attempt)
         status = result["status"]
         return result
+    except SystemExit:
+        status = "stopped"  # Ray ends the trial thread of a trial its scheduler stopped with SystemExit(0)
+        raise
     finally:
         tracker.finish(status)
 
