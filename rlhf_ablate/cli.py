@@ -148,9 +148,9 @@ def cmd_trial(args: argparse.Namespace) -> int:
     if not 0 <= args.index < len(trials):
         raise ConfigError(f"{args.sweep_file}: --index {args.index} is out of range: the sweep has "
                           f"{len(trials)} trials (indices 0..{len(trials) - 1}).")
-    from .run.trial import run_trial_in_sweep
+    from .launch.slurm import run_task
 
-    result = run_trial_in_sweep(spec, trials[args.index], run_dir_for(spec, args.out), use_cache=not args.no_cache)
+    result = run_task(spec, trials[args.index], run_dir_for(spec, args.out), use_cache=not args.no_cache)
     return 0 if result["status"] == "ok" else 1
 
 
@@ -159,7 +159,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
     return slurm_command(args.sweep_file, args.overrides, out=args.out, submit_jobs=args.submit,
                          partition=args.partition, account=args.account, qos=args.qos, time_limit=args.time,
-                         max_concurrent=args.max_concurrent, report_after_any=getattr(args, "report_after_any", False))
+                         max_concurrent=args.max_concurrent)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

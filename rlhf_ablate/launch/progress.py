@@ -99,14 +99,17 @@ class LiveLines:
                 lines.emit(f"{lines.prefix(t)} FAILED {rec['error']['type']}: {rec['error']['message']}"[:200])
 
             def on_trial_complete(self, iteration, trials, trial, **info):
+                # A trial that ended on its own wrote its result before its last report (reporting is
+                # synchronous), so a trial without a finished result here is one the scheduler stopped; its thread
+                # is still parked in the report that triggered the stop, so last_result is where it ended.
                 t = lines._lookup(trial, {})
                 if (read_result(lines.run_dir, t.trial_id) or {}).get("status") not in ("ok", "failed"):
                     last = trial.last_result or {}
+                    step = last.get("ppo_step")
                     record_failure(lines.run_dir, lines.spec.name, t, "EarlyStopped",
-                                   f"stopped by the {lines.spec.scheduler.type} scheduler at iteration "
-                                   f"{last.get('training_iteration')}", stage=str(last.get("stage", "")),
-                                   status="stopped")
-                    lines.emit(f"{lines.prefix(t)} stopped early by {lines.spec.scheduler.type}")
+                                   f"stopped by the {lines.spec.scheduler.type} scheduler at PPO step {step}",
+                                   stage=str(last.get("stage", "")), status="stopped", ppo_step=step)
+                    lines.emit(f"{lines.prefix(t)} stopped early by {lines.spec.scheduler.type} at PPO step {step}")
 
         return LiveLines()
 

@@ -1,4 +1,4 @@
-"""SLURM: one array task per trial, then a report job that depends on the array.
+"""SLURM: one array task per trial, then a report job that runs after the array, whatever its outcome.
 
 ``python -m rlhf_ablate slurm SWEEP.yaml [KEY=VALUE ...] [--out DIR] [--submit]`` writes::
 
@@ -9,10 +9,21 @@
     RUN_DIR/slurm/jobs.json        with --submit: the job ids of every submission, newest last
 
 and prints the two ``sbatch`` commands, or with ``--submit`` runs them (the report job with
-``--dependency=afterok:<array id>``) and prints the job ids.
+``--dependency=afterany:<array id>``) and prints the job ids. Over 450 lines, because it is one coherent job:
+everything that knows about SLURM (options, the two scripts, submission, and the task side that turns SLURM's
+time-limit warning into a recorded failure).
 
 Why this is enough for a cluster:
 
+- **The report comes after any outcome.** The report job depends on the array with ``afterany``: a failed trial
+  exits 1, and with ``afterok`` the report job would stay pending forever (``DependencyNeverSatisfied``; docs/stack.md,
+  "SLURM"). The report lists failed trials with their reasons.
+- **A time limit is a recorded failure, not a silent kill.** ``#SBATCH --signal=B:USR1@<s>`` makes SLURM send the
+  task USR1 ``s`` seconds before its time limit. The trial command turns it into ``TimeLimitReached``
+  (rlhf_ablate/runtime.py): the trial records ``failed`` with an error message starting "time limit", in the stage
+  it reached, and exits; its finished stages are in the cache, so submitting the sweep again resumes it. The script
+  ignores USR1 until Python has installed its handler (``trap '' USR1`` before ``exec``), so an early warning is lost
+  rather than fatal.
 - **Same results layout as Ray.** A task is exactly the ``trial`` command, which calls the same
   ``run_trial_in_sweep`` as the Ray trainable and writes ``RUN_DIR/trials/<trial_id>/result.json``.
 - **Shared stage cache.** All tasks use one content-addressed cache (``rlhf_ablate.run.cache``): a ``flock`` per key
@@ -22,13 +33,14 @@ Why this is enough for a cluster:
   the log of the first attempt. The rerun finds its finished stages in the cache, and a trial whose
   ``result.json`` already says ``ok`` is not run again, so results are never duplicated (trial ids are hashes of
   the config, so a rerun writes to the same directory).
-- **Same numbers as Ray.** Ray gives a ``{"cpu": c}`` trial ``OMP_NUM_THREADS=c``; the task sets
-  ``OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK`` (= c) so CPU trials compute the same floating-point results.
+- **Same numbers as Ray.** The trial computes with ``resources.cpu`` torch threads wherever it runs
+  (rlhf_ablate/runtime.py), so a task computes what the Ray path computes; ``OMP_NUM_THREADS`` is set to
+  ``--cpus-per-task`` only so that libraries outside torch do not start a thread per core of the node.
 - **Same environment.** The script calls the Python interpreter that generated it (``sys.executable``), and puts
   this checkout on ``PYTHONPATH`` when the package is not installed, so tasks run the code you tested.
 
 Sources: sbatch(1) for ``--array``/``%K``, ``%A``/``%a``, ``--dependency``, ``--requeue``, ``--open-mode``,
-``--parsable``; docs/stack.md ("SLURM") for what was verified on Debian's slurm-wlm 22.05.
+``--signal``, ``--parsable``; docs/stack.md ("SLURM") for what was verified on Debian's slurm-wlm.
 """
 
 from __future__ import annotations
@@ -52,6 +64,13 @@ from ..files import atomic_write_text
 
 #: Time limit of the report job: analysis reads result files and bootstraps CIs, minutes at most.
 REPORT_TIME = "01:00:00"
+
+#: The report job runs after every task of the array, whatever its outcome (module docstring).
+REPORT_DEPENDENCY = "afterany"
+
+#: Seconds before the time limit at which a task is warned (at most; a quarter of a shorter limit). sbatch(1):
+#: "the signal may be sent up to 60 seconds earlier than specified", so this is a lower bound on the time left.
+TIME_LIMIT_WARNING_S = 120
 
 # sbatch(1) --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S; or UNLIMITED/infinite.
 _SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^(unlimited|infinite)$", re.IGNORECASE)
@@ -170,6 +189,30 @@ def _gpus_from_resources(spec: SweepSpec, trials: Sequence[Trial], notes: list[s
     return int(math.ceil(g))
 
 
+def time_limit_seconds(t: str) -> Optional[int]:
+    """A SLURM time limit (sbatch(1) formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds; None if unlimited."""
+    t = t.strip().lower()
+    if t in ("unlimited", "infinite"):
+        return None
+    days, _, rest = t.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:  # D-H, D-H:M, D-H:M:S
+        h, m, sec = (parts + [0, 0])[:3]
+    elif len(parts) == 1:
+        h, m, sec = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, sec = 0, parts[0], parts[1]
+    else:
+        h, m, sec = parts
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + sec
+
+
+def warning_seconds(t: str) -> int:
+    """How long before the time limit SLURM warns a task (``--signal=B:USR1@<this>``)."""
+    limit = time_limit_seconds(t)
+    return TIME_LIMIT_WARNING_S if limit is None else max(1, min(TIME_LIMIT_WARNING_S, limit // 4))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Script generation
 # ---------------------------------------------------------------------------------------------------------
@@ -194,7 +237,7 @@ def _check_path(p: Path, what: str) -> None:
 
 
 def _header(lines: list[str], *, job_name: str, output: Path, chdir: Path, opts: SlurmOptions, time_limit: str,
-            cpus: int, gpus: int, mem: Optional[str], extra: Sequence[str]) -> None:
+            cpus: int, gpus: int, mem: Optional[str], extra: Sequence[str], warn_s: int = 0) -> None:
     lines += [f"#SBATCH --job-name={job_name}",
               f"#SBATCH --output={output}",
               "#SBATCH --open-mode=append",
@@ -202,6 +245,8 @@ def _header(lines: list[str], *, job_name: str, output: Path, chdir: Path, opts:
               "#SBATCH --ntasks=1",
               f"#SBATCH --cpus-per-task={cpus}",
               f"#SBATCH --time={time_limit}"]
+    if warn_s:
+        lines.append(f"#SBATCH --signal=B:USR1@{warn_s}")
     if gpus:
         lines.append(f"#SBATCH --gres=gpu:{gpus}")
     if mem:
@@ -247,16 +292,21 @@ def array_script(spec: SweepSpec, trials: Sequence[Trial], run_dir: Path, opts: 
              "# Requeue-safe: a rerun task reuses finished stages and skips a trial whose result.json is ok."]
     lines += [f"# Note: {note}" for note in opts.notes]
     _header(lines, job_name=f"rlhf-{spec.name}", output=logs / "%A_%a.out", chdir=chdir, opts=opts,
-            time_limit=opts.time, cpus=opts.cpus_per_task, gpus=opts.gpus, mem=opts.mem, extra=opts.extra)
+            time_limit=opts.time, cpus=opts.cpus_per_task, gpus=opts.gpus, mem=opts.mem, extra=opts.extra,
+            warn_s=warning_seconds(opts.time))
     lines.insert(lines.index(f"#SBATCH --job-name=rlhf-{spec.name}") + 1,
                  f"#SBATCH --array=0-{n - 1}%{opts.max_concurrent}")
     lines.append("#SBATCH --requeue")
     _environment(lines, opts)
     lines += ["",
-              "# Ray gives a {cpu: c} trial OMP_NUM_THREADS=c; do the same so CPU results match the Ray path.",
+              "# torch threads come from resources.cpu (rlhf_ablate/runtime.py); this keeps other libraries from",
+              "# starting a thread per core of the node.",
               "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
               'echo "[rlhf_ablate] task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} of ' + spec.name
               + ' on $(hostname), attempt $(( ${SLURM_RESTART_COUNT:-0} + 1 )), $(date -Is)"',
+              "# The time-limit warning (--signal=B:USR1) is ignored until the trial command handles it: an early",
+              "# warning is lost instead of killing the task; exec keeps the trial the process SLURM signals.",
+              "trap '' USR1",
               "exec " + " ".join(shlex.quote(c) for c in cmd)
               + ' --index "$SLURM_ARRAY_TASK_ID" --out ' + shlex.quote(str(run_dir)),
               ""]
@@ -266,11 +316,11 @@ def array_script(spec: SweepSpec, trials: Sequence[Trial], run_dir: Path, opts: 
 def report_script(spec: SweepSpec, run_dir: Path, opts: SlurmOptions, *, python: str = sys.executable,
                   chdir: Optional[Path] = None) -> str:
     """The report job: tables, plots and report.md from RUN_DIR/trials/*/result.json. Submitted with
-    ``--dependency=afterok:<array id>``, so it starts once every task has succeeded."""
+    ``--dependency=afterany:<array id>``, so it starts once every task has ended, failed ones included."""
     chdir = (chdir or Path.cwd()).resolve()
     lines = ["#!/bin/bash",
              f"# Written by `python -m rlhf_ablate slurm` for sweep '{spec.name}': the report, after the array "
-             f"job (submitted with --dependency=afterok:<array job id>).",
+             f"job whatever its outcome (submitted with --dependency={REPORT_DEPENDENCY}:<array job id>).",
              f"# Output: {run_dir}/report/"]
     # No GPU and no --mem: the report only reads JSON files and draws plots.
     _header(lines, job_name=f"rlhf-{spec.name}-report", output=run_dir / "slurm" / "logs" / "report_%j.out",
@@ -317,7 +367,7 @@ def find_sbatch() -> str:
     return path
 
 
-def submit_commands(files: SlurmFiles, *, dependency: str = "afterok") -> list[str]:
+def submit_commands(files: SlurmFiles, *, dependency: str = REPORT_DEPENDENCY) -> list[str]:
     """The two commands a user can paste into a shell (what --submit runs)."""
     return [f"ARRAY_JOB_ID=$(sbatch --parsable {shlex.quote(str(files.array_script))})",
             f"sbatch --parsable --dependency={dependency}:$ARRAY_JOB_ID {shlex.quote(str(files.report_script))}"]
@@ -340,7 +390,7 @@ def _sbatch(sbatch: str, args: list[str]) -> str:
     return job
 
 
-def submit(files: SlurmFiles, *, dependency: str = "afterok", sbatch: Optional[str] = None) -> dict:
+def submit(files: SlurmFiles, *, dependency: str = REPORT_DEPENDENCY, sbatch: Optional[str] = None) -> dict:
     """Submit the array job, then the report job depending on it. Records both ids in RUN_DIR/slurm/jobs.json
     (a list of submissions, newest last) and returns the new record."""
     sbatch = sbatch or find_sbatch()
@@ -374,13 +424,34 @@ def _record(files: SlurmFiles, record: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The task side: what `python -m rlhf_ablate trial` runs
+# ---------------------------------------------------------------------------------------------------------
+
+def run_task(spec: SweepSpec, trial: Trial, run_dir: Path, *, use_cache: bool = True) -> dict:
+    """Run one trial as a SLURM array task does (also what ``trial`` runs by hand): inside a SLURM job, the time-limit
+    warning (``--signal=B:USR1``) becomes a recorded failure with the reason "time limit" (module docstring)."""
+    from ..run.result import record_failure
+    from ..run.trial import run_trial_in_sweep
+    from ..runtime import TimeLimitReached, install_time_limit_handler
+
+    if os.environ.get("SLURM_JOB_ID"):
+        install_time_limit_handler()
+    try:
+        return run_trial_in_sweep(spec, trial, run_dir, use_cache=use_cache)
+    except TimeLimitReached as e:
+        # The warning came outside the trial's own failure handling (while W&B started or finished): record it
+        # here; a result the trial already finished is kept.
+        return record_failure(Path(run_dir).resolve(), spec.name, trial, type(e).__name__, str(e), stage="trial")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The `slurm` command
 # ---------------------------------------------------------------------------------------------------------
 
 def slurm_command(sweep_file: str, overrides: Sequence[str] = (), *, out: Optional[Path] = None,
                   submit_jobs: bool = False, partition: Optional[str] = None, account: Optional[str] = None,
-                  qos: Optional[str] = None, time_limit: Optional[str] = None, max_concurrent: Optional[int] = None,
-                  report_after_any: bool = False) -> int:
+                  qos: Optional[str] = None, time_limit: Optional[str] = None,
+                  max_concurrent: Optional[int] = None) -> int:
     """``python -m rlhf_ablate slurm``: write the array and report scripts, and submit them with ``submit_jobs``."""
     from ..config import parse_cli_overrides
     from ..config.sweep import expand, load_sweep
@@ -400,7 +471,7 @@ def slurm_command(sweep_file: str, overrides: Sequence[str] = (), *, out: Option
                            time=time_limit, max_concurrent=max_concurrent)
     sbatch = find_sbatch() if submit_jobs else None
     run_dir = run_dir_for(spec, out)
-    dependency = "afterany" if report_after_any else "afterok"
+    dependency = REPORT_DEPENDENCY
     files = write_scripts(spec, trials, run_dir, opts, sweep_path=Path(sweep_file).resolve(),
                           overrides=overrides, python=sys.executable)
 

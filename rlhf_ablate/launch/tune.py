@@ -12,7 +12,7 @@ What it promises a researcher who starts a sweep at night:
 - **Rerunning the same command continues the sweep**, exactly like ``--resume``: ok trials are never rerun, failed
   trials are retried (a failure is often transient: OOM next to another job, a preempted node), trials never
   started are run. ``--resume`` only adds a check that there is a sweep to resume. A second driver on the same run
-  directory is refused (a lock on ``RUN_DIR/.driver.lock``).
+  directory is refused (a lock on ``RUN_DIR/.driver.lock``, rlhf_ablate/files.py: ``file_lock``).
 - **Resources:** per trial from the sweep (``resources.cpu``, ``resources.gpu`` or the packing estimate of
   :mod:`rlhf_ablate.launch.resources`); an impossible trial is refused before Ray starts.
 - **Cluster:** ``--address`` or ``RAY_ADDRESS`` connects to an existing Ray cluster (the run directory and the stage
@@ -20,19 +20,32 @@ What it promises a researcher who starts a sweep at night:
   GPUs.
 - **Search:** grid (the default, and what ablations are); Optuna TPE (``search.type: optuna``) through Ray's
   ``OptunaSearch`` inside a ``ConcurrencyLimiter``, seeded on resume with the finished trials; ASHA early stopping
-  (``scheduler.type: asha``) on a per-PPO-step metric, ``time_attr=training_iteration``.
+  (``scheduler.type: asha``) on a per-PPO-step metric. Its time axis is the PPO step (``time_attr="ppo_step"``, a
+  field only PPO step reports carry), not ``training_iteration``: every stage event is a ``tune.report`` too, so
+  counting iterations put the first PPO step at iteration 9 and the rungs nowhere near ``grace_period`` steps. A
+  trial that passes every rung runs to its end (``stop_last_trials=False``): its eval is the search metric.
+- **ASHA stops are deterministic.** Reporting is synchronous: the trial thread waits inside ``tune.report`` until
+  the driver has decided, so a stopped trial ends exactly at the PPO step of the decision (recorded as ``stopped``
+  with that ``ppo_step``). Ray then ends the thread by raising ``SystemExit`` in it; the worker waits for that
+  thread to unwind (its interrupted stage build cleaned up and logged) before the worker stops or takes the next
+  trial, so nothing of a stopped trial happens after the sweep returns. (Ray's own cleanup does not wait; a stopped
+  trial's interrupted build was then logged after the driver had returned, about once in a CI run.)
+- **Warm workers.** Trials of the same resources reuse one worker process (``reuse_actors``): torch, transformers
+  and TRL are imported once per worker, not once per trial. Isolation where it matters: after every trial the
+  worker collects garbage and empties the CUDA cache (``runtime.release_memory``), so GPU memory goes back.
+- **The same numbers as ``trial`` and SLURM:** the trial computes with ``resources.cpu`` torch threads
+  (rlhf_ablate/runtime.py), not the ``OMP_NUM_THREADS`` Ray sets.
 - **What you see:** one line per trial event (stage start/end with cache hits, every few PPO steps with the key
   metric, done/failed), then a summary table and the path to the results. Ray's own progress table is silenced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
-import fcntl
 import json
 import math
 import os
-import socket
 import sys
 import time
 import traceback
@@ -40,9 +53,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import ConfigError
-from ..files import write_json
+from ..files import LockBusy, file_lock, write_json
 from ..run.result import FINISHED, now, read_result, record_failure, scan_results
 from .progress import LiveLines, summary_table
+
+# Seconds a worker waits for a stopped trial's thread to unwind before it stops or takes the next trial (Ray reads
+# TUNE_FUNCTION_THREAD_TIMEOUT_S in FunctionTrainable.reset_config; its default of 2 s is less than a W&B finish).
+THREAD_STOP_TIMEOUT_S = 120
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -66,17 +83,23 @@ def _trainable(config: dict, *, spec: Any, run_dir: str, use_cache: bool, trial_
         payload = {"trial_index": trial.index, "trial_key": trial.trial_id, "event": event.get("event", "step"),
                    "stage": event.get("stage", "")}
         payload.update(_numeric(event))
+        if event.get("stage") == "ppo" and "step" in event:
+            payload["ppo_step"] = int(event["step"])  # ASHA's time axis (module docstring)
         if "error" in event:
             payload["error"] = str(event["error"])[:300]
         if "cache_hit" in event:
             payload["cache_hit"] = bool(event["cache_hit"])
         tune.report(payload)
 
+    from ..runtime import release_memory
+
     try:
         result = trial_fn(spec, trial, Path(run_dir), use_cache=use_cache, on_step=on_step)
     except Exception as e:  # noqa: BLE001 - the trial function should record its own failures; be safe anyway
         result = record_failure(Path(run_dir), spec.name, trial, type(e).__name__,
                                 f"{e}\n{traceback.format_exc()}", stage="trial")
+    finally:
+        release_memory()  # the warm worker runs the next trial: give this one's memory (GPU included) back
     final = {"trial_index": trial.index, "trial_key": trial.trial_id, "event": "end", "stage": "done",
              "status": result.get("status", "failed")}
     final.update(_numeric(result.get("metrics") or {}))
@@ -103,26 +126,25 @@ def _trial_from_config(spec: Any, config: dict, tune_id: str = "") -> Any:
 # The driver
 # ---------------------------------------------------------------------------------------------------------
 
-class _DriverLock:
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".driver.lock"
+def _make_trainable(fn: Callable, request: Callable) -> type:
+    """``fn`` (a function trainable) as a Tune trainable class whose worker, when the trial ends or is stopped,
+    waits for the trial thread to unwind (see "ASHA stops are deterministic" in the module docstring)."""
+    from ray import tune
+    from ray.tune.trainable.function_trainable import wrap_function
 
-    def __enter__(self) -> "_DriverLock":
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
-            os.close(self.fd)
-            raise ConfigError(f"another sweep driver is already running on {self.path.parent} ({holder}). Wait "
-                              f"for it, or stop it; rerunning the same command later continues the sweep.") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"host={socket.gethostname()} pid={os.getpid()} since={now()}".encode(), 0)
-        return self
+    base = wrap_function(tune.with_resources(fn, request))
 
-    def __exit__(self, *exc: Any) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+    class WarmTrainable(base):
+        def cleanup(self):
+            from ray.train._internal.session import get_session
+
+            session = get_session()
+            if session is not None and session.training_started:
+                session.finish(timeout=THREAD_STOP_TIMEOUT_S)
+            super().cleanup()
+
+    WarmTrainable.__name__ = "rlhf_ablate_trial"
+    return WarmTrainable
 
 
 def _package_root() -> str:
@@ -134,7 +156,8 @@ def _init_ray(address: Optional[str], num_gpus: int) -> None:
 
     if ray.is_initialized():
         return
-    env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "PYTHONPATH": os.pathsep.join(
+    env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TUNE_FUNCTION_THREAD_TIMEOUT_S": str(THREAD_STOP_TIMEOUT_S),
+           "PYTHONPATH": os.pathsep.join(
         [_package_root()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     for k in ("WANDB_MODE", "WANDB_DIR", "RLHF_ABLATE_CACHE", "RLHF_ABLATE_CODE_VERSION", "HF_HOME",
               "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -194,7 +217,12 @@ def run_sweep(spec: Any, run_dir: Path, *, resume: bool = False, max_concurrent:
     address = address or None
     _setup_env(address)
 
-    with _DriverLock(run_dir):
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(run_dir / ".driver.lock", timeout=0))
+        except LockBusy as e:
+            raise ConfigError(f"another sweep driver is already running on {run_dir} ({e.holder}). Wait for it, or "
+                              f"stop it; rerunning the same command later continues the sweep.") from None
         _sweep_json(spec, trials, run_dir, use_cache)
         gpus = [] if address and os.environ.get("RLHF_ABLATE_GPUS") is None else detect_gpus()
         optuna = spec.search.type == "optuna"
@@ -253,7 +281,7 @@ def _fit(spec: Any, run_dir: Path, pending: list, resources: dict, gpus: list, m
         r = resources.get(config.get("index"), default_res)
         return {"cpu": r["cpu"], "gpu": r["gpu"]}
 
-    trainable = tune.with_resources(
+    trainable = _make_trainable(
         tune.with_parameters(_trainable, spec=spec, run_dir=str(run_dir), use_cache=use_cache, trial_fn=trial_fn),
         request)
     total = len(expand_ids(spec)) if optuna_prior is None else spec.search.num_samples
@@ -263,12 +291,14 @@ def _fit(spec: Any, run_dir: Path, pending: list, resources: dict, gpus: list, m
     if spec.scheduler.type == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=spec.scheduler.metric,
+        scheduler = ASHAScheduler(time_attr="ppo_step", metric=spec.scheduler.metric,
                                   mode=spec.scheduler.mode, grace_period=spec.scheduler.grace_period,
-                                  reduction_factor=spec.scheduler.reduction_factor, max_t=spec.scheduler.max_t)
+                                  reduction_factor=spec.scheduler.reduction_factor, max_t=spec.scheduler.max_t,
+                                  stop_last_trials=False)
     if optuna_prior is None:
         param_space = {"index": tune.grid_search([t.index for t in pending])}
-        tune_config = tune.TuneConfig(num_samples=1, scheduler=scheduler, max_concurrent_trials=limit)
+        tune_config = tune.TuneConfig(num_samples=1, scheduler=scheduler, max_concurrent_trials=limit,
+                                      reuse_actors=True)
     else:
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
@@ -289,7 +319,7 @@ def _fit(spec: Any, run_dir: Path, pending: list, resources: dict, gpus: list, m
         param_space = space
         tune_config = tune.TuneConfig(num_samples=num_samples, search_alg=searcher, scheduler=scheduler,
                                       metric=spec.search.metric if scheduler is None else None,
-                                      mode=spec.search.mode if scheduler is None else None)
+                                      mode=spec.search.mode if scheduler is None else None, reuse_actors=True)
     run_config = tune.RunConfig(
         name=f"tune-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
         storage_path=str(run_dir / "ray"), verbose=0, callbacks=[lines.callback()],
