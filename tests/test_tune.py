@@ -45,7 +45,9 @@ def ray_session():
 # ---------------------------------------------------------------------------------------------------------
 
 def fake_trial(spec, trial, run_dir, *, use_cache=True, on_step=None):
-    """SFT and RM depend on the seed only, PPO on kl_coef: the cache must run SFT/RM once per seed."""
+    """SFT and RM depend on the seed only, PPO on kl_coef: the cache must run SFT/RM once per seed. PPO runs 3 steps
+    (total_episodes / rollout_batch_size when ppo.lora_rank is not the default) with objective/scores = 1 - kl_coef,
+    and appends every step it computes to trials/<id>/steps.txt before reporting it."""
     from rlhf_ablate.files import write_json as write_json_atomic
 
     run_dir = Path(run_dir)
@@ -54,6 +56,10 @@ def fake_trial(spec, trial, run_dir, *, use_cache=True, on_step=None):
         return done
     cache = StageCache(default_cache_root(spec), enabled=use_cache)
     kl = trial.config.ppo.kl_coef
+    ppo = trial.config.ppo
+    steps = 3 if ppo.lora_rank == 8 else ppo.total_episodes // ppo.rollout_batch_size
+    step_log = run_dir / "trials" / trial.trial_id / "steps.txt"
+    step_log.parent.mkdir(parents=True, exist_ok=True)
     result = {"trial_id": trial.trial_id, "sweep": spec.name, "index": trial.index, "seed": trial.seed,
               "axes": trial.axes, "config": trial.config.flat(), "status": "ok", "error": None, "metrics": {},
               "timings": {}, "started_at": time.time()}
@@ -65,8 +71,10 @@ def fake_trial(spec, trial, run_dir, *, use_cache=True, on_step=None):
             def build(d, stage=stage):
                 time.sleep(0.3)
                 if stage == "ppo":
-                    for step in range(1, 4):
-                        on_step({"stage": "ppo", "step": step, "steps": 3, "ppo/objective/kl": kl * step,
+                    for step in range(1, steps + 1):
+                        with open(step_log, "a") as f:
+                            f.write(f"{step}\n")
+                        on_step({"stage": "ppo", "step": step, "steps": steps, "ppo/objective/kl": kl * step,
                                  "ppo/objective/scores": 1.0 - kl})
                     flag = Path(spec.cache_dir) / "fail-once"
                     if kl == 1.0 and not flag.exists():
@@ -142,6 +150,70 @@ def test_optuna_search_with_asha(tmp_path, ray_session):
     n_exec = len(read_executions(tmp_path / "cache"))
     assert run_sweep(spec, run_dir, trial_fn=fake_trial, report=False, stream=io.StringIO()) == 0
     assert len(read_executions(tmp_path / "cache")) == n_exec
+
+
+def test_asha_rungs_count_ppo_steps_and_stops_are_deterministic(tmp_path, ray_session):
+    """ASHA's grace period and rungs count PPO steps (time_attr=ppo_step), not stage events: with grace_period 2
+    the trials below the running median end exactly at PPO step 2, where the report that triggered the stop parked
+    them; nothing of a stopped trial runs after the sweep returns, so a rerun executes nothing."""
+    sched = {"type": "asha", "metric": "ppo/objective/scores", "mode": "max", "grace_period": 2,
+             "reduction_factor": 2}
+    # 8 PPO steps; one trial at a time in grid order, best first: the first sets every rung, the others fall below
+    # the cutoff of the first rung (step 2).
+    spec = _kl_spec(tmp_path, axes={"ppo.kl_coef": [0.01, 0.2, 0.4]}, scheduler=sched,
+                    base={"ppo.total_episodes": 256, "ppo.rollout_batch_size": 32, "ppo.lora_rank": 4})
+    run_dir = tmp_path / "run"
+    out = io.StringIO()
+    assert run_sweep(spec, run_dir, trial_fn=fake_trial, report=False, stream=out, max_concurrent=1) == 0, \
+        out.getvalue()
+    trials = expand(spec)
+    res = [read_result(run_dir, t.trial_id) for t in trials]
+    steps = [[int(x) for x in (run_dir / "trials" / t.trial_id / "steps.txt").read_text().split()] for t in trials]
+    assert [r["status"] for r in res] == ["ok", "stopped", "stopped"], out.getvalue()
+    assert steps[0] == list(range(1, 9))  # the best trial ran all 8 steps and its eval
+    for r, s in zip(res[1:], steps[1:]):
+        assert r["error"]["type"] == "EarlyStopped" and r["error"]["ppo_step"] == 2, r["error"]
+        assert s == [1, 2]  # computed no step after the one that was judged
+    assert "stopped early by asha at PPO step 2" in out.getvalue()
+    ex = read_executions(tmp_path / "cache")
+    assert sorted((e["stage"], e["status"]) for e in ex if e["stage"] == "ppo") == \
+        [("ppo", "interrupted"), ("ppo", "interrupted"), ("ppo", "ok")]
+    # The rerun runs nothing: ok and stopped trials are finished.
+    assert run_sweep(spec, run_dir, trial_fn=fake_trial, report=False, stream=io.StringIO()) == 0
+    assert read_executions(tmp_path / "cache") == ex
+
+
+def warm_trial(spec, trial, run_dir, *, use_cache=True, on_step=None):
+    """Records the worker process and what the previous trial in it left behind (see the test below)."""
+    import gc
+
+    imported_before = "torch" in sys.modules  # trial 1 of a worker pays the import, later ones find it
+    import torch
+
+    class Garbage:  # noqa: D401 - a trial's model stand-in, kept alive only by a reference cycle
+        pass
+
+    gc.disable()  # only an explicit collection (the worker's release_memory) frees cycles now
+    left = sum(1 for o in gc.get_objects() if type(o).__name__ == "Garbage")
+    g = Garbage()
+    g.self, g.weights = g, torch.zeros(1000)
+    from rlhf_ablate.files import write_json
+
+    result = {"trial_id": trial.trial_id, "sweep": spec.name, "index": trial.index, "seed": trial.seed,
+              "axes": trial.axes, "config": trial.config.flat(), "status": "ok", "error": None,
+              "metrics": {"pid": os.getpid(), "torch_imported_before": int(imported_before), "garbage_left": left}}
+    write_json(Path(run_dir) / "trials" / trial.trial_id / "result.json", result)
+    return result
+
+
+def test_warm_worker_runs_trials_in_one_process_and_frees_their_memory(tmp_path, ray_session):
+    spec = _kl_spec(tmp_path)
+    run_dir = tmp_path / "run"
+    assert run_sweep(spec, run_dir, trial_fn=warm_trial, report=False, stream=io.StringIO(), max_concurrent=1) == 0
+    res = [read_result(run_dir, t.trial_id)["metrics"] for t in expand(spec)]
+    assert len({m["pid"] for m in res}) == 1 and res[0]["pid"] != os.getpid()  # one reused worker
+    assert [m["torch_imported_before"] for m in res[1:]] == [1, 1]  # imports paid once per worker
+    assert [m["garbage_left"] for m in res] == [0, 0, 0]  # each trial's cycles were collected before the next
 
 
 def test_resume_without_a_sweep_is_refused(tmp_path):

@@ -209,6 +209,12 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
+def read_sweep(path: str | Path) -> dict:
+    """The raw mapping of a sweep file, its includes merged: what :func:`load_sweep` validates (the notebook API
+    replaces top-level keys in it, rlhf_ablate/api.py)."""
+    return _read_yaml(Path(path))
+
+
 def load_sweep(path: str | Path, cli_overrides: Mapping[str, Any] | None = None) -> SweepSpec:
     """Read and validate a sweep file. ``cli_overrides`` (dotted keys) are added to ``base``."""
     path = Path(path)
