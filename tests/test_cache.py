@@ -196,3 +196,43 @@ def test_rejects_bad_names(tmp_path):
         c.run("sft", "../escape", _writer("x"))
     with pytest.raises(ValueError):
         c.run(".hidden", "k", _writer("x"))
+
+
+def test_file_lock_is_exclusive_across_processes_and_names_its_holder(tmp_path):
+    """rlhf_ablate.files.file_lock, the one inter-process lock (stage cache, sweep driver, built-in build): a second
+    process cannot take it, is told who holds it, and takes it at once when the holder dies."""
+    from rlhf_ablate.files import LockBusy, file_lock
+
+    lock = tmp_path / "x.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from rlhf_ablate.files import file_lock\n"
+        "with file_lock(sys.argv[1]):\n"
+        "    Path(sys.argv[2]).write_text('held'); time.sleep(60)\n"), str(lock), str(tmp_path / "held")],
+        cwd=Path(cache_mod.__file__).parents[2])
+    try:
+        deadline = time.time() + 30
+        while not (tmp_path / "held").exists():
+            assert time.time() < deadline and holder.poll() is None, "the holder did not take the lock"
+            time.sleep(0.05)
+        with pytest.raises(LockBusy) as busy:
+            with file_lock(lock, timeout=0):
+                pass
+        assert f"pid={holder.pid}" in busy.value.holder
+    finally:
+        holder.kill()
+        holder.wait()
+    with file_lock(lock, timeout=5):  # the kernel dropped the dead holder's lock
+        assert f"pid={os.getpid()}" in lock.read_text()
+
+
+def test_build_ended_from_outside_is_logged_as_interrupted(tmp_path):
+    c = StageCache(tmp_path)
+    key = c.key("ppo", {"x": 1})
+
+    def stopped(d: Path) -> None:
+        raise SystemExit(0)  # what Ray raises in the trial thread of a trial its scheduler stopped
+
+    with pytest.raises(SystemExit):
+        c.run("ppo", key, stopped)
+    assert read_executions(tmp_path)[-1]["status"] == "interrupted"
+    assert not c.path("ppo", key).exists()

@@ -65,3 +65,24 @@ def test_disabled_by_env_or_spec(tmp_path, clean_wandb_env):
 def test_scrub_config():
     assert scrub_config({"a.api_key": "x", "b.token": "y", "ppo.kl_coef": 0.1, "x.password": "z",
                          "key": 1, "data.split_seed": 0}) == {"ppo.kl_coef": 0.1, "data.split_seed": 0}
+
+
+def test_one_run_per_trial_a_retry_resumes_it_with_its_attempt(tmp_path, clean_wandb_env):
+    """Two attempts of a trial (a failed first try, then the rerun) log to one W&B run id, derived from the trial id;
+    each attempt's number is in the run's config. Offline, each attempt is its own offline-run directory with that id
+    (``wandb sync`` appends them to the one run); another run directory gets another run."""
+    from rlhf_ablate.run.tracking import wandb_run_id
+
+    run_dir = tmp_path / "run"
+    kw = dict(sweep_name="kl_coef", trial_id="t0abc", config_flat={"ppo.kl_coef": 0.1}, axes={}, run_dir=run_dir)
+    for attempt, status in ((1, "failed"), (2, "ok")):
+        t = make_tracker(TrackingSpec(wandb="offline"), attempt=attempt, **kw)
+        t.log({"ppo/objective/kl": 0.1 * attempt}, step=1)
+        t.finish(status)
+    runs = [read_offline_run(p) for p in find_offline_runs(run_dir)]
+    assert len(runs) == 2
+    assert {r["id"] for r in runs} == {wandb_run_id("t0abc", "kl_coef", run_dir)}
+    assert wandb_run_id("t0abc", "kl_coef", run_dir).startswith("t0abc-")
+    assert sorted((r["config"]["attempt"], r["summary"]["status"]) for r in runs) == [(1, "failed"), (2, "ok")]
+    assert all(r["name"] == "t0abc" and r["config"]["ppo.kl_coef"] == 0.1 for r in runs)
+    assert wandb_run_id("t0abc", "kl_coef", tmp_path / "other_run") != wandb_run_id("t0abc", "kl_coef", run_dir)
