@@ -1,5 +1,7 @@
 """A real Slurm run: submit a tiny sweep as an array job plus its dependent report job, wait for both, and check
-that the results match a Ray-path run of the same sweep (same trial ids, same metrics).
+that the results match a Ray-path run of the same sweep (same trial ids, same metrics). A second sweep has a trial
+made to fail and a task warned of its time limit: the report job still runs (afterany) and lists both failures,
+and submitting the sweep again resumes the timed-out trial from the stage cache.
 
 Needs a running Slurm cluster; CI starts a single-node one with .ci/start_slurm.sh. Skipped when `sinfo` does not
 answer or no node is up. About 2-4 minutes on 2 CPU cores (two short CPU trials on each path, run side by side).
@@ -165,7 +167,7 @@ def test_array_job_matches_ray_path(tmp_path):
         if ray.poll() is None:
             ray.kill()
 
-    # Array tasks and the report job all completed; the report ran only after the array (afterok).
+    # Array tasks and the report job all completed; the report ran after the array (afterany).
     tasks = {f"{array_id}_{i}" for i in range(n)}
     assert set(states) == tasks | {report_id}, states
     assert all(states[j][0] == "COMPLETED" for j in states), f"{states}\n{_tails(logs)}"
@@ -239,3 +241,76 @@ def test_generated_script_runs_under_sbatch_with_out_of_range_index(tmp_path):
     log = (logs / f"{jid}_5.out").read_text()
     assert "--index 5 is out of range" in " ".join(log.split()) and "0..1" in log
     assert not (run_dir / "trials").exists()
+
+
+# kl_coef 1.0 is made to diverge: the KL guard ends it as failed at its first PPO step (as in tests/test_tune.py).
+SWEEP_FAILURES = SWEEP.replace("name: slurm_ci", "name: slurm_fail").replace("ppo.kl_coef: [0.05, 0.5]",
+                                                                           "ppo.kl_coef: [0.05, 1.0]") + """\
+overrides:
+  - when: {ppo.kl_coef: 1.0}
+    set: {ppo.kl_stop: -1.0}
+"""
+
+
+def _submit(sweep: Path, run_dir: Path, env: dict, cwd: Path) -> dict:
+    sub = subprocess.run([sys.executable, "-m", "rlhf_ablate", "slurm", str(sweep), *OVERRIDES, "--out",
+                          str(run_dir), "--submit"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert sub.returncode == 0, sub.stderr
+    return json.loads((run_dir / "slurm" / "jobs.json").read_text())[-1]
+
+
+def test_failed_and_timed_out_tasks_get_a_report_and_resume(tmp_path):
+    why = _cluster_up()
+    if why:
+        pytest.skip(why)
+    deadline = time.time() + DEADLINE_S
+    sweep = tmp_path / "slurm_fail.yaml"
+    sweep.write_text(SWEEP_FAILURES)
+    trials = expand(load_sweep(sweep, parse_cli_overrides(OVERRIDES)))
+    timed_out, diverged = trials  # kl_coef 0.05 gets the time-limit warning; 1.0 fails on its own
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    env = _env(cache)
+    job = _submit(sweep, run_dir, env, tmp_path)
+    array_id, report_id = job["array_job_id"], job["report_job_id"]
+    assert job["dependency"] == f"afterany:{array_id}"
+    assert "--signal=B:USR1@" in (run_dir / "slurm" / "array.sbatch").read_text()
+    logs = run_dir / "slurm" / "logs"
+    try:
+        # Once task 0 has started its trial (its attempt is recorded; imports, data and stages take seconds more),
+        # send the warning SLURM sends before a time limit: USR1 to the batch shell (#SBATCH --signal=B:USR1@s).
+        attempts = run_dir / "trials" / timed_out.trial_id / "attempts.jsonl"
+        while not attempts.exists():
+            if time.time() > deadline:
+                pytest.fail(f"task 0 did not start its trial\n{_tails(logs)}")
+            time.sleep(0.2)
+        sig = subprocess.run(["scancel", "--batch", "--signal=USR1", f"{array_id}_0"], capture_output=True,
+                             text=True, timeout=30)
+        assert sig.returncode == 0, sig.stderr
+        states = _wait([array_id, report_id], 3, logs, deadline)
+    finally:
+        subprocess.run(["scancel", array_id, report_id], capture_output=True, timeout=30)
+    # Both tasks failed, and the report job still ran, after them, and lists both failures with their reasons.
+    assert states[f"{array_id}_0"][0] == states[f"{array_id}_1"][0] == "FAILED", states
+    assert states[report_id][0] == "COMPLETED", f"{states}\n{_tails(logs)}"
+    first = _results(run_dir)
+    err = first[timed_out.trial_id]["error"]
+    assert first[timed_out.trial_id]["status"] == "failed" and err["type"] == "TimeLimitReached", err
+    assert err["message"].startswith("time limit") and first[timed_out.trial_id]["attempt"] == 1
+    assert first[diverged.trial_id]["error"]["type"] == "TrialFailed"
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "TimeLimitReached" in report and "TrialFailed" in report and "2 failed" in report
+
+    # Submitting the sweep again resumes the timed-out trial: finished stages come from the cache, no stage is
+    # built twice, and the trial ends ok on its second attempt. The diverging trial fails again, as it should.
+    job = _submit(sweep, run_dir, env, tmp_path)
+    try:
+        states = _wait([job["array_job_id"]], 2, logs, time.time() + DEADLINE_S)
+    finally:
+        subprocess.run(["scancel", job["array_job_id"], job["report_job_id"]], capture_output=True, timeout=30)
+    second = _results(run_dir)
+    assert second[timed_out.trial_id]["status"] == "ok", f"{second[timed_out.trial_id]['error']}\n{_tails(logs)}"
+    assert second[timed_out.trial_id]["attempt"] == 2
+    assert second[diverged.trial_id]["status"] == "failed" and second[diverged.trial_id]["attempt"] == 2
+    ok_builds = [(e["stage"], e["key"]) for e in read_executions(cache / "stages") if e["status"] == "ok"]
+    assert len(ok_builds) == len(set(ok_builds)), ok_builds  # nothing finished was computed again
+    assert [s for s, _ in ok_builds].count("sft") == 1 and [s for s, _ in ok_builds].count("rm") == 1
