@@ -2,7 +2,7 @@
 
 Both variants run the kl_coef sweep (3 values x 1 seed, tiny model) from a fresh process with a fresh cache, one
 trial at a time (``--max-concurrent 1``), so the difference is what orchestration costs, not parallelism: Ray's
-start, a worker process per trial (imports paid per trial), result plumbing and our driver. Side by side in each
+start, the worker process (one, reused by the three trials: imports paid once), result plumbing and our driver. Side by side in each
 repeat, order alternating. Reported: medians and the ratio Ray Tune / direct loop. A third variant, Ray Tune with
 2 concurrent trials, shows what the orchestration buys back on a multi-core machine.
 
@@ -34,8 +34,8 @@ def one(work: Path, variant: str, i: int) -> dict:
     sweep = write_kl_sweep(work / tag, work / tag / "cache")
     run_dir = work / tag / "run"
     if variant == "direct":
-        # The same torch thread count as a Ray trial gets (resources.cpu = 1: Ray sets OMP_NUM_THREADS=1), so
-        # the comparison measures orchestration, not 1 vs 2 threads.
+        # Both variants compute with resources.cpu = 1 torch thread (rlhf_ablate/runtime.py); OMP_NUM_THREADS=1
+        # also keeps the rest of this process on one core, as Ray does for a 1-CPU trial.
         cmd = ["env", "OMP_NUM_THREADS=1", PY, "-c", DIRECT, str(sweep), str(run_dir)]
     else:
         cmd = [PY, "-m", "rlhf_ablate", "sweep", str(sweep), "--out", str(run_dir), "--no-report",

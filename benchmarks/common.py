@@ -87,8 +87,9 @@ def write_result(name: str, record: dict, out: Path | None) -> Path:
 
 
 def trial_ok(run_dir: Path) -> int:
-    return sum(1 for p in (run_dir / "trials").glob("*/result.json")
-               if json.loads(p.read_text()).get("status") == "ok")
+    from rlhf_ablate.run.result import scan_results  # the one reader of result.json
+
+    return sum(1 for _, r in scan_results(run_dir) if r.get("status") == "ok")
 
 
 PY = sys.executable

@@ -1,7 +1,8 @@
 """The bottom layer's file helpers: one atomic writer, one file lock, JSON in and out, and one canonical hash.
 
-Every artifact, result file, sbatch script and report the project writes goes through :func:`atomic_write_text`
-(temporary sibling, fsync, ``os.replace``), so a reader never sees a half-written file, whatever kills the writer.
+Every result file, sbatch script and marker the project writes goes through :func:`atomic_write_text` (temporary
+sibling, fsync, ``os.replace``), so a reader never sees a half-written file, whatever kills the writer; a directory
+that must appear whole (a built-in model) goes through :func:`atomic_dir`.
 :func:`file_lock` is the one inter-process lock (the stage cache's per-key lock, the sweep driver's lock on its run
 directory, the built-in model build): ``filelock.FileLock``, which is ``fcntl.flock`` on Unix, so the kernel drops
 it when its holder dies and a SIGKILLed process never leaves a stuck lock.
@@ -15,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -49,6 +51,25 @@ def atomic_write_text(path: Path | str, text: str, mode: int = 0o644) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path | str) -> Iterator[Path]:
+    """Fill a directory that appears at ``final`` complete or not at all: the block writes into an empty temporary
+    sibling (yielded), which is renamed to ``final`` when the block returns and deleted when it raises. The caller
+    holds a lock or otherwise knows ``final`` does not exist yet (the stage cache has its own variant, because two
+    nodes without cross-node locks may race for the same name: rlhf_ablate/run/cache.py)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fsync_dir(path: Path | str) -> None:

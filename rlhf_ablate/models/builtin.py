@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Any, Optional
 
 from ..config import BUILTIN_MODELS
 from ..errors import ModelError
-from ..files import config_hash, file_lock, read_json, write_json
+from ..files import atomic_dir, config_hash, file_lock, read_json, write_json
 
 # Bump when the way built-in models or their tokenizer are made changes; it is part of the cache directory name,
 # so an old build is never reused by new code. 3: built with BUILD_THREADS and deterministic algorithms.
@@ -250,13 +248,8 @@ def ensure_builtin(name: str) -> str:
     with file_lock(str(final) + ".lock"):
         if final.is_dir():
             return str(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-        try:
+        with atomic_dir(final) as tmp:
             _build_builtin(name, texts, tmp)
-            os.rename(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return str(final)
 
 
