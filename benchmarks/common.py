@@ -37,11 +37,14 @@ def snapshot(work: Path) -> Path:
     return src
 
 
-def write_kl_sweep(dest: Path, cache_dir: Path, name: str = "kl_coef_bench") -> Path:
+def write_kl_sweep(dest: Path, cache_dir: Path, name: str = "kl_coef_bench", size: str = "tiny") -> Path:
+    """The bundled kl_coef sweep, one seed; ``size="tiny"`` shortens every stage (:data:`TINY`), ``"bundled"`` keeps
+    the sweep's own stage sizes (the defaults of rlhf_ablate/config/schema.py)."""
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"include": str(SRC[0] / "sweeps" / "kl_coef.yaml"), "name": name, "seeds": [0],
-                                    "base": TINY, "cache_dir": str(cache_dir), "tracking": {"wandb": "disabled"}}))
+                                    "base": TINY if size == "tiny" else {}, "cache_dir": str(cache_dir),
+                                    "tracking": {"wandb": "disabled"}}))
     return path
 
 
