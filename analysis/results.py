@@ -32,7 +32,7 @@ class ReportError(RlhfAblateError):
 class TrialResult:
     trial_id: str
     path: str                       # relative to the run directory, for messages
-    status: str                     # "ok" or "failed"
+    status: str                     # "ok", "failed" or "stopped" (ASHA ended it early)
     seed: Optional[int]
     axes: dict[str, Any]            # axis name -> hashable value (lists become JSON strings)
     metrics: dict[str, float]       # NaN for null / non-finite / non-numeric
@@ -43,6 +43,7 @@ class TrialResult:
     timings: dict = field(default_factory=dict)
     sweep: Optional[str] = None
     index: Optional[int] = None
+    metric_meta: dict = field(default_factory=dict)   # how metrics were computed: tokenizer, sacrebleu signatures
 
     @property
     def ok(self) -> bool:
@@ -62,7 +63,12 @@ class RunResults:
 
     @property
     def failed_trials(self) -> list[TrialResult]:
-        return [t for t in self.trials if not t.ok]
+        return [t for t in self.trials if t.status == "failed"]
+
+    @property
+    def stopped_trials(self) -> list[TrialResult]:
+        """Trials an early-stopping scheduler (ASHA) ended: no final eval, so no numbers in the tables."""
+        return [t for t in self.trials if t.status == "stopped"]
 
     @property
     def axis_names(self) -> list[str]:
@@ -106,8 +112,8 @@ def _parse(data: Any, rel: str, problems: list[str]) -> Optional[TrialResult]:
         problems.append(f"{rel}: schema is {schema!r}, this analysis reads schema {SCHEMA_VERSION}; skipped.")
         return None
     status = data.get("status")
-    if status not in ("ok", "failed"):
-        problems.append(f"{rel}: status is {status!r} (expected 'ok' or 'failed'); skipped.")
+    if status not in ("ok", "failed", "stopped"):
+        problems.append(f"{rel}: status is {status!r} (expected 'ok', 'failed' or 'stopped'); skipped.")
         return None
     dir_name = Path(rel).parent.name
     trial_id = data.get("trial_id")
@@ -138,7 +144,7 @@ def _parse(data: Any, rel: str, problems: list[str]) -> Optional[TrialResult]:
             problems.append(f"{rel}: seed {seed!r} is not an integer; treated as unknown.")
         seed = None
     error = data.get("error")
-    if status == "failed" and not isinstance(error, dict):
+    if status in ("failed", "stopped") and not isinstance(error, dict):
         error = {"type": "unknown", "message": str(error) if error else "no error recorded"}
     index = data.get("index")
 
@@ -154,10 +160,11 @@ def _parse(data: Any, rel: str, problems: list[str]) -> Optional[TrialResult]:
     return TrialResult(
         trial_id=trial_id, path=rel, status=status, seed=seed,
         axes={str(k): _hashable(v) for k, v in axes.items()}, metrics=metrics,
-        error=error if status == "failed" else None, config=config, history=_obj("history"),
+        error=error if status != "ok" else None, config=config, history=_obj("history"),
         records=_obj("records"), timings=_obj("timings"),
         sweep=data.get("sweep") if isinstance(data.get("sweep"), str) else None,
-        index=index if isinstance(index, int) and not isinstance(index, bool) else None)
+        index=index if isinstance(index, int) and not isinstance(index, bool) else None,
+        metric_meta=_obj("metric_meta"))
 
 
 def load_run(run_dir: str | Path) -> RunResults:

@@ -17,11 +17,12 @@ import pytest
 from scipy import stats as sps
 
 from analysis.cli import main as cli_main
-from rlhf_ablate.metrics.registry import REGISTRY, rm_group_value, table_kind
+from rlhf_ablate.metrics.registry import REGISTRY
+from analysis.render import tex_escape, to_latex, to_markdown
 from analysis.report import build_report, write_report
 from analysis.results import ReportError, load_run
-from analysis.stats import paired_bootstrap, paired_seed_test, summarize
-from analysis.tables import BEST, NOT_TESTED, TIE, tex_escape, to_latex, to_markdown
+from analysis.stats import holm, paired_seed_test, paired_unit_bootstrap, summarize
+from analysis.tables import BEST, NOT_TESTED, TIE
 
 REPO = Path(__file__).resolve().parents[1]
 
