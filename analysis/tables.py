@@ -238,7 +238,8 @@ def build_tables(run: RunResults, problems: Optional[list[str]] = None) -> list[
     excluded, settings = check_settings(run, problems)
     ctx = Context(run, axes, group_trials(run, axes), excluded, settings)
     present = {n for t in run.ok_trials for n in t.metrics}
-    changed = changed_stages(run) if axes else {"rm", *POLICY_STAGES}
+    # With no swept axis, or axes that change nothing (one value), every stage present gets its table.
+    changed = (changed_stages(run) if axes else set()) or {"rm", *POLICY_STAGES}
     stages = [s for s in ("rm", *POLICY_STAGES[1:]) if s in changed and any(m.startswith(s + "/") for m in present)]
     used: set[str] = set()
 

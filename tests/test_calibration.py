@@ -29,10 +29,10 @@ COEFS = (0.01, 0.1, 1.0)
 N_PROMPTS = 20
 # name -> (mean, prompt sd, seed sd, training-shift sd, per-example sd); scales like the real columns
 COLUMNS = {
-    "rouge1": (0.30, 0.10, 0.01, 0.02, 0.05), "rouge2": (0.10, 0.05, 0.005, 0.01, 0.03),
-    "rougeL": (0.25, 0.10, 0.01, 0.02, 0.05), "bleu": (8.0, 3.0, 0.3, 0.6, 2.0),
-    "chrf": (25.0, 5.0, 0.5, 1.0, 3.0), "reward": (1.0, 0.5, 0.05, 0.10, 0.3),
-    "kl_to_ref": (1.0, 0.2, 0.05, 0.10, 0.2),
+    "rouge1": (0.30, 0.10, 0.01, 0.03, 0.05), "rouge2": (0.10, 0.05, 0.005, 0.015, 0.03),
+    "rougeL": (0.25, 0.10, 0.01, 0.03, 0.05), "bleu": (8.0, 3.0, 0.3, 1.0, 2.0),
+    "chrf": (25.0, 5.0, 0.5, 1.5, 3.0), "reward": (1.0, 0.5, 0.05, 0.15, 0.3),
+    "kl_to_ref": (1.0, 0.2, 0.05, 0.12, 0.2),
 }
 METRIC = {"reward": "reward_mean"}   # record field -> metric suffix where they differ
 SIMS = 300
