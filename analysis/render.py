@@ -134,7 +134,6 @@ def _row_head(t: Table, r: tuple) -> list[str]:
 def to_markdown(t: Table, settings: Optional[dict[str, str]] = None) -> str:
     lines: list[str] = []
     if t.layout == "pivot":
-        spec = t.columns[0]
         head = [f"{t.row_axes[0]} \\ {t.col_axis}"] + [fmt_value(c) for c in t.col_keys]
         rows = [[fmt_value(r[0])] + [_md_cell(t.cells.get((r, c))) for c in t.col_keys] for r in t.row_keys]
     else:

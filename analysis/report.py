@@ -18,7 +18,8 @@ from .plots import Plot, make_plots
 from .render import LEGEND, TEX_PREAMBLE_NOTE, to_csv, to_latex, to_markdown
 from .results import ReportError, RunResults, load_run
 from .sidebyside import side_by_side
-from .tables import Table, _sort_key, build_tables, check_settings, fmt_value
+from .identity import check_settings
+from .tables import Table, _sort_key, build_tables, fmt_value
 
 FORMATS = ("md", "csv", "tex")
 

@@ -584,3 +584,26 @@ def test_float_noise_between_equal_seeds_is_an_exact_zero_ci():
     s = summarize([0.7575757575757576, 0.7575757575757575])
     assert s.ci_low == s.ci_high == s.mean
     assert summarize([0.75, 0.76]).ci_high > 0.76
+
+
+def test_plots_draw_hangul_glyphs_not_empty_boxes():
+    """matplotlib's default font has no Hangul: every syllable becomes the same empty box. With the font the
+    report registers (NanumGothic from the koreanize-matplotlib dependency) two syllables draw differently."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from analysis.plots import _rc, korean_font
+
+    assert korean_font() == "NanumGothic"
+
+    def pixels(text: str) -> np.ndarray:
+        with matplotlib.rc_context(_rc()):
+            fig = Figure(figsize=(1, 1), dpi=50)
+            canvas = FigureCanvasAgg(fig)
+            fig.text(0.1, 0.3, text, fontsize=30)
+            canvas.draw()
+            return np.asarray(canvas.buffer_rgba()).copy()
+
+    ga, na = pixels("가"), pixels("나")
+    assert (ga != 255).any() and (ga != na).any()

@@ -268,3 +268,13 @@ def test_rm_input_errors():
         rm_metrics([])
     with pytest.raises(MetricsError, match="'lengths'"):
         rm_metrics([{"scores": [1.0], "ranks": [1]}])
+
+
+def test_docs_metrics_page_is_generated_from_the_registry():
+    from pathlib import Path
+
+    from rlhf_ablate.metrics.docs import render_metrics_doc
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+    assert page.read_text(encoding="utf-8") == render_metrics_doc(), (
+        "docs/metrics.md is out of date: python -m rlhf_ablate.metrics.docs > docs/metrics.md")
