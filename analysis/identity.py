@@ -25,7 +25,9 @@ def stage_id(t: TrialResult, stage: str) -> Optional[str]:
     """The trial's artifact of ``stage`` (its stage cache key), else a digest of the config it is built from."""
     timing = t.timings.get("eval_base" if stage == "base" else stage)
     if isinstance(timing, dict) and timing.get("key"):
-        return str(timing["key"])
+        # A policy's answers also change with the eval settings (an eval.* axis), which its training key omits.
+        evals = sorted((k, repr(v)) for k, v in t.config.items() if k.startswith("eval.")) if stage != "rm" else []
+        return str(timing["key"]) + (hashlib.sha256(repr(evals).encode()).hexdigest()[:8] if evals else "")
     # No keys (hand-written results): the config keys the stage reads; a key outside every known namespace
     # (a tied axis name such as "lora_rank") may change anything.
     items = sorted((k, repr(v)) for k, v in t.config.items()

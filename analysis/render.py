@@ -95,20 +95,22 @@ def describe(c: Comparison) -> str:
             f"{t.describe()} -> **{c.verdict}**.")
 
 
+_SETTING_NAMES = {"rouge_tokenizer": "ROUGE tokenizer", "bleu_signature": "BLEU sacrebleu signature",
+                  "chrf_signature": "chrF sacrebleu signature"}
+
+
 def definitions(t: Table, settings: dict[str, str]) -> list[str]:
-    """One line per metric of the table: scale, definition, tokenizer or signature, and what its test compares."""
-    lines, seen = [], set()
+    """One line per metric of the table (scale and definition), then the tokenizer and signatures they used."""
+    lines, seen, used = [], set(), []
     for spec in t.specs:
-        key = (spec.suffix, spec.setting)
-        if key in seen:
+        if spec.suffix in seen:
             continue
-        seen.add(key)
-        line = f"{header(spec)} [{spec.scale or 'as reported'}]: {spec.definition}"
-        if spec.setting:
-            line += f" {spec.setting.replace('_', ' ')}: `{settings.get(spec.setting, 'not recorded')}`."
-        if spec.tested and spec.rm_scale and spec.stage == t.stage:
-            line += " Tested only between rows scored by the same reward model."
-        lines.append(line)
+        seen.add(spec.suffix)
+        lines.append(f"{header(spec)} [{spec.scale or 'as reported'}]: {spec.definition}")
+        if spec.setting and spec.setting not in used:
+            used.append(spec.setting)
+    for key in used:
+        lines.append(f"{_SETTING_NAMES.get(key, key)}: `{settings.get(key, 'not recorded')}`.")
     return lines
 
 

@@ -130,8 +130,8 @@ def _from_stats(fn, start: int, n: int) -> Callable[[np.ndarray], float]:
     return reduce
 
 
-_ROUGE_DEF = ("F1 of {what} between the answer and the reference per prompt (sentence-level, rouge_score with "
-              "our Korean tokenizer, see the tokenizer line), averaged over prompts.")
+_ROUGE_DEF = ("F1 of {what} with the reference, per prompt (sentence-level; rouge_score with a Korean tokenizer), "
+              "averaged over prompts.")
 # suffix, label, higher_is_better, fmt, scale, definition, reduce, setting, rm_scale, methods only
 _EVAL = [
     ("rouge1", "ROUGE-1", True, ".3f", "0-1", _ROUGE_DEF.format(what="unigram overlap"),
@@ -221,7 +221,7 @@ AUXILIARY_SUFFIXES = {
     "sft": ("train_loss_first", "train_loss_last", "train_examples"),
     "dpo": ("train_loss_last", "train_pairs"),
 }
-TRAINING_STAT_PREFIXES = ("objective/", "policy/", "val/", "loss/", "time/", "lr", "train_")
+TRAINING_STAT_PREFIXES = ("objective/", "policy/", "val/", "loss/", "time/", "time_", "lr", "train_", "steps")
 
 
 def spec_for(name: str) -> MetricSpec:
