@@ -226,7 +226,7 @@ def test_missing_seed_pending_trial_and_failed_trial(tmp_path):
     res.update(status="failed", metrics={}, records={},
                error={"type": "TrialFailed", "message": "KL 73.1 > kl_stop 50.0 at step 5", "stage": "ppo"})
     p.write_text(json.dumps(res))
-    rep = write_report(tmp_path)
+    rep = write_report(tmp_path, plots=False)
     t = _table(rep, "PPO eval")
     assert t.cells[(("PPO", 0.1), "rougeL")].summary.n == 2
     assert t.cells[(("PPO", 0.01), "rougeL")].summary.n == 2
@@ -251,7 +251,7 @@ def test_nan_metrics_show_as_na_and_do_not_count(tmp_path):
                                                                              "ppo/rougeL": None})
     write_result(tmp_path, "a2", axes={"ppo.kl_coef": 0.1}, seed=2, metrics={"ppo/bleu": 12.0, "ppo/rougeL": None})
     write_result(tmp_path, "b0", axes={"ppo.kl_coef": 1.0}, seed=0, metrics={"ppo/bleu": "oops"})
-    rep = write_report(tmp_path)
+    rep = write_report(tmp_path, plots=False)
     t = _table(rep, "PPO eval")
     bleu = t.cells[(("PPO", 0.1), "bleu")].summary
     assert (bleu.n, bleu.n_nan, bleu.mean) == (2, 1, 11.0)
