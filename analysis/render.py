@@ -41,6 +41,9 @@ def num(x: Optional[float], fmt: str, signed: bool = False) -> str:
     as 0.018, not 0.02, and a tiny half-width never prints as 0.000 (that reads as "no uncertainty")."""
     if x is None or not math.isfinite(x):
         return "n/a"
+    if abs(x) < 1e-9:
+        # float noise around zero (sacrebleu's smoothed BLEU of answers sharing no 4-gram is ~1e-15): it is zero
+        x = 0.0
     s = format(x, ("+" if signed else "") + fmt)
     m = re.fullmatch(r"\.(\d+)f", fmt)
     if x != 0 and m and abs(x) < 10 ** (1 - int(m.group(1))):

@@ -268,6 +268,7 @@ def test_small_values_keep_two_significant_digits():
 
     assert num(0.018, ".2f") == "0.018" and num(23.456, ".2f") == "23.46" and num(0.5, ".2f") == "0.50"
     assert num(0.0042, ".3f") == "0.0042" and num(0.25, ".3f") == "0.250" and num(-0.018, ".2f") == "-0.018"
+    assert num(7e-15, ".2f") == "0.00"     # float noise of a smoothed zero BLEU is not "7e-15"
 
 
 def _rm_recs(rng, quality: float, n: int = 30) -> list[dict]:
