@@ -457,7 +457,7 @@ def test_trials_with_other_metric_settings_are_not_averaged(tmp_path):
     assert t.cells[(("PPO", 0.1), "rougeL")].summary.n == 2     # the char-tokenized seed is left out of ROUGE
     assert t.cells[(("PPO", 0.1), "bleu")].summary.n == 3       # ... but not out of BLEU
     assert any("rouge_tokenizer = characters" in p and "t0s2" in p for p in rep.problems)
-    assert "rouge tokenizer: `kiwi`" in to_markdown(t, {"rouge_tokenizer": "kiwi"})
+    assert "ROUGE tokenizer: `kiwi`" in to_markdown(t, {"rouge_tokenizer": "kiwi"})
 
 
 def test_base_model_axis_gets_every_stage_and_list_axis_values(tmp_path):
