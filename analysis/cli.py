@@ -24,7 +24,7 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="report directory (default: RUN_DIR/report)")
     p.add_argument("--format", default="md,csv,tex",
                    help="comma-separated outputs among md, csv, tex (default: all three)")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots (PNG and SVG)")
     p.set_defaults(report_handler=run_from_args)
     return p
 

@@ -1,4 +1,4 @@
-"""RUN_DIR/trials/*/result.json -> RUN_DIR/report/{report.md, <table>.csv, <table>.tex, *.png}.
+"""RUN_DIR/trials/*/result.json -> RUN_DIR/report/{report.md, <table>.csv, <table>.tex, *.png, *.svg}.
 
 The report is written into a temporary directory next to the target and renamed into place, so a reader (or a
 report job on SLURM that is killed) never sees half a report. Nothing in it depends on the time or the machine:
@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .plots import Plot, make_plots
+from .render import LEGEND, TEX_PREAMBLE_NOTE, to_csv, to_latex, to_markdown
 from .results import ReportError, RunResults, load_run
-from .tables import LEGEND, Table, _sort_key, build_tables, fmt_value, to_csv, to_latex, to_markdown
+from .sidebyside import side_by_side
+from .identity import check_settings
+from .tables import Table, _sort_key, build_tables, fmt_value
 
 FORMATS = ("md", "csv", "tex")
 
@@ -34,7 +37,8 @@ class Report:
 def build_report(run_dir: str | Path) -> Report:
     """Load the results and build the tables (no files written, no plots)."""
     run = load_run(run_dir)
-    return Report(run=run, tables=build_tables(run), problems=list(run.problems))
+    problems = list(run.problems)
+    return Report(run=run, tables=build_tables(run, problems), problems=problems)
 
 
 def _md_text(s: str) -> str:
@@ -43,12 +47,15 @@ def _md_text(s: str) -> str:
 
 def render_markdown(rep: Report, formats: Iterable[str] = FORMATS) -> str:
     run = rep.run
-    ok, failed = run.ok_trials, run.failed_trials
+    ok, failed, stopped = run.ok_trials, run.failed_trials, run.stopped_trials
     title = ", ".join(run.sweeps) or run.run_dir.name
+    settings = check_settings(run, [])[1]
     L: list[str] = [f"# Ablation report: {title}", ""]
     L.append("## Summary")
     L.append("")
-    L.append(f"- Trials: {len(ok)} finished, {len(failed)} failed, {len(run.pending)} pending (no result.json yet)"
+    L.append(f"- Trials: {len(ok)} finished, {len(failed)} failed, "
+             + (f"{len(stopped)} stopped early by the scheduler, " if stopped else "")
+             + f"{len(run.pending)} pending (no result.json yet)"
              + (f", {len(run.problems)} unreadable or invalid (see Problems)" if run.problems else "") + ".")
     if run.sweeps:
         L.append(f"- Sweep: {', '.join(run.sweeps)}.")
@@ -59,12 +66,16 @@ def render_markdown(rep: Report, formats: Iterable[str] = FORMATS) -> str:
     else:
         L.append("- No swept axes: one configuration, seeds only.")
     L.append(f"- Seeds: {', '.join(map(str, run.seeds)) or 'unknown'}.")
-    if run.pending or failed:
+    if run.pending or failed or stopped:
         L.append("- This sweep is incomplete: cells show n for the seeds that finished.")
+    if len(run.seeds) == 1:
+        L.append("- One seed: every number is one training run, so no difference is tested and nothing is bold.")
     L.append("")
     L.append("## How to read the tables")
     L.append("")
     L.append(LEGEND)
+    if "tex" in formats:
+        L += ["", "LaTeX files: " + " ".join(x.lstrip("% ").strip() for x in TEX_PREAMBLE_NOTE.splitlines())]
     L.append("")
     L.append("## Tables")
     for t in rep.tables:
@@ -75,7 +86,10 @@ def render_markdown(rep: Report, formats: Iterable[str] = FORMATS) -> str:
         if files:
             L.append("Files: " + ", ".join(files))
             L.append("")
-        L.append(to_markdown(t).rstrip("\n"))
+        L.append(to_markdown(t, settings).rstrip("\n"))
+    sbs = side_by_side(run)
+    if sbs:
+        L += ["", "## Side by side: the same prompts, base → SFT → aligned", ""] + sbs
     if rep.plots:
         L.append("")
         L.append("## Plots")
@@ -83,9 +97,22 @@ def render_markdown(rep: Report, formats: Iterable[str] = FORMATS) -> str:
             L.append("")
             L.append(f"### {p.title}")
             L.append("")
-            L.append(f"![{p.title}]({p.filename})")
+            L.append(f"![{p.title}]({p.filename})" + (f" ([SVG]({p.svg}))" if p.svg else ""))
             L.append("")
             L.append(p.caption)
+    if stopped:
+        L += ["", "## Stopped early (ASHA)", "",
+              f"{len(stopped)} trial(s) were stopped by the early-stopping scheduler before their final eval, so "
+              "the tables and plots leave them out. Survivorship: the scheduler stops the trials that look worst "
+              "at a rung, so the finished trials of a configuration are its better seeds and its mean is biased "
+              "upward; compare configurations on the seeds that all of them finished (n in each cell), and read a "
+              "configuration with stopped seeds as optimistic.", "",
+              "| trial | axes | seed | reason |", "|---|---|---|---|"]
+        for t in stopped:
+            err = t.error or {}
+            axes = ", ".join(f"{k}={fmt_value(v)}" for k, v in t.axes.items()) or "—"
+            L.append("| " + " | ".join(_md_text(str(x)) for x in (
+                t.trial_id, axes, t.seed if t.seed is not None else "?", err.get("message") or "stopped")) + " |")
     L.append("")
     L.append("## Failed trials")
     L.append("")

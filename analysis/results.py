@@ -48,6 +48,7 @@ class TrialResult:
     timings: dict = field(default_factory=dict)
     sweep: Optional[str] = None
     index: Optional[int] = None
+    metric_meta: dict = field(default_factory=dict)   # how metrics were computed: tokenizer, sacrebleu signatures
 
     @property
     def ok(self) -> bool:
@@ -67,7 +68,12 @@ class RunResults:
 
     @property
     def failed_trials(self) -> list[TrialResult]:
-        return [t for t in self.trials if not t.ok]
+        return [t for t in self.trials if t.status == "failed"]
+
+    @property
+    def stopped_trials(self) -> list[TrialResult]:
+        """Trials an early-stopping scheduler (ASHA) ended: no final eval, so no numbers in the tables."""
+        return [t for t in self.trials if t.status == "stopped"]
 
     @property
     def axis_names(self) -> list[str]:
@@ -188,7 +194,8 @@ def _parse(data: Any, rel: str, problems: list[str]) -> Optional[TrialResult]:
         error=error if status != "ok" else None, config=config, history=_obj("history"),
         records=_obj("records"), timings=_obj("timings"),
         sweep=data.get("sweep") if isinstance(data.get("sweep"), str) else None,
-        index=index if isinstance(index, int) and not isinstance(index, bool) else None)
+        index=index if isinstance(index, int) and not isinstance(index, bool) else None,
+        metric_meta=_obj("metric_meta"))
 
 
 def load_run(run_dir: str | Path) -> RunResults:

@@ -1,136 +1,77 @@
-"""Comparison tables: trials grouped by their swept axes, seeds averaged, best values tested against runner-ups.
+"""Comparison tables: trials grouped by their swept axes, seeds averaged, the best value tested against the
+runner-up. Rendering (markdown, CSV, LaTeX) is in analysis/render.py.
 
-Layouts (what our users publish, docs/architecture.md):
-- one swept axis: one row per value, one column per metric of that axis' set (rlhf_ablate/metrics/registry.py: table_kind);
-- two axes: a pivot per metric (rows = first axis, columns = second axis);
-- three or more: one row per combination.
-Wide metric sets are split by stage (reward model / SFT / PPO / DPO) so a table fits a page.
+Which tables (issue 10, "every stage's table for every axis"): a stage gets a table when the swept axes change it
+(its stage cache key differs between trials of one seed; docs/architecture.md, "Identity"), so the tied LoRA-rank
+axis gets the reward-model table and the SFT and PPO eval tables, and a kl_coef axis only the PPO one. Eval tables
+start with reference rows that the axis does not test: the base model (its answers scored by each trial's RM) and,
+in a method's table, SFT when the axis leaves SFT alone. A reference block whose cells are the same for every axis
+value is shown once (``all``).
 
-Each cell is mean ± 95% t-interval over seeds, with n (finite values only). Within a column (or a pivot) the best
-mean is compared with the runner-up by a paired test (stats.py); it is bold only when the difference's interval
-excludes 0, marked ≈ (with the runner-up) when it does not, and † when no test was possible.
-Writers: markdown, CSV (plain numbers, long format), LaTeX (booktabs).
+Layouts: one swept axis or three and more: one row per configuration; two axes: a pivot per metric.
+
+Each cell is mean ± 95% t-interval over seeds (stats.py). Within a column, the best mean of the tested rows is
+compared with the runner-up by a paired t over shared seeds of the very number the cells average (the metric
+registry's value of each trial, rlhf_ablate/metrics/registry.py). The p-values of a table's tested columns are
+Holm-adjusted together. Bold only when the adjusted p < 0.05; ≈ when not; † when fewer than two shared seeds exist
+(never bold). Metrics in raw RM units are tested only between rows scored by the same reward model.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional
 
-from rlhf_ablate.metrics.registry import ALL, MetricSpec, metrics_for, rm_group_value, table_kind
+from rlhf_ablate.metrics.registry import (METHODS, POLICY_STAGES, MetricSpec, known_metric, reduce_units,
+                                          spec_for, stage_specs, stage_title, unit_stats)
+from .identity import changed_stages, check_settings, rm_id, stage_present
 from .results import RunResults, TrialResult
-from .stats import N_RESAMPLES, PairedTest, Summary, paired_bootstrap, paired_seed_test, summarize
-
-SPLIT_ABOVE = 8  # metric columns; wider sets are split into one table per stage
-STAGE_TITLES = {"rm": "reward model", "sft": "SFT", "ppo": "PPO", "dpo": "DPO"}
+from .stats import ALPHA, PairedTest, Summary, holm, paired_seed_test, paired_unit_bootstrap, summarize
 
 BEST, TIE, NOT_TESTED = "best", "tie", "not_tested"
-
-LEGEND = (
-    "Cells: mean ± half-width of the 95% Student-t interval over seeds (n = seeds with a finite value; "
-    "\"n=1, no CI\" when only one seed finished; NaN values are counted separately and never averaged in). "
-    "↑ higher is better, ↓ lower is better, no arrow: no better direction. "
-    "**Bold**: the best value is statistically separated from the runner-up (the 95% interval of their paired "
-    f"difference excludes 0: a two-level paired bootstrap over shared seeds and eval prompts, {N_RESAMPLES} "
-    "resamples, fixed seed; a paired t-interval over shared seeds when the trials carry no per-example records). "
-    "≈: best and runner-up are not separated (a tie at this number of seeds and prompts). "
-    "†: best by mean, but not tested (no per-example records and fewer than two shared seeds).")
+ALL_VALUES = "all"   # the axis value of a collapsed reference row
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Groups and metric settings
+# ---------------------------------------------------------------------------------------------------------
 @dataclass
 class Group:
     """Trials that share every axis value: the seed replicates of one configuration."""
     key: tuple
     ok: list[TrialResult] = field(default_factory=list)
     failed: list[TrialResult] = field(default_factory=list)
+    stopped: list[TrialResult] = field(default_factory=list)
 
-    def seed_values(self, metric: str) -> dict[Hashable, float]:
-        out: dict[Hashable, float] = {}
+    def by_seed(self) -> dict[Hashable, TrialResult]:
+        out: dict[Hashable, TrialResult] = {}
         for t in sorted(self.ok, key=lambda t: t.trial_id):
-            if t.seed is not None and metric in t.metrics and t.seed not in out:
-                out[t.seed] = t.metrics[metric]
+            if t.seed is not None and t.seed not in out:
+                out[t.seed] = t
         return out
 
-    def per_example(self, spec: MetricSpec) -> dict[tuple, float]:
-        """(seed, data_id) -> value from records.<stage>; RM metrics get one value per ranked group."""
-        if spec.record is None:
-            return {}
-        stage, fld = spec.record
-        acc: dict[tuple, list[float]] = {}
-        seen_seeds = set()
-        for t in sorted(self.ok, key=lambda t: t.trial_id):
-            recs = t.records.get(stage)
-            if t.seed is None or t.seed in seen_seeds or not isinstance(recs, list):
-                continue
-            seen_seeds.add(t.seed)
-            for rec in recs:
-                if not isinstance(rec, dict) or rec.get("data_id") is None:
-                    continue
-                if stage == "rm":
-                    v = rm_group_value(fld, rec)
-                else:
-                    raw = rec.get(fld)
-                    v = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else math.nan
-                if math.isfinite(v):
-                    acc.setdefault((t.seed, str(rec["data_id"])), []).append(v)
-        return {k: sum(v) / len(v) for k, v in acc.items()}
-
 
 @dataclass
-class Cell:
-    summary: Summary
-    present: bool          # at least one finished trial of the group carries the metric
-    mark: str = ""         # BEST | TIE | NOT_TESTED | ""
+class Context:
+    run: RunResults
+    axes: list[str]
+    groups: dict[tuple, Group]
+    excluded: dict[str, set[str]] = field(default_factory=dict)   # metric -> trial ids left out (settings)
+    settings: dict[str, str] = field(default_factory=dict)        # metric_meta key -> the setting used
+
+    def values(self, g: Group, spec: MetricSpec) -> dict[Hashable, float]:
+        """seed -> the trial's value of the metric (what the cell averages and the test pairs)."""
+        skip = self.excluded.get(spec.name, set())
+        return {s: t.metrics[spec.name] for s, t in g.by_seed().items()
+                if spec.name in t.metrics and t.trial_id not in skip}
+
+    def all_values(self, g: Group, spec: MetricSpec) -> list[float]:
+        skip = self.excluded.get(spec.name, set())
+        return [t.metrics[spec.name] for t in g.ok if spec.name in t.metrics and t.trial_id not in skip]
 
 
-@dataclass
-class Comparison:
-    metric: MetricSpec
-    best: str
-    runner_up: str
-    best_mean: float
-    runner_mean: float
-    verdict: str           # "separated" | "tie" | "not tested"
-    test: Optional[PairedTest]
-
-    def describe(self) -> str:
-        m = self.metric
-        head = (f"{m.label} {m.arrow}: best {self.best} ({_num(self.best_mean, m.fmt)}) vs runner-up "
-                f"{self.runner_up} ({_num(self.runner_mean, m.fmt)})")
-        if self.test is None:
-            return f"{head}: not tested (no per-example records and fewer than two shared seeds)."
-        t = self.test
-        what = "per-example difference" if t.method == "bootstrap" else "per-seed difference"
-        return (f"{head}: {what} {_num(t.diff, m.fmt, signed=True)} [95% CI {_num(t.ci_low, m.fmt)}, "
-                f"{_num(t.ci_high, m.fmt)}], p = {t.p_value:.3g}, {t.describe()} -> **{self.verdict}**.")
-
-
-@dataclass
-class Table:
-    slug: str
-    title: str
-    layout: str                       # "rows" or "pivot"
-    row_axes: list[str]
-    col_axis: Optional[str]           # pivot only
-    row_keys: list[tuple]
-    col_keys: list                    # metric names (rows) or column-axis values (pivot)
-    metrics: list[MetricSpec]         # rows: one per column; pivot: [the metric]
-    cells: dict[tuple, Cell]          # (row_key, col_key) -> Cell
-    counts: dict[tuple, tuple[int, int]]   # (row_key, col_key or None) -> (ok, failed)
-    comparisons: list[Comparison] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def spec(self, col_key: Any) -> MetricSpec:
-        return self.metrics[0] if self.layout == "pivot" else next(m for m in self.metrics if m.name == col_key)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Grouping and building
-# ---------------------------------------------------------------------------------------------------------
 def _sort_key(v: Any) -> tuple:
     if v is None:
         return (2, "")
@@ -152,107 +93,234 @@ def group_trials(run: RunResults, axes: list[str]) -> dict[tuple, Group]:
     for t in run.trials:
         key = tuple(t.axes.get(a) for a in axes)
         g = groups.setdefault(key, Group(key))
-        (g.ok if t.ok else g.failed).append(t)
+        {"ok": g.ok, "stopped": g.stopped}.get(t.status, g.failed).append(t)
     return dict(sorted(groups.items(), key=lambda kv: tuple(_sort_key(v) for v in kv[0])))
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "table"
+# ---------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Cell:
+    summary: Summary
+    spec: MetricSpec
+    present: bool          # at least one finished trial of the group carries the metric
+    mark: str = ""         # BEST | TIE | NOT_TESTED | ""
 
 
-def _split_by_stage(specs: list[MetricSpec]) -> list[tuple[str, list[MetricSpec]]]:
-    if len(specs) <= SPLIT_ABOVE:
-        return [("", specs)]
-    parts: dict[str, list[MetricSpec]] = {}
-    for s in specs:
-        parts.setdefault(s.stage if s.stage in STAGE_TITLES else "other", []).append(s)
-    return [(STAGE_TITLES.get(k, "other metrics"), v) for k, v in parts.items()]
+@dataclass
+class Comparison:
+    metric: MetricSpec
+    best: str
+    runner_up: str
+    best_mean: float
+    runner_mean: float
+    verdict: str           # "separated" | "tie" | "not tested" | "not tested: different RMs"
+    test: Optional[PairedTest]
+    within_seed: Optional[PairedTest] = None   # one seed only: prompt bootstrap of the corpus statistic
+    keys: tuple = ()       # (best cell key, runner-up cell key)
 
 
-def build_tables(run: RunResults) -> list[Table]:
+@dataclass
+class Table:
+    slug: str
+    title: str
+    layout: str                       # "rows" or "pivot"
+    row_axes: list[str]               # ["stage", *axes] for eval tables
+    col_axis: Optional[str]           # pivot only
+    row_keys: list[tuple]
+    col_keys: list                    # metric suffixes (rows) or column-axis values (pivot)
+    columns: list[MetricSpec]         # rows: the tested stage's spec per column; pivot: [the metric]
+    cells: dict[tuple, Cell]          # (row_key, col_key) -> Cell
+    counts: dict[tuple, tuple[int, int, int]]   # (row_key, col_key or None) -> (ok, failed, stopped)
+    stage: str = ""                   # the stage whose rows are tested
+    reference_rows: set = field(default_factory=set)
+    comparisons: list[Comparison] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def specs(self) -> list[MetricSpec]:
+        """Every spec a cell of the table uses (reference rows use their own stage's), for the legend."""
+        seen = {c.spec.name: c.spec for c in self.cells.values() if c.present}
+        return sorted(seen.values(), key=lambda s: (self.col_keys.index(s.suffix) if s.suffix in self.col_keys
+                                                    else 0, POLICY_STAGES.index(s.stage)
+                                                    if s.stage in POLICY_STAGES else -1))
+
+
+def _cell(ctx: Context, g: Group, spec: MetricSpec) -> Cell:
+    vals = ctx.all_values(g, spec)
+    return Cell(summarize(vals), spec, present=bool(vals))
+
+
+def _label(axes: list[str], values: tuple) -> str:
+    return ", ".join(f"{a}={fmt_value(v)}" for a, v in zip(axes, values)) or "all trials"
+
+
+def build_tables(run: RunResults, problems: Optional[list[str]] = None) -> list[Table]:
+    problems = problems if problems is not None else []
     axes = run.axis_names
-    groups = group_trials(run, axes)
-    present = {m for t in run.ok_trials for m in t.metrics}
-    kinds = {table_kind(a) for a in axes} or {ALL}
-    specs = metrics_for(kinds, present)
-    tables: list[Table] = []
+    excluded, settings = check_settings(run, problems)
+    ctx = Context(run, axes, group_trials(run, axes), excluded, settings)
+    present = {n for t in run.ok_trials for n in t.metrics}
+    # With no swept axis, or axes that change nothing (one value), every stage present gets its table.
+    changed = (changed_stages(run) if axes else set()) or {"rm", *POLICY_STAGES}
+    stages = [s for s in ("rm", *POLICY_STAGES[1:]) if s in changed and any(m.startswith(s + "/") for m in present)]
     used: set[str] = set()
 
     def unique(slug: str) -> str:
+        slug = _slug(slug)
         s, i = slug, 2
         while s in used:
             s, i = f"{slug}_{i}", i + 1
         used.add(s)
         return s
 
-    if len(axes) == 2:
-        a, b = axes
-        row_vals = sorted({k[0] for k in groups}, key=_sort_key)
-        col_vals = sorted({k[1] for k in groups}, key=_sort_key)
-        for spec in specs:
-            cells, counts = {}, {}
-            for r in row_vals:
-                for c in col_vals:
-                    g = groups.get((r, c))
-                    if g is None:
-                        continue
-                    cells[((r,), c)] = _cell(g, spec)
-                    counts[((r,), c)] = (len(g.ok), len(g.failed))
-            t = Table(unique(_slug(f"{a}_x_{b}_{spec.name}")), f"{spec.label} {spec.arrow}: {a} x {b}".strip(),
-                      "pivot", [a], b, [(r,) for r in row_vals], col_vals, [spec], cells, counts)
-            scope = list(cells)
-            _mark(t, scope, spec, {k: groups[(k[0][0], k[1])] for k in scope})
-            tables.append(t)
-        if not specs:
-            tables.append(_rows_table(unique(_slug("_x_".join(axes))), " x ".join(axes), axes, groups, []))
-        return tables
-
-    title_axes = ", ".join(axes) if axes else "all trials (no swept axes)"
-    for part_title, part in _split_by_stage(specs):
-        title = f"{title_axes}: {part_title}" if part_title else title_axes
-        slug = unique(_slug("_".join(axes) if axes else "trials") + (f"_{_slug(part_title)}" if part_title else ""))
-        tables.append(_rows_table(slug, title, axes, groups, part))
+    base = "_".join(axes) if axes else "trials"
+    tables: list[Table] = []
+    for stage in stages:
+        title = f"{stage_title(stage)}" + ("" if stage == "rm" else " eval (held-out prompts)")
+        if len(axes) == 2:
+            tables += _pivots(ctx, stage, unique, present)
+            continue
+        tables.append(_rows_table(ctx, unique(f"{base}_{stage}"), f"{title}: {', '.join(axes) or 'no swept axes'}",
+                                  stage, changed, present))
+    other = sorted(n for n in present if not known_metric(n) and "/" in n and n.split("/")[0] not in
+                   ("rm", *POLICY_STAGES))
+    other += sorted(n for n in present if not known_metric(n) and ("/" not in n or n.split("/")[0] in
+                                                                    ("rm", *POLICY_STAGES)))
+    if other:
+        tables.append(_other_table(ctx, unique(f"{base}_other"), other))
+    if not tables:
+        tables.append(Table(unique(base), ", ".join(axes) or "all trials", "rows", list(axes), None,
+                            list(ctx.groups), [], [], {}, {(k, None): _counts(g) for k, g in ctx.groups.items()},
+                            notes=["No finished trial has metrics for a table yet."]))
     return tables
 
 
-def _cell(g: Group, spec: MetricSpec) -> Cell:
-    vals = [t.metrics[spec.name] for t in g.ok if spec.name in t.metrics]
-    return Cell(summarize(vals), present=bool(vals))
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "table"
 
 
-def _rows_table(slug: str, title: str, axes: list[str], groups: dict[tuple, Group], specs: list[MetricSpec]) -> Table:
-    row_keys = list(groups)
-    cells = {(r, s.name): _cell(groups[r], s) for r in row_keys for s in specs}
-    counts = {(r, None): (len(groups[r].ok), len(groups[r].failed)) for r in row_keys}
-    t = Table(slug, title, "rows", list(axes), None, row_keys, [s.name for s in specs], specs, cells, counts)
-    if not specs:
-        t.notes.append("No finished trial has metrics for this table yet.")
-    for s in specs:
-        scope = [(r, s.name) for r in row_keys]
-        _mark(t, scope, s, {(r, s.name): groups[r] for r in row_keys})
+def _counts(g: Group) -> tuple[int, int, int]:
+    return len(g.ok), len(g.failed), len(g.stopped)
+
+
+def _rows_table(ctx: Context, slug: str, title: str, stage: str, changed: set[str], present: set[str]) -> Table:
+    specs = [s for s in stage_specs(stage) if s.name in present]
+    col_keys = [s.suffix for s in specs]
+    blocks: list[tuple[str, bool]] = []   # (stage, tested)
+    if stage != "rm":
+        blocks.append(("base", False))
+        if stage in METHODS and "sft" not in changed:
+            blocks.append(("sft", False))
+    blocks.append((stage, True))
+    with_stage = stage != "rm"
+    t = Table(slug, title, "rows", (["stage"] if with_stage else []) + list(ctx.axes), None, [], col_keys, specs,
+              {}, {}, stage=stage)
+    for st, tested in blocks:
+        if not any(f"{st}/{c}" in present for c in col_keys):
+            continue
+        rows = []
+        for key, g in ctx.groups.items():
+            if not any(stage_present(x, st) for x in g.ok) and not (tested and (g.failed or g.stopped)):
+                continue
+            cells = {c: _cell(ctx, g, spec_for(f"{st}/{c}")) for c in col_keys}
+            rows.append((key, g, cells))
+        if not tested and len(rows) > 1 and _same_cells([r[2] for r in rows]):
+            key, g, cells = rows[0]
+            merged = Group(tuple(ALL_VALUES for _ in ctx.axes))
+            for _, gg, _ in rows:
+                merged.ok += gg.ok
+            rows = [(merged.key, merged, cells)]
+            t.notes.append(f"{stage_title(st)}: the same for every value of {', '.join(ctx.axes)} "
+                           f"({_why_same(st)}), shown once.")
+        for key, g, cells in rows:
+            rk = ((stage_title(st),) if with_stage else ()) + key
+            t.row_keys.append(rk)
+            t.counts[(rk, None)] = _counts(g)
+            for c, cell in cells.items():
+                t.cells[(rk, c)] = cell
+            if not tested:
+                t.reference_rows.add(rk)
+        if tested and rows:
+            gmap = dict(zip(t.row_keys[-len(rows):], [r[1] for r in rows]))
+            n_axes = len(ctx.axes)
+            for c, spec in zip(col_keys, specs):
+                keys = [(rk, c) for rk in gmap]
+                _compare(ctx, t, keys, spec, {k: gmap[k[0]] for k in keys},
+                         lambda k: _label(ctx.axes, k[0][len(k[0]) - n_axes:]))
+    _holm_marks(t)
+    if stage != "rm" and any(r for r in t.reference_rows):
+        t.notes.append("Reference rows (base model" + (", SFT" if any(r[0] == "SFT" for r in t.reference_rows)
+                                                        else "") + ") are shown, not tested.")
+    _rm_note(t, ctx)
     return t
 
 
-def _label(t: Table, key: tuple) -> str:
-    row, col = key
-    parts = [f"{a}={fmt_value(v)}" for a, v in zip(t.row_axes, row)]
-    if t.layout == "pivot":
-        parts.append(f"{t.col_axis}={fmt_value(col)}")
-    return ", ".join(parts) or "all trials"
+def _why_same(stage: str) -> str:
+    return {"base": "one model and data, greedy answers, scored by each seed's RM",
+            "sft": "the axis does not change SFT"}.get(stage, "identical values")
 
 
-def compare(best: Group, runner: Group, spec: MetricSpec) -> Optional[PairedTest]:
-    """Paired test of best - runner-up: per-example bootstrap, else paired-by-seed t, else None."""
-    a, b = best.per_example(spec), runner.per_example(spec)
-    test = paired_bootstrap(a, b) if a and b else None
-    if test is None:
-        test = paired_seed_test(best.seed_values(spec.name), runner.seed_values(spec.name))
-    return test
+def _same_cells(cell_maps: list[dict[str, Cell]]) -> bool:
+    first = cell_maps[0]
+    for other in cell_maps[1:]:
+        for c, cell in first.items():
+            a, b = cell.summary, other[c].summary
+            if (a.n, a.n_nan) != (b.n, b.n_nan) or not _close(a.mean, b.mean) or not _close(a.ci_low, b.ci_low):
+                return False
+    return True
 
 
-def _mark(t: Table, scope: list[tuple], spec: MetricSpec, groups: dict[tuple, Group]) -> None:
-    """Find the best and runner-up among the scope's cells, test them, and set the marks."""
-    if spec.higher_is_better is None:
+def _close(a: float, b: float) -> bool:
+    if math.isnan(a) and math.isnan(b):
+        return True
+    return abs(a - b) <= 1e-12 * max(1.0, abs(a), abs(b))
+
+
+def _pivots(ctx: Context, stage: str, unique, present: set[str]) -> list[Table]:
+    a, b = ctx.axes
+    row_vals = sorted({k[0] for k in ctx.groups}, key=_sort_key)
+    col_vals = sorted({k[1] for k in ctx.groups}, key=_sort_key)
+    out = []
+    for spec in (s for s in stage_specs(stage) if s.name in present):
+        cells, counts, scope = {}, {}, {}
+        for r in row_vals:
+            for c in col_vals:
+                g = ctx.groups.get((r, c))
+                if g is None:
+                    continue
+                cells[((r,), c)] = _cell(ctx, g, spec)
+                counts[((r,), c)] = _counts(g)
+                scope[((r,), c)] = g
+        title = f"{stage_title(stage)} {spec.label} {spec.arrow}: {a} x {b}".replace("  ", " ").strip()
+        t = Table(unique(f"{a}_x_{b}_{spec.name}"), title, "pivot", [a], b,
+                  [(r,) for r in row_vals], col_vals, [spec], cells, counts, stage=stage)
+        _compare(ctx, t, list(scope), spec, scope, lambda k: f"{a}={fmt_value(k[0][0])}, {b}={fmt_value(k[1])}")
+        _holm_marks(t)
+        _rm_note(t, ctx)
+        out.append(t)
+    return out
+
+
+def _other_table(ctx: Context, slug: str, names: list[str]) -> Table:
+    specs = [spec_for(n) for n in names]
+    t = Table(slug, f"other metrics: {', '.join(ctx.axes) or 'no swept axes'}", "rows", list(ctx.axes), None,
+              list(ctx.groups), names, specs, {}, {})
+    for key, g in ctx.groups.items():
+        t.counts[(key, None)] = _counts(g)
+        for n, s in zip(names, specs):
+            t.cells[(key, n)] = _cell(ctx, g, s)
+    t.notes.append("Metrics the registry does not know: shown as reported, no direction, never tested.")
+    return t
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------------
+def _compare(ctx: Context, t: Table, scope: list[tuple], spec: MetricSpec, groups: dict, label) -> None:
+    """Best and runner-up among the scope's cells; their paired test is recorded (marks come after Holm)."""
+    if not spec.tested:
         return
     cands = [k for k in scope if t.cells[k].summary.n >= 1]
     if len(cands) < 2:
@@ -260,190 +328,73 @@ def _mark(t: Table, scope: list[tuple], spec: MetricSpec, groups: dict[tuple, Gr
     sign = 1.0 if spec.higher_is_better else -1.0
     order = sorted(cands, key=lambda k: (-sign * t.cells[k].summary.mean, scope.index(k)))
     best, runner = order[0], order[1]
-    test = compare(groups[best], groups[runner], spec)
-    bm, rm = t.cells[best].summary.mean, t.cells[runner].summary.mean
-    if test is None:
-        verdict = "not tested"
-        t.cells[best].mark = NOT_TESTED
+    gb, gr = groups[best], groups[runner]
+    bm, rmean = t.cells[best].summary.mean, t.cells[runner].summary.mean
+    cmp = Comparison(spec, label(best), label(runner), bm, rmean, "not tested", None, keys=(best, runner))
+    if spec.rm_scale and not _same_rm(gb, gr):
+        cmp.verdict = "not tested: different RMs"
     else:
-        # diff = best - runner-up; separated only if the whole interval lies on the better side of 0, so a
-        # test that disagrees with the table's ordering (possible: corpus vs per-example scores) never bolds.
-        separated = bm != rm and (test.ci_low > 0 if sign > 0 else test.ci_high < 0)
-        verdict = "separated" if separated else "tie"
+        cmp.test = paired_seed_test(ctx.values(gb, spec), ctx.values(gr, spec))
+        if cmp.test is None:
+            t.cells[best].mark = NOT_TESTED
+            cmp.within_seed = _within_seed(ctx, gb, gr, spec)
+    t.comparisons.append(cmp)
+
+
+def _same_rm(a: Group, b: Group) -> bool:
+    """Both rows scored by one reward model on every shared seed (raw RM units are then comparable)."""
+    sa, sb = a.by_seed(), b.by_seed()
+    shared = sa.keys() & sb.keys()
+    return bool(shared) and all(rm_id(sa[s]) == rm_id(sb[s]) for s in shared)
+
+
+def _within_seed(ctx: Context, a: Group, b: Group, spec: MetricSpec) -> Optional[PairedTest]:
+    """One shared seed: the paired bootstrap over prompts of the metric's own statistic (information only)."""
+    if spec.source is None:
+        return None
+    sa, sb = a.by_seed(), b.by_seed()
+    shared = sorted(sa.keys() & sb.keys(), key=repr)
+    if len(shared) != 1:
+        return None
+    s = shared[0]
+    key = "rm" if spec.source == "rm" else spec.stage
+    ra, rb = sa[s].records.get(key), sb[s].records.get(key)
+    if not isinstance(ra, list) or not isinstance(rb, list):
+        return None
+    ia = {str(r.get("data_id")): r for r in ra if isinstance(r, dict)}
+    ib = {str(r.get("data_id")): r for r in rb if isinstance(r, dict)}
+    ids = sorted(ia.keys() & ib.keys())
+    if len(ids) < 2:
+        return None
+    try:
+        ua = unit_stats(spec.source, [ia[i] for i in ids])
+        ub = unit_stats(spec.source, [ib[i] for i in ids])
+    except Exception:  # noqa: BLE001 - malformed records only cost the information line
+        return None
+    if not (math.isfinite(reduce_units(spec, ua)) and math.isfinite(reduce_units(spec, ub))):
+        return None
+    return paired_unit_bootstrap(ua, ub, spec.reduce)
+
+
+def _holm_marks(t: Table) -> None:
+    """Holm over the table's tested comparisons, then the marks: bold only when the adjusted p < ALPHA and the
+    difference points the way the table ranks them."""
+    tested = [c for c in t.comparisons if c.test is not None]
+    adjusted = holm([c.test.p_value for c in tested])
+    for c, p in zip(tested, adjusted):
+        c.test = PairedTest(**{**c.test.__dict__, "p_adjusted": p})
+        best, runner = c.keys
+        sign = 1.0 if c.metric.higher_is_better else -1.0
+        separated = p < ALPHA and c.best_mean != c.runner_mean and sign * c.test.diff > 0
+        c.verdict = "separated" if separated else "tie"
         t.cells[best].mark = BEST if separated else TIE
         if not separated:
             t.cells[runner].mark = TIE
-    t.comparisons.append(Comparison(spec, _label(t, best), _label(t, runner), bm, rm, verdict, test))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Formatting
-# ---------------------------------------------------------------------------------------------------------
-def _num(x: float, fmt: str, signed: bool = False) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    s = format(x, ("+" if signed else "") + fmt)
-    # A tiny half-width must not print as 0.000 (that reads as "no uncertainty").
-    if x != 0 and float(re.sub(r"[^0-9.eE+-]", "", s) or 0) == 0:
-        s = format(x, ("+" if signed else "") + ".2g")
-    return s
-
-
-def _count_text(ok: int, failed: int) -> str:
-    return f"{ok} ok" + (f", {failed} failed" if failed else "")
-
-
-def cell_parts(cell: Cell, spec: MetricSpec) -> tuple[str, str, str]:
-    """(value text, n text, mark symbol) shared by the markdown and LaTeX writers."""
-    s = cell.summary
-    if not cell.present:
-        return "", "", ""
-    if s.n == 0:
-        return "n/a", f"n=0, {s.n_nan} NaN", ""
-    value = _num(s.mean, spec.fmt)
-    if s.has_ci:
-        value = f"{value} ± {_num(s.half_width, spec.fmt)}"
-        n = f"n={s.n}"
-    else:
-        n = "n=1, no CI"
-    if s.n_nan:
-        n += f", {s.n_nan} NaN"
-    sym = {TIE: "≈", NOT_TESTED: "†"}.get(cell.mark, "")
-    return value, n, sym
-
-
-def _md_escape(s: str) -> str:
-    return s.replace("|", "\\|")
-
-
-def _md_cell(cell: Optional[Cell], spec: MetricSpec) -> str:
-    if cell is None:
-        return "—"
-    value, n, sym = cell_parts(cell, spec)
-    if not value:
-        return "—"
-    if cell.mark == BEST:
-        value = f"**{value}**"
-    return f"{value}{' ' + sym if sym else ''} ({n})"
-
-
-def _header(spec: MetricSpec) -> str:
-    return f"{spec.label} {spec.arrow}".strip()
-
-
-def to_markdown(t: Table) -> str:
-    lines: list[str] = []
-    if t.layout == "pivot":
-        spec = t.metrics[0]
-        header = [f"{t.row_axes[0]} \\ {t.col_axis}"] + [fmt_value(c) for c in t.col_keys]
-        rows = [[fmt_value(r[0])] + [_md_cell(t.cells.get((r, c)), spec) for c in t.col_keys] for r in t.row_keys]
-    else:
-        header = list(t.row_axes or ["trials"]) + ["trials"] + [_header(m) for m in t.metrics]
-        if not t.row_axes:
-            header = header[1:]
-        rows = []
-        for r in t.row_keys:
-            ok, failed = t.counts[(r, None)]
-            rows.append([fmt_value(v) for v in r] + [_count_text(ok, failed)]
-                        + [_md_cell(t.cells.get((r, m.name)), m) for m in t.metrics])
-    lines.append("| " + " | ".join(_md_escape(h) for h in header) + " |")
-    lines.append("|" + "|".join(["---"] * len(header)) + "|")
-    for row in rows:
-        lines.append("| " + " | ".join(_md_escape(c) for c in row) + " |")
-    if t.layout == "pivot":
-        failed = [f"{t.row_axes[0]}={fmt_value(k[0][0])}, {t.col_axis}={fmt_value(k[1])}: {f} failed"
-                  for k, (ok, f) in t.counts.items() if f]
-        trials = sorted({ok for ok, f in t.counts.values()})
-        lines.append("")
-        lines.append(f"Finished trials per cell: {', '.join(map(str, trials))}."
-                     + (f" Failed: {'; '.join(failed)}." if failed else ""))
-    for note in t.notes:
-        lines.append("")
-        lines.append(note)
-    if t.comparisons:
-        lines.append("")
-        lines.append("Best vs runner-up:")
-        lines.extend(f"- {c.describe()}" for c in t.comparisons)
-    return "\n".join(lines) + "\n"
-
-
-def _csv_num(x: Optional[float]) -> str:
-    return "" if x is None or not math.isfinite(x) else format(x, ".10g")
-
-
-def to_csv(t: Table) -> str:
-    """Long format, plain numbers: one row per (configuration, metric)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    axes = list(t.row_axes) + ([t.col_axis] if t.col_axis else [])
-    w.writerow(axes + ["metric", "label", "higher_is_better", "mean", "ci_low", "ci_high", "n", "n_nan",
-                       "trials_ok", "trials_failed", "mark"])
-    for r in t.row_keys:
-        for c in t.col_keys:
-            cell = t.cells.get((r, c))
-            if cell is None or not cell.present:
-                continue
-            spec = t.spec(c)
-            key_vals = list(r) + ([c] if t.layout == "pivot" else [])
-            ok, failed = t.counts[(r, c if t.layout == "pivot" else None)]
-            s = cell.summary
-            hib = "" if spec.higher_is_better is None else str(spec.higher_is_better).lower()
-            w.writerow([fmt_value(v) if v is not None else "" for v in key_vals]
-                       + [spec.name, spec.label, hib, _csv_num(s.mean), _csv_num(s.ci_low), _csv_num(s.ci_high),
-                          s.n, s.n_nan, ok, failed, cell.mark])
-    return buf.getvalue()
-
-
-_TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                "↑": r"$\uparrow$", "↓": r"$\downarrow$", "±": r"$\pm$", "—": "--", "≈": r"$\approx$"}
-
-
-def tex_escape(s: str) -> str:
-    return "".join(_TEX_SPECIAL.get(ch, ch) for ch in s)
-
-
-def _tex_cell(cell: Optional[Cell], spec: MetricSpec) -> str:
-    if cell is None:
-        return "--"
-    value, n, sym = cell_parts(cell, spec)
-    if not value:
-        return "--"
-    v = tex_escape(value)
-    if cell.mark == BEST:
-        v = rf"\textbf{{{v}}}"
-    mark = {"≈": r"$^{\approx}$", "†": r"$^{\dagger}$"}.get(sym, "")
-    return rf"{v}{mark} {{\scriptsize ({tex_escape(n)})}}"
-
-
-def to_latex(t: Table) -> str:
-    if t.layout == "pivot":
-        spec = t.metrics[0]
-        header = [f"{t.row_axes[0]} \\ {t.col_axis}"] + [fmt_value(c) for c in t.col_keys]
-        rows = [[fmt_value(r[0])] + [_tex_cell(t.cells.get((r, c)), spec) for c in t.col_keys]
-                for r in t.row_keys]
-        n_label = 1
-    else:
-        header = list(t.row_axes) + ["trials"] + [_header(m) for m in t.metrics]
-        rows = [[tex_escape(fmt_value(v)) for v in r] + [tex_escape(_count_text(*t.counts[(r, None)]))]
-                + [_tex_cell(t.cells.get((r, m.name)), m) for m in t.metrics] for r in t.row_keys]
-        n_label = len(t.row_axes) + 1
-    header_tex = [tex_escape(h) for h in header]
-    if t.layout == "pivot":
-        rows = [[tex_escape(row[0])] + row[1:] for row in rows]
-    colspec = "l" * n_label + "r" * (len(header) - n_label)
-    out = [
-        "% Generated by `python -m analysis report`; needs \\usepackage{booktabs}.",
-        "% Bold: separated from the runner-up (paired test, 95%); $\\approx$: tie; $\\dagger$: not tested.",
-        "\\begin{table}[t]",
-        "\\centering",
-        f"\\caption{{{tex_escape(t.title)}. Mean $\\pm$ 95\\% CI over seeds.}}",
-        f"\\label{{tab:{t.slug}}}",
-        f"\\begin{{tabular}}{{{colspec}}}",
-        "\\toprule",
-        " & ".join(header_tex) + " \\\\",
-        "\\midrule",
-    ]
-    out += [" & ".join(r) + " \\\\" for r in rows]
-    out += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
-    return "\n".join(out) + "\n"
+def _rm_note(t: Table, ctx: Context) -> None:
+    raw = [c for c in t.comparisons if c.verdict == "not tested: different RMs"]
+    if raw:
+        t.notes.append(f"{', '.join(dict.fromkeys(c.metric.label for c in raw))}: raw RM units of different reward "
+                       "models (each RM has its own scale), so shown as they are, not tested. The scale-free "
+                       "RM metrics (accuracy, Kendall tau, standardized margin) compare reward models.")

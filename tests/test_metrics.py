@@ -8,6 +8,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer, tokenizers
 
+from rlhf_ablate.metrics.text import bleu_from_stats, chrf_from_stats
 from rlhf_ablate.metrics import (
     CharTokenizer,
     KiwiTokenizer,
@@ -98,7 +99,16 @@ def test_corpus_scores_and_signatures_recorded(kiwi):
     assert f"version:{sacrebleu.__version__}" in m.meta["bleu_signature"]
     assert "nc:6" in m.meta["chrf_signature"]
     assert m.as_metrics("ppo/")["ppo/rougeL"] == m.corpus["rougeL"]
-    assert set(m.records[0]) == {"rouge1", "rouge2", "rougeL", "bleu", "chrf"}
+    assert set(m.records[0]) == {"rouge1", "rouge2", "rougeL", "bleu", "chrf", "bleu_stats", "chrf_stats"}
+    # the per-sentence statistics summed over any subset give that subset's corpus score (what a bootstrap
+    # resample of prompts needs, as in sacrebleu's paired bootstrap)
+    sub = [0, 2]
+    ref_sub = sacrebleu.metrics.BLEU(tokenize="char").corpus_score([preds[i] for i in sub], [[refs[i] for i in sub]])
+    stats = [sum(m.records[i]["bleu_stats"][j] for i in sub) for j in range(10)]
+    assert bleu_from_stats(stats) == pytest.approx(ref_sub.score)
+    chrf_stats = [sum(m.records[i]["chrf_stats"][j] for i in sub) for j in range(18)]
+    assert chrf_from_stats(chrf_stats) == pytest.approx(
+        sacrebleu.metrics.CHRF().corpus_score([preds[i] for i in sub], [[refs[i] for i in sub]]).score)
     m13 = text_metrics(preds, refs, rouge_tokenizer="char", bleu_tokenize="13a")
     assert "tok:13a" in m13.meta["bleu_signature"]
 
@@ -191,11 +201,53 @@ def test_margins_hand_computed_ties_and_dropped_prompts():
     assert rm_metrics(recs, prefix="") == m
 
 
-def test_length_corr_sign():
+def test_length_bias_sign():
     longer_better = [([1.0, 2.0, 3.0], [3, 2, 1], [10, 20, 30]), ([0.0, 5.0], [2, 1], [3, 40])]
-    assert rm_metrics(longer_better)["rm/length_corr"] > 0.9
+    assert rm_metrics(longer_better)["rm/length_bias"] == pytest.approx(1.0)
     shorter_better = [([3.0, 2.0, 1.0], [1, 2, 3], [10, 20, 30]), ([5.0, 0.0], [1, 2], [3, 40])]
-    assert rm_metrics(shorter_better)["rm/length_corr"] < -0.9
+    assert rm_metrics(shorter_better)["rm/length_bias"] == pytest.approx(-1.0)
+
+
+def test_length_bias_ignores_a_constant_per_prompt():
+    """Issue 10: the old pooled correlation went from +0.88 to -0.88 when each prompt's scores moved by a constant
+    (no ranking inside any prompt changes). The within-prompt measure does not move at all."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    groups = []
+    for p in range(40):
+        lengths = rng.integers(10, 200, 3)
+        scores = 0.01 * lengths + rng.normal(0, 0.5, 3)    # mildly longer-is-better inside each prompt
+        groups.append((scores, [1, 2, 3], lengths))
+    before = rm_metrics(groups)
+    # move every prompt's scores by a constant that falls with the prompt's mean length
+    shifted = [(s - 0.05 * np.mean(ln) * 10, r, ln) for s, r, ln in groups]
+    after = rm_metrics(shifted)
+    assert after["rm/length_bias"] == before["rm/length_bias"] and before["rm/length_bias"] > 0.1
+    for k in ("rm/kendall_tau", "rm/pairwise_accuracy", "rm/separation_margin", "rm/margin_standardized",
+              "rm/margin_length_corrected"):
+        assert after[k] == pytest.approx(before[k]), k
+    pooled = lambda gs: spearmanr(np.concatenate([s for s, _, _ in gs]), np.concatenate([ln for *_, ln in gs]))[0]
+    assert pooled(groups) > 0.5 and pooled(shifted) < -0.5     # what the pooled measure did
+
+
+def test_standardized_and_length_corrected_margins_hand_computed():
+    # group 1: scores 3, 1 (ranks 1, 2), lengths 20, 10; group 2: scores 2, 2, 0, lengths 10, 30, 20
+    groups = [([3.0, 1.0], [1, 2], [20, 10]), ([2.0, 2.0, 0.0], [1, 2, 3], [10, 30, 20])]
+    m = rm_metrics(groups, prefix="")
+    margins = [2.0, 0.0, 2.0, 2.0]                                  # (3-1), (2-2), (2-0), (2-0)
+    assert m["separation_margin"] == pytest.approx(sum(margins) / 4)
+    # pooled within-prompt sd: SS = (1 + 1) + (4/9 + 4/9 + 16/9), dof = 1 + 2
+    sd = math.sqrt((2 + 24 / 9) / 3)
+    assert m["margin_standardized"] == pytest.approx(1.5 / sd)
+    # within-prompt slope of score on length: sxy = (1*5 + -1*-5) + (2/3*-10 + 2/3*10 + -4/3*0) = 10,
+    # sxx = 50 + 200 = 250 -> 0.04; pair length differences 10, -20, -10, 10 -> sum -10
+    assert m["margin_length_corrected"] == pytest.approx((6.0 - 0.04 * -10) / 4)
+    # standardized margin does not change under an affine rescaling of one RM's scores
+    scaled = rm_metrics([([7 * x + 3 for x in s], r, ln) for s, r, ln in groups], prefix="")
+    assert scaled["margin_standardized"] == pytest.approx(m["margin_standardized"])
+    assert scaled["separation_margin"] == pytest.approx(7 * m["separation_margin"])
 
 
 def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
@@ -216,3 +268,13 @@ def test_rm_input_errors():
         rm_metrics([])
     with pytest.raises(MetricsError, match="'lengths'"):
         rm_metrics([{"scores": [1.0], "ranks": [1]}])
+
+
+def test_docs_metrics_page_is_generated_from_the_registry():
+    from pathlib import Path
+
+    from rlhf_ablate.metrics.docs import render_metrics_doc
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+    assert page.read_text(encoding="utf-8") == render_metrics_doc(), (
+        "docs/metrics.md is out of date: python -m rlhf_ablate.metrics.docs > docs/metrics.md")

@@ -1,5 +1,6 @@
 """End to end: the bundled lora_rank and kl_coef sweeps (shortened by overrides, run in-process without Ray) give
-reports whose tables carry separation margin, Kendall tau and ROUGE columns as mean ± 95% CI over two seeds."""
+reports with a table for every stage the axis changes (RM, SFT and PPO for the tied LoRA rank; PPO for kl_coef),
+base-model rows, mean ± 95% CI over two seeds, the side-by-side answers and the plots (PNG and SVG)."""
 
 from __future__ import annotations
 
@@ -43,31 +44,51 @@ def reports(tmp_path_factory, builtin_cache):
     return {name: run_sweep_in_process(name, out) for name in ("lora_rank", "kl_coef")}
 
 
-def test_lora_rank_table_has_margin_and_tau_with_cis(reports):
+def test_lora_rank_report_has_rm_sft_and_ppo_tables_with_base_rows(reports):
     rep = reports["lora_rank"]
-    table = rows(rep / "lora_rank.csv")
-    for metric in ("rm/separation_margin", "rm/kendall_tau", "rm/pairwise_accuracy"):
+    table = rows(rep / "lora_rank_rm.csv")
+    for metric in ("rm/separation_margin", "rm/kendall_tau", "rm/pairwise_accuracy", "rm/margin_standardized"):
         cells = [r for r in table if r["metric"] == metric]
         assert sorted(int(r["lora_rank"]) for r in cells) == [0, 8, 16]
         for r in cells:
             assert r["n"] == "2" and r["trials_failed"] == "0"
             lo, mean, hi = float(r["ci_low"]), float(r["mean"]), float(r["ci_high"])
             assert math.isfinite(mean) and lo <= mean <= hi
+    for stage in ("sft", "ppo"):
+        table = rows(rep / f"lora_rank_{stage}.csv")
+        metrics = {r["metric"] for r in table}
+        for m in ("rouge1", "rouge2", "rougeL", "bleu", "chrf"):
+            assert f"{stage}/{m}" in metrics and f"base/{m}" in metrics, (stage, m)
+        for r in table:
+            if r["metric"] == f"{stage}/rougeL":
+                assert r["n"] == "2" and 0 < float(r["mean"]) < 1   # Korean ROUGE is never silently 0
+        base = [r for r in table if r["stage"] == "base model"]
+        assert base and all(r["reference"] == "true" for r in base)
     md = (rep / "report.md").read_text(encoding="utf-8")
-    assert "RM separation margin ↑" in md and "RM Kendall tau ↑" in md and "(n=2)" in md and " ± " in md
-    assert (rep / "lora_rank.tex").read_text(encoding="utf-8").count(r"\pm") >= 9
+    assert "margin ↑" in md and "Kendall tau ↑" in md and "(n=2)" in md and " ± " in md
+    assert "BLEU ↑ [0-100]" in md and "ROUGE-L ↑ [0-1]" in md and "tok:char" in md and "kiwi" in md
+    side = md.split("## Side by side")[1]
+    assert side.count("### Prompt ") == 3 and "**Reference:**" in side
+    assert "| base model |" in side and "| SFT |" in side and "| PPO |" in side
+    assert (rep / "lora_rank_rm.tex").read_text(encoding="utf-8").count(r"\pm") >= 9
     for png in ("rm_scores.png", "length_bias.png", "frontier.png", "ppo_curves.png"):
         assert (rep / png).stat().st_size > 10_000
+        assert (rep / png.replace(".png", ".svg")).stat().st_size > 10_000
+    assert "No Korean font" not in md
 
 
 def test_kl_coef_table_has_rouge_bleu_reward_kl_with_cis(reports):
-    (path,) = reports["kl_coef"].glob("*.csv")  # one axis, one table
+    (path,) = reports["kl_coef"].glob("*.csv")  # kl_coef changes PPO only: one table
     table = rows(path)
     metrics = {r["metric"] for r in table}
-    assert {"ppo/rougeL", "ppo/rouge1", "ppo/bleu", "ppo/reward_mean", "ppo/kl_to_ref"} <= metrics
+    assert {"ppo/rougeL", "ppo/rouge1", "ppo/bleu", "ppo/reward_mean", "ppo/kl_to_ref", "base/rougeL",
+            "sft/rougeL"} <= metrics
     for r in table:
         if r["metric"] == "ppo/rougeL":
             assert r["n"] == "2" and float(r["ci_low"]) <= float(r["mean"]) <= float(r["ci_high"])
-            assert 0 < float(r["mean"]) < 1  # Korean ROUGE is never silently 0
+            assert 0 < float(r["mean"]) < 1
+    # base and SFT do not depend on kl_coef: one reference row each
+    assert sorted({(r["stage"], r["ppo.kl_coef"]) for r in table if r["reference"] == "true"}) == [
+        ("SFT", "all"), ("base model", "all")]
     md = (reports["kl_coef"] / "report.md").read_text(encoding="utf-8")
     assert "ROUGE-L" in md and "Best vs runner-up" in md

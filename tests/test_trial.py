@@ -80,7 +80,8 @@ class Trials:
 
     def stage_dir(self, result: dict, stage: str) -> Path:
         t = result["timings"][stage]
-        return self.cache.path({"eval_sft": "eval", "eval_ppo": "eval", "eval_dpo": "eval"}.get(stage, stage),
+        return self.cache.path({"eval_sft": "eval", "eval_ppo": "eval", "eval_dpo": "eval", "eval_base": "eval",
+                                "score_base": "eval"}.get(stage, stage),
                                t["key"])
 
 
@@ -320,14 +321,14 @@ def test_result_json_follows_the_contract(trials, small):
     # metrics: the namespaces of docs/architecture.md
     m = r["metrics"]
     for k in ("rm/chosen_mean", "rm/rejected_mean", "rm/separation_margin", "rm/pairwise_accuracy",
-              "rm/kendall_tau", "rm/spearman_rho", "rm/length_corr", "sft/rougeL", "sft/bleu", "sft/chrf",
+              "rm/kendall_tau", "rm/spearman_rho", "rm/length_bias", "sft/rougeL", "sft/bleu", "sft/chrf",
               "sft/reward_mean", "ppo/rouge1", "ppo/rouge2", "ppo/rougeL", "ppo/bleu", "ppo/chrf", "ppo/reward_mean",
               "ppo/kl_to_ref", "ppo/response_len", "ppo/objective/kl", "ppo/objective/scores"):
         assert isinstance(m.get(k), (int, float)) and math.isfinite(m[k]), k
     assert m["rm/separation_margin"] == pytest.approx(m["rm/chosen_mean"] - m["rm/rejected_mean"])
     assert {"rouge_tokenizer", "bleu_signature", "chrf_signature"} <= set(r["metric_meta"])
     # timings: every stage with seconds, cache_hit and key; a total
-    for stage in ("sft", "rm", "eval_sft", "ppo", "eval_ppo"):
+    for stage in ("sft", "rm", "eval_base", "score_base", "eval_sft", "ppo", "eval_ppo"):
         t = r["timings"][stage]
         assert isinstance(t["seconds"], (int, float)) and isinstance(t["cache_hit"], bool) and t["key"], stage
         assert (trials.stage_dir(r, stage) / COMPLETE).is_file()
@@ -339,7 +340,7 @@ def test_result_json_follows_the_contract(trials, small):
     # records: per prompt, paired across policies by data_id
     data = trials_data(cfg)
     eval_ids = [e.data_id for e in data.eval]
-    for policy in ("sft", "ppo"):
+    for policy in ("base", "sft", "ppo"):
         recs = r["records"][policy]
         assert [x["data_id"] for x in recs] == eval_ids
         assert all(EVAL_RECORD_KEYS <= set(x) for x in recs)

@@ -66,7 +66,7 @@ def length_by_rank(groups: list[RankedGroup]) -> dict:
                    f"({m1:.1f} vs {ml:.1f} chars) and the longest of their group in {share:.0%} of groups; "
                    f"'prefer the longer answer' agrees with {length_acc:.0%} of the {len(prs)} pairs"
                    + (" -> length is a SHORTCUT here: a reward model can win by preferring length "
-                      "(watch rm/length_corr)." if length_acc > 0.6 else
+                      "(watch rm/length_bias)." if length_acc > 0.6 else
                       " -> length alone does not predict the preference."))
     return {"by_rank": table, "rank1_longest_share": round(share, 4),
             "longer_wins_pair_share": None if length_acc is None else round(length_acc, 4), "verdict": verdict}

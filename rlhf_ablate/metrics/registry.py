@@ -1,38 +1,55 @@
-"""What the analysis knows about each metric: label, direction, number format, tables, per-example source.
+"""The one definition of every metric: how it is computed, which way is better, how it prints, its scale, the
+tokenizer or signature it depends on, and the statistic its test compares. Stages, tables, tests and
+docs/metrics.md all read it, so a cell and its test cannot disagree (issue 10).
 
-Modelled on lm-evaluation-harness, where every metric declares its aggregation and ``higher_is_better``: the
-direction decides the arrow in a column header and which value can be bold. ``None`` means "no better direction"
-(a raw score whose scale is arbitrary, a length, a correlation that should be near zero); such columns get no
-arrow and no bold.
+Modelled on lm-evaluation-harness, where every metric declares its aggregation and ``higher_is_better``.
 
-Names follow the one namespace of docs/architecture.md ("Metric names"). A metric that a result.json carries but this
-registry does not know still appears in the "everything" tables, with its raw name and no direction.
+How a value is computed: each metric is a *reducer* of per-unit sufficient statistics summed over units. A unit is
+one held-out prompt for the eval metrics (``records.<stage>`` of result.json) and one ranked group for the RM
+metrics (``records.rm``). The sum over all units gives the trial's value (what the stage writes to result.json and
+the cell shows); the sum over a resample of units gives a bootstrap replicate of the same statistic. So corpus
+BLEU is resampled as corpus BLEU (sacrebleu's paired bootstrap does the same), and RM accuracy counts a tie as 1/2
+pair-weighted everywhere.
+
+Names follow the one namespace of docs/architecture.md ("Metric names"). Eval metrics exist once per policy stage
+in :data:`POLICY_STAGES`; a new alignment method (grpo, rloo) is one entry in :data:`METHODS`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
-# Table kinds (which metric set a swept axis gets).
-RM = "rm"        # LoRA rank: what the reward model learned
-KL = "kl"        # PPO kl_coef: generation quality against the KL budget
-DATA = "data"    # data version: SFT and PPO text metrics and RM metrics
-ALL = "all"      # base model, method and any axis we have no special set for: everything present
+import numpy as np
+
+from .reward import RM_REDUCERS, rm_unit_stats
+from .text import bleu_from_stats, chrf_from_stats
+
+# Alignment methods after SFT, in the order tables show them. Adding a method (e.g. "grpo", "rloo") is one entry.
+METHODS: tuple[str, ...] = ("ppo", "dpo")
+# Every policy whose answers to the held-out prompts are evaluated: the base model, SFT, then each method.
+POLICY_STAGES: tuple[str, ...] = ("base", "sft", *METHODS)
+STAGE_TITLES = {"rm": "reward model", "base": "base model", "sft": "SFT", "ppo": "PPO", "dpo": "DPO"}
+
+
+def stage_title(stage: str) -> str:
+    return STAGE_TITLES.get(stage, stage.upper())
 
 
 @dataclass(frozen=True)
 class MetricSpec:
-    name: str
-    label: str
-    higher_is_better: Optional[bool]
+    name: str                          # "ppo/bleu"
+    label: str                         # column header without the stage: "BLEU"
+    higher_is_better: Optional[bool]   # None: no better direction (no arrow, never bold)
     fmt: str = ".3f"
-    tables: frozenset = frozenset({ALL})
-    # Where the paired test finds per-example values: ("ppo", "bleu") reads records.ppo[*]["bleu"];
-    # ("rm", "<group metric>") computes one value per ranked group from records.rm (see rm_group_value).
-    record: Optional[tuple[str, str]] = None
-    note: str = ""
+    scale: str = ""                    # "0-100", "0-1", "RM score units", ...
+    definition: str = ""               # one or two sentences, shown in docs/metrics.md and the table legends
+    source: Optional[str] = None       # "rm" or "eval": which records compute it; None: only the trial's number
+    reduce: Optional[Callable[[np.ndarray], float]] = None   # summed unit statistics -> value
+    setting: Optional[str] = None      # metric_meta key that must agree across averaged trials
+    rm_scale: bool = False             # in the reward model's own units: comparable only under one RM
+    in_table: bool = True
 
     @property
     def arrow(self) -> str:
@@ -42,134 +59,218 @@ class MetricSpec:
     def stage(self) -> str:
         return self.name.split("/", 1)[0] if "/" in self.name else ""
 
+    @property
+    def suffix(self) -> str:
+        return self.name.split("/", 1)[1] if "/" in self.name else self.name
 
-def _rm(name: str, label: str, hib: Optional[bool], tables: Iterable[str], group: Optional[str] = None,
-        fmt: str = ".3f", note: str = "") -> MetricSpec:
-    return MetricSpec(f"rm/{name}", label, hib, fmt, frozenset(tables) | {ALL},
-                      ("rm", group) if group else None, note)
+    @property
+    def tested(self) -> bool:
+        return self.higher_is_better is not None
 
+    @property
+    def test_statistic(self) -> str:
+        """What the significance test of this metric compares (docs/metrics.md, table legends)."""
+        if not self.tested:
+            return "not tested (no better direction)"
+        what = f"the per-seed difference of the trial's {self.label}"
+        if self.source is not None:
+            what += " (the same reducer over the same records as the cell)"
+        if self.rm_scale:
+            what += "; only between rows scored by the same reward model (raw RM units)"
+        return "paired t over shared seeds of " + what
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Eval metrics: per-prompt statistics from records.<stage>
+# ---------------------------------------------------------------------------------------------------------
+_BLEU_N, _CHRF_N = 10, 18   # sacrebleu's per-sentence statistics: BLEU [sys, ref, correct_1..4, total_1..4]; chrF2
+EVAL_COLUMNS = ("n", "rouge1", "rouge2", "rougeL", "reward", "kl_to_ref", "response_len", "has_eos",
+                *(f"bleu_{i}" for i in range(_BLEU_N)), *(f"chrf_{i}" for i in range(_CHRF_N)))
+_E = {c: i for i, c in enumerate(EVAL_COLUMNS)}
+_BLEU0, _CHRF0 = _E["bleu_0"], _E["chrf_0"]
+
+
+def _num(x) -> float:
+    """A record field as a float (has_eos is a bool); anything else, or a missing field, is NaN."""
+    return float(x) if isinstance(x, (int, float)) else math.nan
+
+
+def eval_unit_stats(records: Sequence[Mapping]) -> np.ndarray:
+    """(prompts x len(EVAL_COLUMNS)): one row per eval record; a field the record lacks is NaN, so a metric
+    that needs it is NaN rather than a made-up number (old result files have no BLEU statistics)."""
+    out = np.full((len(records), len(EVAL_COLUMNS)), math.nan)
+    for i, r in enumerate(records):
+        out[i, _E["n"]] = 1.0
+        for c in ("rouge1", "rouge2", "rougeL", "reward", "kl_to_ref", "response_len", "has_eos"):
+            out[i, _E[c]] = _num(r.get(c))
+        for key, start, n in (("bleu_stats", _BLEU0, _BLEU_N), ("chrf_stats", _CHRF0, _CHRF_N)):
+            v = r.get(key)
+            if isinstance(v, list) and len(v) == n:
+                out[i, start:start + n] = [_num(x) for x in v]
+    return out
+
+
+def _mean_of(col: str) -> Callable[[np.ndarray], float]:
+    """Mean of a per-prompt field. Works on one summed vector and, row-wise, on a (resamples x columns) matrix,
+    so a bootstrap can reduce every resample at once."""
+    j, n = _E[col], _E["n"]
+
+    def reduce(v: np.ndarray):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.where(v[..., n] > 0, v[..., j] / np.where(v[..., n] > 0, v[..., n], 1.0), math.nan)
+        return float(out) if np.ndim(out) == 0 else out
+    reduce.vectorized = True  # type: ignore[attr-defined]
+    return reduce
+
+
+def _from_stats(fn, start: int, n: int) -> Callable[[np.ndarray], float]:
+    def reduce(v: np.ndarray) -> float:
+        s = v[start:start + n]
+        return fn(s) if np.isfinite(s).all() and v[_E["n"]] > 0 else math.nan
+    return reduce
+
+
+_ROUGE_DEF = ("F1 of {what} with the reference, per prompt (sentence-level; rouge_score with a Korean tokenizer), "
+              "averaged over prompts.")
+# suffix, label, higher_is_better, fmt, scale, definition, reduce, setting, rm_scale, methods only
+_EVAL = [
+    ("rouge1", "ROUGE-1", True, ".3f", "0-1", _ROUGE_DEF.format(what="unigram overlap"),
+     _mean_of("rouge1"), "rouge_tokenizer", False, False),
+    ("rouge2", "ROUGE-2", True, ".3f", "0-1", _ROUGE_DEF.format(what="bigram overlap"),
+     _mean_of("rouge2"), "rouge_tokenizer", False, False),
+    ("rougeL", "ROUGE-L", True, ".3f", "0-1", _ROUGE_DEF.format(what="the longest common subsequence"),
+     _mean_of("rougeL"), "rouge_tokenizer", False, False),
+    ("bleu", "BLEU", True, ".2f", "0-100",
+     "Corpus BLEU (sacrebleu, 4-grams, exp smoothing) over all prompts: n-gram counts are summed over prompts "
+     "before the precisions are taken, so it is not a mean of sentence BLEU.",
+     _from_stats(bleu_from_stats, _BLEU0, _BLEU_N), "bleu_signature", False, False),
+    ("chrf", "chrF", True, ".2f", "0-100",
+     "Corpus chrF2 (sacrebleu, character 6-grams, whitespace ignored), statistics summed over prompts.",
+     _from_stats(chrf_from_stats, _CHRF0, _CHRF_N), "chrf_signature", False, False),
+    ("reward_mean", "RM reward", True, ".3f", "RM score units",
+     "Mean score that the trial's reward model gives the greedy answers. Raw RM units: comparable only between "
+     "rows scored by the same reward model.", _mean_of("reward"), None, True, False),
+    ("kl_to_ref", "KL to ref", False, ".3f", "nats per answer",
+     "KL(policy || SFT reference) summed over the tokens of one sampled (temperature 1) answer per prompt, "
+     "averaged over prompts; the price paid for reward (Gao et al. 2022).", _mean_of("kl_to_ref"), None, False,
+     True),
+    ("response_len", "length", None, ".1f", "tokens", "Mean greedy answer length in tokens of the policy's "
+     "tokenizer.", _mean_of("response_len"), None, False, False),
+    ("eos_frac", "EOS", None, ".2f", "0-1", "Fraction of greedy answers that ended with EOS within the length "
+     "cap.", _mean_of("has_eos"), None, False, False),
+]
+
+# ---------------------------------------------------------------------------------------------------------
+# Reward-model metrics: per-group statistics from records.rm (rlhf_ablate/metrics/reward.py)
+# ---------------------------------------------------------------------------------------------------------
+# suffix, label, higher_is_better, fmt, scale, definition, rm_scale, in_table
+_RM = [
+    ("chosen_mean", "chosen mean", None, ".3f", "RM score units",
+     "Mean score of the better answer over every (better, worse) pair of the held-out ranked groups.", True, True),
+    ("rejected_mean", "rejected mean", None, ".3f", "RM score units",
+     "Mean score of the worse answer over the same pairs.", True, True),
+    ("separation_margin", "margin", True, ".3f", "RM score units",
+     "chosen mean - rejected mean (mean pair margin). Raw RM units: each RM has its own scale, so it is tested "
+     "only between rows that share one reward model.", True, True),
+    ("margin_standardized", "std. margin", True, ".3f", "standard deviations",
+     "Mean pair margin divided by the pooled within-prompt standard deviation of the scores: unchanged by "
+     "rescaling an RM's scores, so it compares reward models.", False, True),
+    ("margin_length_corrected", "len-corr. margin", True, ".3f", "RM score units",
+     "Mean pair margin after removing the within-prompt linear effect of answer length (one least-squares slope "
+     "of score on length, prompt means removed). Raw RM units.", True, True),
+    ("pairwise_accuracy", "accuracy", True, ".3f", "0-1",
+     "Fraction of (better, worse) pairs the RM orders correctly, pair-weighted; a tie (equal scores) counts 1/2.",
+     False, True),
+    ("prob_margin_gt_0", "P(margin>0)", True, ".3f", "0-1", "Fraction of pairs with margin strictly above 0 "
+     "(a tie counts 0).", False, False),
+    ("prob_margin_gt_0.5", "P(margin>0.5)", True, ".3f", "0-1", "Fraction of pairs with margin above 0.5 RM "
+     "units (depends on the RM's scale).", True, False),
+    ("margin_std", "margin std", None, ".3f", "RM score units", "Population standard deviation of the pair "
+     "margins.", True, False),
+    ("kendall_tau", "Kendall tau", True, ".3f", "-1..1",
+     "Kendall tau-b of the scores against the human ranking inside each prompt, macro-averaged over prompts "
+     "where it is defined.", False, True),
+    ("spearman_rho", "Spearman rho", True, ".3f", "-1..1",
+     "Spearman rho of the scores against the human ranking inside each prompt, macro-averaged.", False, False),
+    ("length_bias", "length bias", None, ".3f", "-1..1",
+     "Spearman correlation of score and answer length (NFC characters) inside each prompt, macro-averaged over "
+     "prompts: > 0 means the RM prefers the longer answer to the same prompt. Within-prompt, so a constant per "
+     "prompt changes nothing. Near 0 is best, so it has no arrow.", False, True),
+]
 
 _REGISTRY: list[MetricSpec] = [
-    # Reward model, on held-out ranked groups. chosen/rejected means are on the RM's own scale, which differs
-    # between reward models, so they carry no direction; the margin and the rank agreement do.
-    _rm("chosen_mean", "RM chosen mean", None, [RM]),
-    _rm("rejected_mean", "RM rejected mean", None, [RM]),
-    _rm("separation_margin", "RM separation margin", True, [RM, DATA], group="margin"),
-    _rm("margin_std", "RM margin std", None, [RM]),
-    _rm("pairwise_accuracy", "RM pairwise accuracy", True, [RM, DATA], group="accuracy"),
-    _rm("prob_margin_gt_0", "RM P(margin>0)", True, [], group="accuracy"),
-    _rm("prob_margin_gt_0.5", "RM P(margin>0.5)", True, [], group="margin_gt_0.5"),
-    _rm("kendall_tau", "RM Kendall tau", True, [RM, DATA], group="kendall_tau"),
-    _rm("spearman_rho", "RM Spearman rho", True, [], group="spearman_rho"),
-    # Closer to zero is better (no length bias), which is neither "higher" nor "lower".
-    _rm("length_corr", "RM length corr", None, [RM], note="reward vs answer length; near 0 = no length bias"),
+    MetricSpec(f"rm/{suffix}", label, hib, fmt, scale, definition, "rm", RM_REDUCERS[suffix], None, raw, table)
+    for suffix, label, hib, fmt, scale, definition, raw, table in _RM
 ]
-
-_TEXT = [
-    # (suffix, label, higher_is_better, fmt, record field)
-    ("bleu", "BLEU", True, ".2f", "bleu"),
-    ("rouge1", "ROUGE-1", True, ".3f", "rouge1"),
-    ("rouge2", "ROUGE-2", True, ".3f", "rouge2"),
-    ("rougeL", "ROUGE-L", True, ".3f", "rougeL"),
-    ("chrf", "chrF", True, ".2f", "chrf"),
-    ("reward_mean", "RM reward", True, ".3f", "reward"),
-    # KL to the reference is the price paid for reward (Gao et al. 2022 plot reward against sqrt(KL)).
-    ("kl_to_ref", "KL to ref", False, ".3f", "kl_to_ref"),
-    ("response_len", "response len", None, ".1f", "response_len"),
-]
-for _stage in ("sft", "ppo", "dpo"):
-    for _suffix, _label, _hib, _fmt, _field in _TEXT:
-        _tables = {ALL}
-        if _stage in ("ppo", "dpo") and _suffix in ("bleu", "rouge1", "rougeL", "chrf", "reward_mean", "kl_to_ref",
-                                                    "response_len"):
-            _tables.add(KL)
-        if _suffix in ("bleu", "rouge1", "rougeL", "chrf") or (_stage != "sft" and _suffix == "reward_mean"):
-            _tables.add(DATA)
-        _REGISTRY.append(MetricSpec(f"{_stage}/{_suffix}", f"{_stage.upper()} {_label}", _hib, _fmt,
-                                    frozenset(_tables), (_stage, _field)))
+for _stage in POLICY_STAGES:
+    for _suffix, _label, _hib, _fmt, _scale, _def, _reduce, _setting, _raw, _methods_only in _EVAL:
+        if _methods_only and _stage not in METHODS:
+            continue  # SFT is its own reference (KL 0); the base model has no reference policy
+        _REGISTRY.append(MetricSpec(f"{_stage}/{_suffix}", _label, _hib, _fmt, _scale, _def, "eval", _reduce,
+                                    _setting, _raw))
 
 REGISTRY: dict[str, MetricSpec] = {m.name: m for m in _REGISTRY}
 ORDER: dict[str, int] = {m.name: i for i, m in enumerate(_REGISTRY)}
 
+# Names a trial reports that are not table metrics: confidence bounds, counts, training losses and PPO's per-step
+# stats (docs/architecture.md, "Metric names"). Known, so config checks accept them; not shown in the tables.
+AUXILIARY_SUFFIXES = {
+    "rm": ("kendall_tau_ci_low", "kendall_tau_ci_high", "kendall_tau_dropped", "spearman_rho_ci_low",
+           "spearman_rho_ci_high", "spearman_rho_dropped", "length_bias_dropped", "n_groups", "n_pairs",
+           "n_answers", "train_pairs"),
+    "sft": ("train_loss_first", "train_loss_last", "train_examples"),
+    "dpo": ("train_loss_last", "train_pairs"),
+}
+TRAINING_STAT_PREFIXES = ("objective/", "policy/", "val/", "loss/", "time/", "time_", "lr", "train_", "steps")
+
 
 def spec_for(name: str) -> MetricSpec:
     """The registered spec, or a neutral one (raw name, no direction) for a metric we do not know."""
-    return REGISTRY.get(name) or MetricSpec(name, name, None, ".4g", frozenset({ALL}))
+    return REGISTRY.get(name) or MetricSpec(name, name, None, ".4g", definition="not in the metric registry")
 
 
-def table_kind(axis: str) -> str:
-    """Which metric set a swept axis gets (the tables our users publish, see docs/architecture.md)."""
-    a = axis.lower()
-    if "kl_coef" in a or "kl_target" in a or "adaptive_kl" in a:
-        return KL
-    if "lora_rank" in a and not a.startswith("ppo.") and not a.startswith("dpo."):
-        # LoRA rank of SFT/RM (or the tied axis over all stages): the RM table of chosen/rejected/margin/tau.
-        return RM
-    if a in ("ppo.lora_rank", "dpo.lora_rank"):
-        return KL
-    if a.startswith("data.version") or a == "data":
-        return DATA
-    return ALL
+def known_metric(name: str) -> bool:
+    """True for every name a trial can report: registered metrics, their auxiliary numbers, and the per-step
+    training stats of an alignment method (``ppo/objective/scores``). For config checks ("did you mean")."""
+    if name in REGISTRY:
+        return True
+    stage, _, rest = name.partition("/")
+    if rest in AUXILIARY_SUFFIXES.get(stage, ()):
+        return True
+    return stage in METHODS and rest.startswith(TRAINING_STAT_PREFIXES)
 
 
-def metrics_for(kinds: Iterable[str], present: Iterable[str]) -> list[MetricSpec]:
-    """Registered metrics of the given table kinds that appear in ``present``, in registry order; for ALL also
-    every unknown metric present (sorted by name after the known ones)."""
-    kinds = set(kinds)
-    present = set(present)
-    chosen = [m for m in _REGISTRY if m.name in present and m.tables & kinds]
-    if ALL in kinds:
-        chosen += [spec_for(n) for n in sorted(present - set(REGISTRY))]
-    return chosen
+def all_metric_names() -> list[str]:
+    """Every registered metric name plus the auxiliary ones (for "did you mean" suggestions)."""
+    return list(REGISTRY) + [f"{s}/{x}" for s, xs in AUXILIARY_SUFFIXES.items() for x in xs]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# One value per ranked group, for the paired test of RM metrics (records.rm, see docs/architecture.md).
-# ---------------------------------------------------------------------------------------------------------
-def _pair_margins(scores: Sequence[float], ranks: Sequence[int]) -> list[float]:
-    """score(better) - score(worse) for every pair with different ranks (rank 1 = best), the pairs RankedGroup
-    .pairs() yields."""
-    out = []
-    for i in range(len(scores)):
-        for j in range(len(scores)):
-            if ranks[i] < ranks[j]:
-                out.append(float(scores[i]) - float(scores[j]))
-    return out
+def stage_specs(stage: str, *, table_only: bool = True) -> list[MetricSpec]:
+    """The stage's metrics in registry order (the columns of its table)."""
+    return [m for m in _REGISTRY if m.stage == stage and (m.in_table or not table_only)]
 
 
-def _tau(scores: Sequence[float], ranks: Sequence[int]) -> float:
-    from scipy.stats import kendalltau
+def unit_stats(source: str, records: Sequence[Mapping]) -> np.ndarray:
+    """Per-unit sufficient statistics of ``records.rm`` (source "rm") or of an eval stage's records ("eval")."""
+    if source == "rm":
+        return rm_unit_stats(records)
+    if source == "eval":
+        return eval_unit_stats(records)
+    raise ValueError(f"unknown metric source {source!r}")
 
-    # Rank 1 = best, so correlate scores with minus the ranks (docs/stack.md, "Korean text metrics").
-    return float(kendalltau(scores, [-r for r in ranks]).statistic)
 
-
-def _rho(scores: Sequence[float], ranks: Sequence[int]) -> float:
-    from scipy.stats import spearmanr
-
-    if len(scores) < 2 or len(set(scores)) < 2 or len(set(ranks)) < 2:
+def reduce_units(spec: MetricSpec, stats: np.ndarray) -> float:
+    """The metric over the units (rows) of ``stats``: the reducer of their column sums."""
+    if spec.reduce is None or len(stats) == 0:
         return math.nan
-    return float(spearmanr(scores, [-r for r in ranks]).statistic)
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else math.nan
-
-
-_GROUP_FUNCS: dict[str, Callable[[Mapping], float]] = {
-    "margin": lambda r: _mean(_pair_margins(r["scores"], r["ranks"])),
-    "accuracy": lambda r: _mean([1.0 if m > 0 else 0.0 for m in _pair_margins(r["scores"], r["ranks"])]),
-    "margin_gt_0.5": lambda r: _mean([1.0 if m > 0.5 else 0.0 for m in _pair_margins(r["scores"], r["ranks"])]),
-    "kendall_tau": lambda r: (float(r["kendall_tau"]) if isinstance(r.get("kendall_tau"), (int, float))
-                              else _tau(r["scores"], r["ranks"])),
-    "spearman_rho": lambda r: _rho(r["scores"], r["ranks"]),
-}
-
-
-def rm_group_value(group_metric: str, rec: Mapping) -> float:
-    """The per-group value of an RM metric (NaN when the group cannot give one, e.g. all ranks tied)."""
-    try:
-        v = _GROUP_FUNCS[group_metric](rec)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        return math.nan
+    v = spec.reduce(stats.sum(axis=0))
     return float(v) if v is not None else math.nan
+
+
+def compute_stage_metrics(stage: str, records: Sequence[Mapping]) -> dict[str, float]:
+    """Every registered metric of ``stage`` from its records: what the eval stage writes to metrics.json."""
+    specs = [m for m in _REGISTRY if m.stage == stage and m.source is not None]
+    if not specs or not records:
+        return {}
+    stats = unit_stats(specs[0].source, records)
+    return {m.name: reduce_units(m, stats) for m in specs}

@@ -23,6 +23,8 @@ __all__ = [
     "get_rouge_tokenizer",
     "TextMetrics",
     "text_metrics",
+    "bleu_from_stats",
+    "chrf_from_stats",
 ]
 
 
@@ -126,7 +128,9 @@ class TextMetrics:
     """
 
     corpus: dict[str, float]  # rouge1, rouge2, rougeL, bleu, chrf
-    records: list[dict[str, float]]  # per example: rouge1, rouge2, rougeL, bleu, chrf
+    # per example: rouge1, rouge2, rougeL, bleu, chrf (sentence scores, for reading only) and bleu_stats, chrf_stats
+    # (sacrebleu's sufficient statistics: summed over any set of examples they give that set's corpus score)
+    records: list[dict]
     meta: dict[str, str] = field(default_factory=dict)  # rouge_tokenizer, bleu_signature, chrf_signature
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
@@ -175,6 +179,33 @@ def _check_rouge_not_silently_zero(
                 "non-ASCII text (rouge_score's default tokenizer does). Use eval.rouge_tokenizer=kiwi or char.")
 
 
+def bleu_from_stats(stats: Sequence[float]) -> float:
+    """Corpus BLEU (0-100) from summed per-sentence statistics ``[sys_len, ref_len, correct_1..4, total_1..4]``.
+
+    This is how sacrebleu computes a corpus score and how its paired bootstrap resamples one
+    (sacrebleu/metrics/bleu.py ``_compute_score_from_stats``, sacrebleu/significance.py): the tokenizer only
+    matters when the statistics are extracted, so the default BLEU object scores any tokenization's statistics.
+    """
+    return float(_scorer("bleu")._compute_score_from_stats([int(round(x)) for x in stats]).score)
+
+
+def chrf_from_stats(stats: Sequence[float]) -> float:
+    """Corpus chrF (0-100, chrF2, character 6-grams) from summed per-sentence statistics, as sacrebleu does."""
+    return float(_scorer("chrf")._compute_score_from_stats([int(round(x)) for x in stats]).score)
+
+
+_SCORERS: dict = {}
+
+
+def _scorer(kind: str):
+    """One default sacrebleu BLEU / CHRF object per process (scoring statistics needs no tokenizer)."""
+    if kind not in _SCORERS:
+        from sacrebleu.metrics import BLEU, CHRF
+
+        _SCORERS[kind] = BLEU() if kind == "bleu" else CHRF()
+    return _SCORERS[kind]
+
+
 def text_metrics(
     predictions: Sequence[str],
     references: Sequence[str],
@@ -185,7 +216,10 @@ def text_metrics(
 
     Texts are NFC-normalised first for every metric. BLEU per example is sacrebleu's sentence BLEU with
     ``effective_order=True`` (no zero from a missing 4-gram in a short answer); corpus BLEU is not the mean of
-    those. chrF uses sacrebleu's defaults (chrF2, character 6-grams, whitespace ignored).
+    those. chrF uses sacrebleu's defaults (chrF2, character 6-grams, whitespace ignored). Each record also keeps
+    the sentence's sufficient statistics (``bleu_stats``, ``chrf_stats``): their sum over the examples is what the
+    corpus scores are computed from (:func:`bleu_from_stats`), so a resample of examples gets its own corpus
+    score, the statistic the table shows (sacrebleu's paired bootstrap does the same).
     """
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import BLEU, CHRF
@@ -210,8 +244,12 @@ def text_metrics(
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=tokenizer)
     sent_bleu = BLEU(tokenize=bleu_tokenize, effective_order=True)
     sent_chrf = CHRF()
-    records: list[dict[str, float]] = []
-    for p, r in zip(preds, refs):
+    bleu = BLEU(tokenize=bleu_tokenize)
+    chrf = CHRF()
+    bleu_stats = bleu._extract_corpus_statistics(preds, [refs])
+    chrf_stats = chrf._extract_corpus_statistics(preds, [refs])
+    records: list[dict] = []
+    for p, r, bs, cs in zip(preds, refs, bleu_stats, chrf_stats):
         s = scorer.score(r, p)  # rouge_score's argument order is (target, prediction)
         records.append({
             "rouge1": s["rouge1"].fmeasure,
@@ -219,20 +257,19 @@ def text_metrics(
             "rougeL": s["rougeL"].fmeasure,
             "bleu": sent_bleu.sentence_score(p, [r]).score,
             "chrf": sent_chrf.sentence_score(p, [r]).score,
+            "bleu_stats": [int(x) for x in bs],
+            "chrf_stats": [int(x) for x in cs],
         })
     _check_rouge_not_silently_zero(preds, refs, records, tokenizer)
 
-    bleu = BLEU(tokenize=bleu_tokenize)
-    chrf = CHRF()
-    bleu_score = bleu.corpus_score(preds, [refs])
-    chrf_score = chrf.corpus_score(preds, [refs])
     n = len(records)
     corpus = {
         "rouge1": sum(x["rouge1"] for x in records) / n,
         "rouge2": sum(x["rouge2"] for x in records) / n,
         "rougeL": sum(x["rougeL"] for x in records) / n,
-        "bleu": bleu_score.score,
-        "chrf": chrf_score.score,
+        # the same numbers as bleu.corpus_score(preds, [refs]) (tests/test_metrics.py checks it)
+        "bleu": bleu_from_stats([sum(col) for col in zip(*bleu_stats)]),
+        "chrf": chrf_from_stats([sum(col) for col in zip(*chrf_stats)]),
     }
     meta = {
         "rouge_tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),

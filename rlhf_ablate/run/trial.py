@@ -33,6 +33,12 @@ def stage_keys(cfg: TrialConfig, cache: StageCache, data_fp: str, threads: int =
                                   "upstream": [keys["sft"]] if cfg.rm.init_from == "sft" else []})
     keys["eval_sft"] = cache.key("eval", {**common, "eval": a(cfg.eval), "policy": "sft",
                                           "upstream": [keys["sft"], keys["rm"]]})
+    # The base model's answers depend on the model, data and eval settings only (greedy decoding, no seed): one
+    # artifact per model and data; the trial's RM scores them in a small stage of its own.
+    keys["eval_base"] = cache.key("eval", {"model": a(cfg.model), "data": data_fp, "eval": a(cfg.eval),
+                                           "policy": "base"})
+    keys["score_base"] = cache.key("eval", {"policy": "base", "scored_by": keys["rm"],
+                                            "upstream": [keys["eval_base"], keys["rm"], keys["sft"]]})
     if cfg.method == "ppo":
         keys["ppo"] = cache.key("ppo", {**common, "ppo": a(cfg.ppo), "upstream": [keys["sft"], keys["rm"]]})
     else:
@@ -89,12 +95,14 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
             dirs[name] = r.path
             return r.path
 
-        from ..stages.evaluate import evaluate_policy
+        from ..stages.evaluate import evaluate_policy, generate_base, score_base
         from ..stages.rm import train_rm
         from ..stages.sft import train_sft
 
         run("sft", "sft", lambda out: train_sft(cfg, data, out))
         run("rm", "rm", lambda out: train_rm(cfg, data, dirs["sft"] if cfg.rm.init_from == "sft" else None, out))
+        run("eval_base", "eval", lambda out: generate_base(cfg, data, out))
+        run("score_base", "eval", lambda out: score_base(cfg, dirs["sft"], dirs["rm"], dirs["eval_base"], out))
         run("eval_sft", "eval", lambda out: evaluate_policy(cfg, data, "sft", dirs["sft"], dirs["rm"], None, out))
         if cfg.method == "ppo":
             from ..stages.ppo import train_ppo
@@ -109,11 +117,12 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
 
         stage = "collect"
         metrics: dict[str, Any] = {}
-        for name in ("sft", "rm", m, "eval_sft", "eval_" + m):
+        for name in ("sft", "rm", m, "score_base", "eval_sft", "eval_" + m):
             metrics.update(read_json(dirs[name] / "metrics.json"))
         result["metrics"] = metrics
         result["metric_meta"] = read_json(dirs["eval_sft"] / "meta.json")
         result["records"] = {"rm": read_json(dirs["rm"] / "records.json"),
+                             "base": read_json(dirs["score_base"] / "records.json"),
                              "sft": read_json(dirs["eval_sft"] / "records.json"),
                              m: read_json(dirs["eval_" + m] / "records.json")}
         result["history"] = {s: read_json(dirs[s] / "history.json") for s in ("sft", "rm", m)
