@@ -22,8 +22,8 @@ from rlhf_ablate.data.readers import detect_format, prompt_id, read_file
 from rlhf_ablate.data.records import RankedGroup
 from rlhf_ablate.data.splits import prompt_key
 from rlhf_ablate.data.stats import compute_stats, format_stats
-from rlhf_ablate.data.versions import (FILTERS, _dedup_text, hangul_ratio, is_evasive, is_loop,
-                                       near_duplicate_pairs)
+from rlhf_ablate.data.dedup import near_duplicate_pairs
+from rlhf_ablate.data.versions import FILTERS, dedup_text as _dedup_text, hangul_ratio, is_evasive, is_loop
 from rlhf_ablate.errors import ConfigError, DataError
 
 
@@ -155,7 +155,7 @@ def test_unknown_shape_names_file_fields_and_expected(tmp_path):
 
 def test_format_that_cannot_serve_the_kind(tmp_path):
     f = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
-    with pytest.raises(DataError, match="hf_pref.*cannot be used as a sft file"):
+    with pytest.raises(DataError, match="hf_pref.*cannot be used as sft data"):
         read_file(f, "sft")
 
 
@@ -313,7 +313,7 @@ def test_caps_are_deterministic_and_keep_file_order(v2):
 
 def test_source_dir_with_kochatgpt_names_and_missing_files(tmp_path):
     (tmp_path / "kochatgpt_1_SFT.jsonl").write_bytes((SAMPLE_DIR / "sft.jsonl").read_bytes())
-    with pytest.raises(DataError, match="no RM file; tried kochatgpt_2_RM.jsonl"):
+    with pytest.raises(DataError, match=r"no RM file; tried kochatgpt_2_RM\.\*, rm\.\*"):
         load_data(DataConfig(source=str(tmp_path)))
     (tmp_path / "kochatgpt_2_RM.jsonl").write_bytes((SAMPLE_DIR / "rm.jsonl").read_bytes())
     b = load_data(DataConfig(source=str(tmp_path), version="v2"))

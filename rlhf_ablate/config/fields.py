@@ -25,11 +25,15 @@ def help_field(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
+# Config values that are mappings themselves (a dict field), not sections of dotted keys.
+DICT_VALUED = ("data.custom_versions", "data.columns")
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and key != "data.custom_versions":
+        if isinstance(v, Mapping) and key not in DICT_VALUED:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v

@@ -41,18 +41,27 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = _f("ko_sample", "'ko_sample' (bundled Korean data) or a directory holding sft/rm/ppo/eval files.")
+    source: str = _f("ko_sample", "'ko_sample' (bundled Korean data), a directory of data files, one data file "
+                     "(JSON, Parquet, CSV), a save_to_disk directory or a Hub dataset id (org/name).")
     format: Literal["auto", "kochatgpt", "aihub", "hf_pref", "hh", "messages"] = _f(
         "auto", "Reader for the files in `source`; 'auto' detects it per file from the fields of the first row.")
-    sft_file: Optional[str] = _f(None, "SFT file (JSON array or JSON lines), relative to `source`.")
-    rm_file: Optional[str] = _f(None, "Ranked-group or preference-pair file, relative to `source`.")
-    ppo_file: Optional[str] = _f(None, "PPO prompt file, relative to `source`.")
-    eval_file: Optional[str] = _f(None, "Held-out prompts with reference answers, relative to `source`.")
+    columns: dict = _f({}, "Your column names mapped onto ours, our name -> yours (LLaMA-Factory's 'columns'), e.g. "
+                       "{prompt: instruction, completion: output}.")
+    sft_file: Optional[str] = _f(None, "SFT file relative to `source` (or a split name of a dataset source).")
+    rm_file: Optional[str] = _f(None, "Ranked-group or preference-pair file relative to `source` (or a split name).")
+    ppo_file: Optional[str] = _f(None, "PPO prompt file relative to `source` (or a split name).")
+    eval_file: Optional[str] = _f(None, "Held-out prompts with references relative to `source` (or a split name).")
     version: str = _f("v1", "Data version: v1 (as read), v2 (cleaned) or a name from `custom_versions`.")
     custom_versions: dict = _f({}, "Your own versions: name -> list of cleaning filters (see `data stats`).")
     eval_fraction: float = _f(0.2, "Fraction of RM groups held out for RM eval (split by stable prompt id).")
     split_seed: int = _f(0, "Seed of the stable train/eval split. Independent of the trial seed.")
     skip_bad_rows: bool = _f(False, "Skip and count malformed rows instead of stopping at the first one.")
+    evasive_sft: Literal["drop", "keep"] = _f(
+        "drop", "v2's evasive rule on SFT targets: drop refusals and AI self-references, or keep them.")
+    evasive_rm: Literal["auto", "drop_preferred", "keep"] = _f(
+        "auto", "v2's evasive rule on ranked groups: drop a group whose refusal outranks a real answer "
+        "(helpfulness data), keep (harmlessness data, where refusing is preferred), or auto (keep for HH-RLHF "
+        "transcripts, drop_preferred otherwise).")
     max_sft: int = _f(0, "Use at most this many SFT examples (0 = all).")
     max_rm_groups: int = _f(0, "Use at most this many RM training groups (0 = all).")
     max_ppo_prompts: int = _f(0, "Use at most this many PPO prompts (0 = all).")

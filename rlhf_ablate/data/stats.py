@@ -11,7 +11,8 @@ from collections import Counter
 
 from . import DataBundle
 from .records import RankedGroup, SFTExample
-from .versions import _dedup_text, n_tokens, near_duplicate_pairs
+from .dedup import near_duplicates
+from .versions import dedup_text, n_tokens
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -73,10 +74,12 @@ def length_by_rank(groups: list[RankedGroup]) -> dict:
 
 
 def duplicates(records: list) -> dict:
-    keys = [_dedup_text(r) for r in records]
+    """Rows that dedup_exact and then dedup_near would drop (exact copies of the normalised text; near copies,
+    spacing variants included, of a row kept before them)."""
+    keys = [dedup_text(r) for r in records]
     exact = len(keys) - len(set(keys))
-    near = {j for i, j, jac in near_duplicate_pairs(keys) if jac < 1.0 or keys[i] != keys[j]}
-    return {"exact": exact, "near": len(near)}
+    near = sum(1 for j, (i, _) in near_duplicates(keys).items() if keys[i] != keys[j])
+    return {"exact": exact, "near": near}
 
 
 def compute_stats(bundle: DataBundle) -> dict:

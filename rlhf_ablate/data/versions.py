@@ -2,18 +2,23 @@
 
 Importable without torch (the config validator imports FILTERS to check ``data.custom_versions``).
 
-A filter is ``f(records, kind) -> FilterResult`` over one split (kind: sft, rm, ppo). Filters run in the order
-the version lists them (FILTERS order for v2), and each reports how many rows it dropped, so the cleaning report
-can say "dedup_exact dropped 12 SFT rows" for every rule and split.
+A filter is ``f(records, kind, opts) -> FilterResult`` over one split (kind: sft, rm, ppo, eval; ``opts``: the
+per-stage choices of :class:`Options`). Filters run in the order the version lists them (FILTERS order for v2), and
+each reports the rows it dropped with the reason, so the cleaning report can say "dedup_exact dropped 12 SFT rows"
+and show a few of them for every rule and split (``data prepare`` prints them: a user judges a rule by its victims).
 
 What a rule looks at, per record type:
-- SFT examples: the completion (`garbage` also checks the prompt: a non-Korean prompt makes the row useless).
+- SFT examples: the completion (`garbage` also checks the prompt: a non-Korean or dumped prompt makes the row
+  useless).
 - PPO prompts: the prompt.
 - Ranked groups: answer-level rules (evasive, garbage, length_outliers) drop a group only when a dirty answer is
   ranked ABOVE a clean one, e.g. the best answer is an "AI 언어 모델이므로 답변드릴 수 없습니다" refusal. A dirty
   answer ranked below the clean ones is kept: truncated, looping or English answers are exactly the negatives a
   reward model must learn to score low, and dropping them would also remove the long dispreferred answers that
   keep the reward model from learning "longer is better". Prompt-level rules (garbage prompt) drop the group.
+
+The Korean-specific choices (what counts as Korean text, a dumped record, a length outlier, an evasive answer) are
+explained at each rule; tests/test_data.py holds realistic Korean cases for each, written for this project.
 """
 
 from __future__ import annotations
@@ -21,13 +26,26 @@ from __future__ import annotations
 import math
 import re
 import statistics
-import zlib
 from collections import Counter
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
 
+from .dedup import NEAR_DUP_THRESHOLD, near_duplicates
 from .readers import normalize_text
 from .records import PromptExample, RankedGroup, SFTExample
+
+__all__ = ["FILTERS", "BUILTIN_VERSIONS", "Options", "FilterResult", "apply_filters", "version_filters",
+           "is_evasive", "is_loop", "is_foreign", "dumped_record", "korean_share", "hangul_ratio",
+           "length_bounds", "n_tokens", "NEAR_DUP_THRESHOLD"]
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-stage choices of the filters (DataConfig ``evasive_sft`` / ``evasive_rm``; "auto" resolved by the
+    caller from the RM data's format, rlhf_ablate/data/__init__.py)."""
+
+    evasive_sft: str = "drop"            # drop | keep
+    evasive_rm: str = "drop_preferred"   # drop_preferred | keep
 
 
 @dataclass
@@ -35,6 +53,11 @@ class FilterResult:
     kept: list
     dropped: int = 0
     changed: int = 0  # rows rewritten in place (nfc)
+    examples: list = field(default_factory=list)  # (record, reason) of every dropped row
+
+    @classmethod
+    def of(cls, kept: list, gone: list) -> "FilterResult":
+        return cls(kept, len(gone), 0, gone)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -49,39 +72,44 @@ def _answers(rec) -> list[str]:
     return [rec.prompt]  # PromptExample: the prompt is the text under test
 
 
-def _group_is_dirty(g: RankedGroup, dirty: Callable[[str], bool]) -> bool:
-    """True when some dirty answer is ranked strictly above some clean answer (see module docstring)."""
-    flags = [dirty(a) for a in g.answers]
-    best_dirty = min((r for r, f in zip(g.ranks, flags) if f), default=None)
-    worst_clean = max((r for r, f in zip(g.ranks, flags) if not f), default=None)
-    if best_dirty is None:
-        return False
-    if worst_clean is None:
-        return True  # every answer is dirty: nothing to learn from
-    return best_dirty < worst_clean
+Why = Callable[[str], Optional[str]]  # a reason when the text is dirty, else None
 
 
-def _drop_dirty(records: list, dirty: Callable[[str], bool], check_prompt: Callable[[str], bool] | None = None):
-    kept, dropped = [], 0
+def _group_reason(g: RankedGroup, why: Why) -> Optional[str]:
+    """A reason when some dirty answer is ranked strictly above some clean answer (see module docstring)."""
+    reasons = [why(a) for a in g.answers]
+    dirty = [(r, i) for i, (r, w) in enumerate(zip(g.ranks, reasons)) if w]
+    if not dirty:
+        return None
+    clean = [r for r, w in zip(g.ranks, reasons) if not w]
+    best_rank, i = min(dirty)
+    if clean and best_rank >= max(clean):
+        return None
+    tail = "every answer is dirty" if not clean else f"ranked above a clean answer (rank {max(clean)})"
+    return f"rank-{best_rank} answer: {reasons[i]}; {tail}"
+
+
+def _drop_dirty(records: list, why: Why, prompt_why: Optional[Why] = None) -> FilterResult:
+    kept, gone = [], []
     for rec in records:
-        if check_prompt is not None and not isinstance(rec, PromptExample) and check_prompt(rec.prompt):
-            bad = True
-        elif isinstance(rec, RankedGroup):
-            bad = _group_is_dirty(rec, dirty)
-        else:
-            bad = any(dirty(a) for a in _answers(rec))
-        if bad:
-            dropped += 1
-        else:
-            kept.append(rec)
-    return FilterResult(kept, dropped)
+        reason = None
+        if prompt_why is not None and not isinstance(rec, PromptExample):
+            reason = prompt_why(rec.prompt)
+            reason = f"prompt: {reason}" if reason else None
+        if reason is None:
+            if isinstance(rec, RankedGroup):
+                reason = _group_reason(rec, why)
+            else:
+                reason = next((w for w in map(why, _answers(rec)) if w), None)
+        (gone.append((rec, reason)) if reason else kept.append(rec))
+    return FilterResult.of(kept, gone)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # nfc
 # ---------------------------------------------------------------------------------------------------------
 
-def nfc(records: list, kind: str) -> FilterResult:
+def nfc(records: list, kind: str, opts: Options = Options()) -> FilterResult:
     """NFC + whitespace normalisation of every text field (readers.normalize_text). Drops nothing.
 
     Run it first: afterwards NFD copies and whitespace variants of a row are exact duplicates for dedup_exact.
@@ -105,7 +133,8 @@ def nfc(records: list, kind: str) -> FilterResult:
 # Duplicates
 # ---------------------------------------------------------------------------------------------------------
 
-def _dedup_text(rec) -> str:
+def dedup_text(rec) -> str:
+    """The text two records are compared by: prompt and answer(s), normalised."""
     if isinstance(rec, SFTExample):
         return normalize_text(rec.prompt) + "\n" + normalize_text(rec.completion)
     if isinstance(rec, RankedGroup):
@@ -115,89 +144,45 @@ def _dedup_text(rec) -> str:
     return normalize_text(rec.prompt)
 
 
-def dedup_exact(records: list, kind: str) -> FilterResult:
+_dedup_text = dedup_text  # the name tests and stats used before it became public
+
+
+def dedup_exact(records: list, kind: str, opts: Options = Options()) -> FilterResult:
     """Drop rows whose normalised text equals an earlier row's (first occurrence kept, file order)."""
-    seen, kept = set(), []
+    first: dict[str, str] = {}
+    kept, gone = [], []
     for rec in records:
-        key = _dedup_text(rec)
-        if key not in seen:
-            seen.add(key)
+        key = dedup_text(rec)
+        if key in first:
+            gone.append((rec, "copy of an earlier row" + (f" ({first[key]})" if first[key] != rec.data_id else "")))
+        else:
+            first[key] = rec.data_id
             kept.append(rec)
-    return FilterResult(kept, len(records) - len(kept))
+    return FilterResult.of(kept, gone)
 
 
-NEAR_DUP_THRESHOLD = 0.85  # char 3-gram Jaccard, spaces removed; short template prompts differing in one noun
-# reach ~0.8, spacing variants score 1.0 and a changed final character in a 20-syllable text ~0.9
-_NUM_PERM, _BANDS = 32, 8  # MinHash-LSH: P(candidate | J=0.85) = 1 - (1 - 0.85**4)**8 ~ 0.997
-_PRIME = (1 << 61) - 1
-
-
-def shingles(text: str, n: int = 3) -> set[str]:
-    """Character n-grams of the normalised, lower-cased text WITHOUT whitespace: Korean spacing (띄어쓰기) varies
-    freely between writers ("잘 하는" / "잘하는"), so spacing variants should count as the same text."""
-    t = re.sub(r"\s+", "", normalize_text(text).lower())
-    return {t[i:i + n] for i in range(max(1, len(t) - n + 1))}
-
-
-def jaccard(a: set, b: set) -> float:
-    return len(a & b) / len(a | b) if a or b else 1.0
-
-
-def _minhash(sh: set[str]) -> tuple[int, ...]:
-    hs = [zlib.crc32(s.encode("utf-8")) for s in sh]
-    sig = []
-    for k in range(_NUM_PERM):  # fixed affine permutations: deterministic across runs and machines
-        a, b = 2 * k + 0x9E3779B1, 7919 * k + 1
-        sig.append(min((a * h + b) % _PRIME for h in hs))
-    return tuple(sig)
-
-
-def near_duplicate_pairs(texts: list[str], threshold: float = NEAR_DUP_THRESHOLD) -> list[tuple[int, int, float]]:
-    """(i, j, jaccard) with i < j for texts whose character 3-gram Jaccard >= threshold.
-
-    MinHash-LSH proposes candidates (so 10k+ rows stay fast); each candidate is then checked with the exact
-    Jaccard, so there are no false positives, only rare misses just above the threshold.
-    """
-    sh = [shingles(t) for t in texts]
-    rows = _NUM_PERM // _BANDS
-    buckets: dict[tuple, list[int]] = {}
-    for i, s in enumerate(sh):
-        sig = _minhash(s)
-        for b in range(_BANDS):
-            buckets.setdefault((b, sig[b * rows:(b + 1) * rows]), []).append(i)
-    cands = set()
-    for members in buckets.values():
-        for x in range(len(members)):
-            for y in range(x + 1, len(members)):
-                cands.add((members[x], members[y]))
-    out = []
-    for i, j in sorted(cands):
-        jac = jaccard(sh[i], sh[j])
-        if jac >= threshold:
-            out.append((i, j, jac))
-    return out
-
-
-def dedup_near(records: list, kind: str) -> FilterResult:
-    """Drop rows whose text is a near duplicate (3-gram Jaccard >= NEAR_DUP_THRESHOLD) of an earlier kept row.
+def dedup_near(records: list, kind: str, opts: Options = Options()) -> FilterResult:
+    """Drop rows whose text is a near duplicate (3-gram Jaccard >= NEAR_DUP_THRESHOLD, rlhf_ablate/data/dedup.py)
+    of an earlier kept row.
 
     Near duplicates (a prompt with one particle changed, a copy with a typo fixed) inflate some prompts' weight
     and leak between train and eval; exact copies are dedup_exact's job, so this runs after it.
     """
-    drop = set()
-    for i, j, _ in near_duplicate_pairs([_dedup_text(r) for r in records]):
-        if i not in drop:
-            drop.add(j)
-    kept = [r for k, r in enumerate(records) if k not in drop]
-    return FilterResult(kept, len(drop))
+    drop = near_duplicates([dedup_text(r) for r in records])
+    gone = [(records[j], f"near copy (Jaccard {jac:.2f}) of an earlier row"
+             + (f" ({records[i].data_id})" if records[i].data_id != records[j].data_id else ""))
+            for j, (i, jac) in sorted(drop.items())]
+    return FilterResult.of([r for k, r in enumerate(records) if k not in drop], gone)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Length outliers
 # ---------------------------------------------------------------------------------------------------------
 
-LENGTH_K = 4.0  # bounds: exp(median(log n) +- 4 * 1.4826 * MAD(log n)), computed per split
-LENGTH_MIN_MAD = 0.15  # floor of the log-MAD (about +-15%), so near-uniform template data is not cut at +-1 token
+LENGTH_Q = 0.9           # the upper (and 1 - LENGTH_Q lower) quantile the bound starts from
+LENGTH_K = 3.0           # how many tail widths beyond that quantile a row must lie
+LENGTH_MIN_SPREAD = math.log(1.5)  # floor of the tail width, so near-uniform template data keeps some room
+LENGTH_MIN_HI = 32       # a row of up to 32 whitespace tokens is never too long
 
 
 def n_tokens(text: str) -> int:
@@ -205,30 +190,48 @@ def n_tokens(text: str) -> int:
     return len(text.split())
 
 
-def length_bounds(lengths: list[int], k: float = LENGTH_K) -> tuple[float, float]:
-    """Robust bounds on token counts: median +- k * 1.4826 * MAD (MAD scaled to a normal sigma) in log space.
+def _quantile(sorted_xs: list[float], q: float) -> float:
+    return sorted_xs[min(len(sorted_xs) - 1, max(0, int(round(q * (len(sorted_xs) - 1)))))]
 
-    Log space because answer lengths are right-skewed (roughly log-normal): a symmetric window in tokens would
-    be too tight above and too loose below. With k = 4 the window is at least x/÷ 2.4 around the median.
-    """
-    logs = [math.log(max(1, x)) for x in lengths]
+
+def length_bounds(lengths: list[int], lower: bool = True) -> tuple[float, float]:
+    """Bounds on token counts in log space, from the split's own tail rather than its core:
+
+        hi = exp(q90 + K * max(q90 - median, log 1.5)),  lo = exp(q10 - K * max(median - q10, log 1.5))
+
+    with q90/q10 the 90th/10th percentiles of log(tokens) and K = 3 (hi never below LENGTH_MIN_HI).
+
+    Why not median +- k MAD (the earlier rule): real prompt files are a mixture, mostly short chat and QA turns and a
+    sizeable minority of long spoken questions (KoChatGPT's PPO prompts include 40-70-token spoken requests). A MAD
+    measures the short majority only, and cut the spoken questions as "outliers" (issue 11). The 90th percentile
+    sits inside that minority, so the bound scales with how long the genuine tail is, while pasted documents and
+    concatenated answers, several times beyond the tail, still fall outside. The quantile itself tolerates up to 10 %
+    of outliers before it moves. Log space because lengths are right-skewed."""
+    logs = sorted(math.log(max(1, x)) for x in lengths)
     med = statistics.median(logs)
-    mad = max(LENGTH_MIN_MAD, statistics.median(abs(x - med) for x in logs))
-    half = k * 1.4826 * mad
-    return math.exp(med - half), math.exp(med + half)
+    q_hi, q_lo = _quantile(logs, LENGTH_Q), _quantile(logs, 1 - LENGTH_Q)
+    hi = max(LENGTH_MIN_HI, math.exp(q_hi + LENGTH_K * max(q_hi - med, LENGTH_MIN_SPREAD)))
+    lo = math.exp(q_lo - LENGTH_K * max(med - q_lo, LENGTH_MIN_SPREAD)) if lower else 0.0
+    return lo, hi
 
 
-def length_outliers(records: list, kind: str) -> FilterResult:
+def length_outliers(records: list, kind: str, opts: Options = Options()) -> FilterResult:
     """Drop rows whose answer (SFT completion, ranked answer, PPO prompt) is far outside the split's lengths.
 
     Outliers are mostly pasted documents, concatenated answers or one-word stubs; a handful of them dominate the
-    token budget of a batch (and, truncated at model.max_length, teach answers that never end).
+    token budget of a batch (and, truncated at model.max_length, teach answers that never end). Prompts have no
+    lower bound: "간식 추천" or "사랑꾼" are whole requests.
     """
     lengths = [n_tokens(a) for r in records for a in _answers(r)]
     if len(lengths) < 5:
         return FilterResult(list(records))
-    lo, hi = length_bounds(lengths)
-    return _drop_dirty(records, lambda a: not lo <= n_tokens(a) <= hi)
+    lo, hi = length_bounds(lengths, lower=kind != "ppo")
+
+    def why(a: str) -> Optional[str]:
+        n = n_tokens(a)
+        return None if lo <= n <= hi else f"{n} tokens, outside [{lo:.1f}, {hi:.1f}]"
+
+    return _drop_dirty(records, why)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,43 +239,113 @@ def length_outliers(records: list, kind: str) -> FilterResult:
 # ---------------------------------------------------------------------------------------------------------
 
 # Refusals and self-references of ChatGPT-generated Korean data (KoChatGPT's SFT file has many: "저는 인공지능
-# 챗봇이며, ...", "죄송합니다. 저는 AI 언어 모델로써 ..."). They teach a policy to dodge questions.
+# 챗봇이며, ...", "죄송합니다. 저는 AI 언어 모델로써 ..."). They teach a policy to dodge questions. An apology alone is
+# not evasive: a shop assistant's "죄송하지만 오늘은 배달이 어렵습니다" answers the question, and "I'm sorry that
+# you're going through this" is empathy (HH-RLHF's chosen answers are full of it). So the apology patterns need the
+# speaker to decline to answer, help or give information.
 EVASIVE_PATTERNS = [
-    r"저는\s*(AI|인공지능|에이아이)",
-    r"(AI|인공지능)\s*(언어\s*)?(모델|챗봇|어시스턴트|비서)\s*(이므로|이기\s*때문에|으?로서|으?로써|이라서|이어서|이며)",
+    r"저는\s*(AI|인공지능|에이아이|언어\s*모델|챗봇)",
+    r"(AI|인공지능)\s*(언어\s*)?(모델|챗봇|어시스턴트|비서)\s*(이므로|이기\s*때문에|으?로서|으?로써|이라서|이어서|이며|입니다)",
     r"답변(을|을\s*해)?\s*드릴\s*수\s*(가\s*)?없",
-    r"답변(을|해)?\s*드리기\s*어렵",
-    r"죄송(하지만|합니다)[^.!?]{0,30}(수\s*없|어렵)",
-    r"as an ai( language model)?",
-    r"i('m| am) (sorry|unable)|i cannot (help|answer)",
+    r"답변(을|해)?\s*드리기\s*(가\s*)?어렵",
+    r"죄송(하지만|합니다)[^.!?]{0,40}(답변|대답|정보를?\s*제공|도와\s*드리|알려\s*드리)[^.!?]{0,12}(수\s*(가\s*)?없|어렵)",
+    r"\bas an ai\b( language model)?",
+    r"\bi('m| am) (sorry|afraid),? (but )?i (can('|no)?t|cannot|am unable|won't|will not)\b",
+    r"\bi('m| am) (unable|not able) to (help|assist|answer|provide|comply)\b",
+    r"\bi (cannot|can't|won't|will not) (help|assist|answer|provide|comply) with\b",
 ]
 _EVASIVE = re.compile("|".join(f"(?:{p})" for p in EVASIVE_PATTERNS), re.IGNORECASE)
 
 
+def _evasive_why(text: str) -> Optional[str]:
+    m = _EVASIVE.search(normalize_text(text))
+    return f"evasive ('{m.group(0)}')" if m else None
+
+
 def is_evasive(text: str) -> bool:
-    return bool(_EVASIVE.search(normalize_text(text)))
+    return _evasive_why(text) is not None
 
 
-def evasive(records: list, kind: str) -> FilterResult:
-    """Drop SFT rows with evasive answers and groups whose evasive answer outranks a real one (PPO: no-op)."""
-    if kind == "ppo":
-        return FilterResult(list(records))
-    return _drop_dirty(records, is_evasive)
+def evasive(records: list, kind: str, opts: Options = Options()) -> FilterResult:
+    """Where a refusal is dirt, per stage (``data.evasive_sft``, ``data.evasive_rm``):
+
+    - SFT targets (``drop``, the default): a dodge as the target teaches the policy to dodge.
+    - Ranked groups (``drop_preferred``): drop a group whose refusal outranks a real answer. Right for helpfulness
+      rankings such as KoChatGPT's, ranked by source model (ChatGPT first), where a ChatGPT refusal of a harmless
+      question sits on top. ``keep``: harmlessness data, where refusing a harmful request IS the preferred answer
+      (Anthropic HH-RLHF, Bai et al. 2022); ``auto`` picks ``keep`` for HH transcripts and ``drop_preferred``
+      otherwise. A refusal ranked below a real answer is kept either way: it is a good negative.
+    - PPO prompts and eval: nothing to judge.
+    """
+    if (kind == "sft" and opts.evasive_sft == "drop") or (kind == "rm" and opts.evasive_rm == "drop_preferred"):
+        return _drop_dirty(records, _evasive_why)
+    return FilterResult(list(records))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Garbage: too little Hangul, or repetition loops
+# Garbage: not Korean, dumped records, repetition loops
 # ---------------------------------------------------------------------------------------------------------
 
-MIN_HANGUL = 0.5  # share of Hangul syllables among letters when the split is Korean
+MIN_KOREAN = 0.5  # share of words with Hangul above which a text is Korean whatever else it holds
+MIN_KOREAN_TAIL = 0.2  # ... and the share that suffices when the text ends in a Hangul word (Korean is verb-final)
 LOOP_COVER = 0.5  # a repeated n-gram covering >= half of the text is a loop
+
+_HANGUL = re.compile("[\uac00-\ud7a3\u3131-\u318e]")
+_CODE = re.compile(r"```.*?```|`[^`\n]*`", re.S)
+_URL = re.compile(r"(https?://|www\.)\S+|\S+@\S+\.\w+")
+
+
+def korean_share(text: str) -> Optional[float]:
+    """Share of the words (with at least one letter) that contain Hangul, code spans, URLs and e-mail addresses
+    left out; None when no word has a letter.
+
+    Words, not letters: "DDoS가 뭐야" has 4 Latin letters and 3 Hangul syllables, so a letter count called it
+    non-Korean, but both of its words carry Hangul ("DDoS가": a particle on a Latin name). Korean questions about
+    Latin-script names, acronyms and code are ordinary (31 of the 34 KoChatGPT PPO prompts the letter rule
+    dropped, issue 11)."""
+    t = _URL.sub(" ", _CODE.sub(" ", normalize_text(text)))
+    words = [w for w in t.split() if any(c.isalpha() for c in w)]
+    if not words:
+        return None
+    return sum(bool(_HANGUL.search(w)) for w in words) / len(words)
+
+
+def is_foreign(text: str) -> bool:
+    """Not Korean: under MIN_KOREAN of the words carry Hangul, unless the text ends in a Hangul word and at least
+    MIN_KOREAN_TAIL of them do ("iPhone 15 Pro Max와 Galaxy S24 Ultra 비교해줘": the verb comes last in Korean)."""
+    share = korean_share(text)
+    if share is None or share >= MIN_KOREAN:
+        return False
+    words = [w for w in _URL.sub(" ", _CODE.sub(" ", normalize_text(text))).split() if any(c.isalpha() for c in w)]
+    return not (share >= MIN_KOREAN_TAIL and _HANGUL.search(words[-1]))
 
 
 def hangul_ratio(text: str) -> float:
+    """Share of Hangul syllables among letters (kept for EDA; the garbage rule uses :func:`korean_share`)."""
     letters = [c for c in normalize_text(text) if c.isalpha()]
     if not letters:
         return 0.0
     return sum("\uac00" <= c <= "\ud7a3" for c in letters) / len(letters)
+
+
+# A record serialised into a text field: a quoted value, a comma, then a quoted key and a colon. KoChatGPT's PPO file
+# has prompts such as `오세훈은 ... 몇 위를 하였는가?", 'completion': '저는 인공지능 언어모델이므로, ...` and
+# `..., 'token': 257}`: whole SFT rows pasted into the prompt, answer and token count included. The key is a field
+# name of the common dataset schemas, or any identifier when the value before it is prose (20+ characters): a short
+# value ({'name': '홍길동', 'age': 30}) is more likely a code example in a question. Code spans are left out.
+_FIELD_NAMES = (r"prompt|completion(?:_\d+)?|tokens?|ranking|question|answer\d*|chosen|rejected|instruction|input|"
+                r"output|response|text|content|role|data_id|label|score|messages")
+_DUMPED = re.compile(
+    rf"""['"]\s*,\s*['"](?:{_FIELD_NAMES})['"]\s*:"""                     # "...", 'completion':
+    rf"""|[{{,]\s*['"](?:{_FIELD_NAMES})['"]\s*:\s*['"\[{{]"""            # {"prompt": "   or   , "text": [
+    r"""|[^'"\n]{20}['"]\s*,\s*['"][A-Za-z_]\w{0,30}['"]\s*:\s*['"\[{\d]""",  # prose", 'any_key': '
+)
+
+
+def dumped_record(text: str) -> Optional[str]:
+    """The matched fragment when `text` holds a dumped dict / JSON record (see _DUMPED), else None."""
+    m = _DUMPED.search(_CODE.sub(" ", text))
+    return " ".join(m.group(0).split())[-40:] if m else None
 
 
 def is_loop(text: str) -> bool:
@@ -297,26 +370,39 @@ def is_loop(text: str) -> bool:
 
 
 def _korean_split(records: list) -> bool:
-    """Is Korean expected here? Yes when most answers of the split are mostly Hangul (so English data is safe)."""
-    ratios = [hangul_ratio(a) for r in records for a in _answers(r)]
-    return bool(ratios) and statistics.median(ratios) >= MIN_HANGUL
+    """Is Korean expected here? Yes when most texts of the split are Korean (so English data is safe)."""
+    shares = [s for r in records for a in _answers(r) if (s := korean_share(a)) is not None]
+    return bool(shares) and statistics.median(shares) >= MIN_KOREAN
 
 
-def garbage(records: list, kind: str) -> FilterResult:
-    """Drop rows whose answer is a repetition loop or (in a Korean split) has too little Hangul."""
+def garbage(records: list, kind: str, opts: Options = Options()) -> FilterResult:
+    """Drop rows whose answer (or prompt) is a repetition loop, holds a dumped record, or (in a Korean split) is
+    not Korean."""
     korean = _korean_split(records)
 
-    def dirty(text: str) -> bool:
-        return is_loop(text) or (korean and hangul_ratio(text) < MIN_HANGUL)
+    def why(text: str) -> Optional[str]:
+        frag = dumped_record(text)
+        if frag:
+            return f"dumped record ('{frag}')"
+        if korean and is_foreign(text):
+            share = korean_share(text)
+            return f"not Korean (Hangul in {share:.0%} of the words)"
+        return "repetition loop" if is_loop(text) else None
 
-    return _drop_dirty(records, dirty, check_prompt=lambda p: korean and hangul_ratio(p) < MIN_HANGUL)
+    def prompt_why(text: str) -> Optional[str]:
+        frag = dumped_record(text)
+        if frag:
+            return f"dumped record ('{frag}')"
+        return "not Korean" if korean and is_foreign(text) else None
+
+    return _drop_dirty(records, why, prompt_why)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Registry and versions
 # ---------------------------------------------------------------------------------------------------------
 
-FILTERS: dict[str, Callable[[list, str], FilterResult]] = {
+FILTERS: dict[str, Callable[..., FilterResult]] = {
     "nfc": nfc,
     "dedup_exact": dedup_exact,
     "dedup_near": dedup_near,
@@ -344,13 +430,15 @@ def version_filters(version: str, custom_versions: dict | None = None) -> list[s
     return list(custom[version])
 
 
-def apply_filters(records: list, kind: str, names: list[str]) -> tuple[list, dict[str, int], dict[str, int]]:
-    """Run filters in order. Returns (kept, dropped per rule, changed per rule)."""
-    dropped, changed = {}, {}
+def apply_filters(records: list, kind: str, names: list[str], opts: Options = Options()
+                  ) -> tuple[list, dict[str, int], dict[str, int], dict[str, list]]:
+    """Run filters in order. Returns (kept, dropped per rule, changed per rule, (record, reason) dropped per rule)."""
+    dropped, changed, examples = {}, {}, {}
     for name in names:
-        res = FILTERS[name](records, kind)
+        res = FILTERS[name](records, kind, opts)
         records = res.kept
         dropped[name] = res.dropped
+        examples[name] = res.examples
         if res.changed:
             changed[name] = res.changed
-    return records, dropped, changed
+    return records, dropped, changed, examples
