@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
 
+from ..data.readers import OUR_FIELDS, is_our_field
 from ..data.versions import FILTERS
 from ..errors import ConfigError
 from ..files import config_hash
@@ -21,9 +22,12 @@ from .fields import _resolve, build_dataclass, flatten, help_field as _f, sugges
 # Bump when a default below changes meaning, so trial ids (which hash the full config) move with it.
 # 2: the stage configs share their LoRA and training parts (DPO and RM gained weight_decay/warmup_ratio), and ids
 #    hash rlhf_ablate.files.canonical_json.
-CONFIG_VERSION = 2
+# 3: data.columns, data.evasive_sft/evasive_rm; v2's garbage, length_outliers and evasive rules changed meaning
+#    (issue 11).
+CONFIG_VERSION = 3
 
 BUILTIN_MODELS = ("tiny-llama", "tiny-gpt2")
+SEED_MAX = 2**32 - 1  # numpy.random.seed accepts [0, 2**32 - 1]; a trial seeds numpy, torch and random alike
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,9 @@ def validate(cfg: TrialConfig, source: str) -> None:
     def bad(key: str, msg: str) -> None:
         raise ConfigError(f"{source}: '{key}' {msg}")
 
+    if not 0 <= cfg.seed <= SEED_MAX:
+        bad("seed", f"must lie in [0, 2**32 - 1] (numpy's seed range), got {cfg.seed}.")
+
     for stage in ("sft", "rm", "ppo", "dpo"):
         sc = getattr(cfg, stage)
         if sc.lora_rank < 0:
@@ -252,6 +259,12 @@ def validate(cfg: TrialConfig, source: str) -> None:
     if d.version not in known_versions:
         bad("data.version", f"is {d.version!r}, which is neither v1, v2 nor defined in data.custom_versions "
             f"({', '.join(sorted(d.custom_versions)) or 'none defined'}).")
+    if not d.source.strip():
+        bad("data.source", "must not be empty (use 'ko_sample' for the bundled data).")
+    for kind in ("sft", "rm", "ppo", "eval"):
+        if getattr(d, f"{kind}_file") is not None and not getattr(d, f"{kind}_file").strip():
+            bad(f"data.{kind}_file", "must not be empty (leave it unset to use the default names).")
+    _validate_columns(d.columns, source)
     for name, filters in d.custom_versions.items():
         if not isinstance(filters, list) or not all(isinstance(x, str) for x in filters):
             bad(f"data.custom_versions.{name}", "must be a list of filter names.")
@@ -273,6 +286,21 @@ def validate(cfg: TrialConfig, source: str) -> None:
                 f"{cfg.model.quantization!r}. 4-bit weights cannot be trained. Set model.quantization=none for "
                 f"rank-0 trials (in a sweep: an `overrides` entry with when: {{{full[0]}.lora_rank: 0}} and "
                 f"set: {{model.quantization: none}}), or use a LoRA rank > 0.")
+
+
+def _validate_columns(columns: dict, source: str) -> None:
+    """data.columns: our field name -> the user's column name, each of ours at most once from distinct columns."""
+    ours = list(OUR_FIELDS) + ["completion_0", "answer01", "rank01"]
+    seen: dict[str, str] = {}
+    for k, v in columns.items():
+        if not isinstance(k, str) or not is_our_field(k):
+            raise ConfigError(f"{source}: 'data.columns' maps onto {k!r}, which is not one of our fields "
+                              f"({', '.join(OUR_FIELDS)}, completion_N, answerNN, rankNN).{suggest(str(k), ours)}")
+        if not isinstance(v, str) or not v.strip():
+            raise ConfigError(f"{source}: 'data.columns.{k}' must be the name of your column (a string), got {v!r}.")
+        if v in seen:
+            raise ConfigError(f"{source}: 'data.columns' maps both '{seen[v]}' and '{k}' from column '{v}'.")
+        seen[v] = k
 
 
 def help_table() -> str:

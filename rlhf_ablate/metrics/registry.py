@@ -173,3 +173,27 @@ def rm_group_value(group_metric: str, rec: Mapping) -> float:
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return math.nan
     return float(v) if v is not None else math.nan
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole metric namespace, for validating the metric a sweep's search or scheduler names (config/sweep.py):
+# the registered metrics above, PPO's per-step training stats (rlhf_ablate/ppo/loop.py, also in result.json
+# history) and its final numbers, and the eval stages' end-of-sequence share (rlhf_ablate/stages/evaluate.py).
+# ---------------------------------------------------------------------------------------------------------
+PPO_STEP_METRICS = tuple(f"ppo/{k}" for k in (
+    "objective/kl", "objective/entropy", "objective/scores", "objective/scores_normalized", "objective/rlhf_reward",
+    "objective/kl_coef", "objective/eos_frac", "objective/response_len", "policy/clipfrac", "policy/approx_kl",
+    "val/clipfrac", "loss/policy", "loss/value"))
+_OTHER_METRICS = PPO_STEP_METRICS + (
+    "sft/eos_frac", "ppo/eos_frac", "dpo/eos_frac", "sft/train_loss_first", "sft/train_loss_last",
+    "dpo/train_loss_last", "rm/kendall_tau_ci_low", "rm/kendall_tau_ci_high", "rm/spearman_rho_ci_low",
+    "rm/spearman_rho_ci_high")
+
+
+def metric_names() -> list[str]:
+    """Every metric name a trial reports (for "did you mean" suggestions)."""
+    return list(REGISTRY) + [m for m in _OTHER_METRICS if m not in REGISTRY]
+
+
+def known_metric(name: str) -> bool:
+    return name in REGISTRY or name in _OTHER_METRICS

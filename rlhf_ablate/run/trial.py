@@ -42,8 +42,9 @@ def stage_keys(cfg: TrialConfig, cache: StageCache, data_fp: str) -> dict[str, s
 
 def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, sweep_name: str = "",
               index: int = 0, axes: dict | None = None, cache: StageCache, tracker: Any = None,
-              on_step: OnStep = None) -> dict:
-    """Run every stage (reusing cached ones) and write result.json atomically. Returns the result dict."""
+              on_step: OnStep = None, data: Any = None) -> dict:
+    """Run every stage (reusing cached ones) and write result.json atomically. Returns the result dict.
+    ``data``: the trial's DataBundle when the caller has already loaded it (else it is loaded here)."""
     from ..data import load_data
     from ..files import read_json
     from ..runtime import set_threads
@@ -69,7 +70,7 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
 
     try:
         emit({"stage": "data", "event": "start"})
-        data = load_data(cfg.data)
+        data = load_data(cfg.data) if data is None else data
         result["data"] = {"version": data.version, "fingerprint": data.fingerprint,
                           "sizes": {k: len(getattr(data, k)) for k in ("sft_train", "rm_train", "rm_eval",
                                                                        "ppo_prompts", "eval")}}
@@ -137,9 +138,14 @@ def _track_final(tracker: Any, cfg: TrialConfig, result: dict) -> None:
         tracker.log_table(f"{cfg.method}/samples", ["data_id", "prompt", "generation", "reference", "reward"], rows)
 
 
-def run_trial_in_sweep(spec, trial, run_dir: Path, *, use_cache: bool = True, on_step: OnStep = None) -> dict:
+def run_trial_in_sweep(spec, trial, run_dir: Path, *, use_cache: bool = True, on_step: OnStep = None,
+                       data: Any = None) -> dict:
     """What a Ray trainable or a SLURM array task runs. A trial whose result.json is already ``ok`` is not rerun
-    (resume, and SLURM requeue after preemption); its result is returned as it is."""
+    (resume, and SLURM requeue after preemption); its result is returned as it is.
+
+    The data is loaded and checked before the tracker starts: a trial that fails there records its failure in
+    result.json but leaves no W&B run, stage lock or executions.jsonl entry behind (issue 11)."""
+    from ..data import load_data
     from .tracking import make_tracker
 
     run_dir = Path(run_dir).resolve()
@@ -147,12 +153,18 @@ def run_trial_in_sweep(spec, trial, run_dir: Path, *, use_cache: bool = True, on
     if done is not None and done.get("status") == "ok":
         return done
     cache = StageCache(default_cache_root(spec), enabled=use_cache)
+    if data is None:
+        try:
+            data = load_data(trial.config.data)
+        except Exception:  # noqa: BLE001 - recorded (stage "data", error.txt) by run_trial, without a tracker
+            return run_trial(trial.config, run_dir, trial_id=trial.trial_id, sweep_name=spec.name,
+                             index=trial.index, axes=trial.axes, cache=cache, on_step=on_step)
     tracker = make_tracker(spec.tracking, sweep_name=spec.name, trial_id=trial.trial_id,
                            config_flat=trial.config.flat(), axes=trial.axes, run_dir=run_dir)
     status = "failed"
     try:
         result = run_trial(trial.config, run_dir, trial_id=trial.trial_id, sweep_name=spec.name, index=trial.index,
-                           axes=trial.axes, cache=cache, tracker=tracker, on_step=on_step)
+                           axes=trial.axes, cache=cache, tracker=tracker, on_step=on_step, data=data)
         status = result["status"]
         return result
     finally:
