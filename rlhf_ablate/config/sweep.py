@@ -237,6 +237,9 @@ def parse_sweep(raw: Mapping[str, Any], source: str, cli_overrides: Mapping[str,
                           f"ppo.kl_coef: 0.05), got a {type(raw.get('base')).__name__}.")
     base = dict(raw.get("base") or {})
     base.update(cli_overrides or {})
+    if "seed" in base:  # it would be replaced by each of `seeds` without a word
+        raise ConfigError(f"{source}: base: 'seed' is set by the top-level `seeds:` list (one trial per seed); "
+                          f"remove it from base and write seeds: [{base['seed']}].")
     # Validate the base alone first (keys and types), so a typo is reported against `base`, not against trial 0.
     build_dataclass(TrialConfig, apply_overrides(default_dict(), base, f"{source}: base"), f"{source}: base")
 

@@ -477,7 +477,9 @@ def _choose_parser(label: str, kind: str, fmt: str, row: dict, result: ReadResul
     chosen = fmt if fmt != "auto" else detect_format(row)
     fields = ", ".join(sorted(map(str, row))) or "none"
     if chosen is None:
-        hint = ("" if columns else " Or map your column names onto ours with data.columns, e.g. "
+        missing = [f"{ours} from column '{theirs}'" for ours, theirs in (columns or {}).items() if ours not in row]
+        hint = (f" data.columns maps {', '.join(missing)}, which the first row lacks." if missing else
+                "" if columns else " Or map your column names onto ours with data.columns, e.g. "
                 "{prompt: instruction, completion: output}.")
         raise DataError(f"{label}: cannot tell the format of this {kind} data from the fields of its first row "
                         f"({fields}); expected {EXPECTED[kind]}.{hint}")

@@ -134,7 +134,7 @@ def _array_rows(path: Path, text: str, pos: int, check: bool) -> Iterator[Row]:
     dec = json.JSONDecoder()
     n = len(text)
     line, counted = 1 + text.count("\n", 0, pos), pos  # newlines are counted once, from `counted` on
-    want_value, first = True, True
+    want_value, first, comma = True, True, pos
 
     def where(p: int) -> int:
         nonlocal line, counted
@@ -153,7 +153,7 @@ def _array_rows(path: Path, text: str, pos: int, check: bool) -> Iterator[Row]:
         c = text[pos]
         if c == "]":
             if want_value and not first:
-                raise fail(pos, "a comma before ']' (trailing comma)")
+                raise fail(comma, "a comma before ']' (trailing comma)")
             end = _JSON_WS.match(text, pos + 1).end()
             if end < n:
                 raise fail(end, "extra data after the JSON array")
@@ -161,7 +161,7 @@ def _array_rows(path: Path, text: str, pos: int, check: bool) -> Iterator[Row]:
         if not want_value:
             if c != ",":
                 raise fail(pos, "expected ',' or ']' after an array element (a missing comma?)")
-            pos, want_value = pos + 1, True
+            comma, pos, want_value = pos, pos + 1, True
             continue
         if c == ",":
             raise fail(pos, "two commas in a row (an empty array element)" if not first else
