@@ -350,3 +350,78 @@ def test_entry_point_batch(tmp_path):
         # interpreter start and imports vary with the machine's load; the lines must be ours only
         err_lines = [ln for ln in err.splitlines() if not ln.startswith(("Failed to load CPU gemm_4bit",))]
         _check(out, "\n".join(err_lines), p.returncode, case, d, tmp_path / "cache", before)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Failing fast, failing visibly
+# ---------------------------------------------------------------------------------------------------------
+
+def test_unreachable_hub_fails_within_seconds_even_when_the_connection_hangs(monkeypatch):
+    """A firewall that drops packets (or a DNS server that never answers) makes a connection hang instead of
+    failing; huggingface_hub then retries for ~25 s per request. The probe gives up after hub.PROBE_TIMEOUT."""
+    from rlhf_ablate import hub
+    from rlhf_ablate.config import ModelConfig
+    from rlhf_ablate.errors import ModelError
+    from rlhf_ablate.models.loading import check_base
+
+    calls = []
+
+    def hang(*a, **k):
+        calls.append(a)
+        time.sleep(60)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", hang)
+    hub._probe.cache_clear()
+    t0 = time.monotonic()
+    with pytest.raises(ModelError, match=r"acme/no-such-model-7b.*could not be reached \(no answer within 3 s\)"):
+        check_base(ModelConfig(base_model="acme/no-such-model-7b"))
+    assert time.monotonic() - t0 < 5.0 and len(calls) == 1
+    with pytest.raises(ModelError):  # one probe per process, whatever the number of model configs
+        check_base(ModelConfig(base_model="acme/other-model-7b"))
+    assert len(calls) == 1
+    hub._probe.cache_clear()
+
+
+def test_a_data_failure_in_a_sweep_trial_leaves_no_tracking_run_or_cache_entry(tmp_path, monkeypatch):
+    """The Ray/SLURM path (run_trial_in_sweep) records the failure in result.json, but the data is read before the
+    tracker starts: no W&B run, no stage lock, no executions.jsonl."""
+    from rlhf_ablate.config.sweep import expand, load_sweep
+    from rlhf_ablate.run.trial import run_trial_in_sweep
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("RLHF_ABLATE_CACHE", str(tmp_path / "cache"))
+    s = tmp_path / "s.yaml"
+    s.write_text(sweep(f"  data.source: {tmp_path}/nowhere\n"), encoding="utf-8")
+    spec = load_sweep(s)
+    run = tmp_path / "run"
+    r = run_trial_in_sweep(spec, expand(spec)[0], run)
+    assert r["status"] == "failed" and r["error"]["stage"] == "data" and r["error"]["type"] == "DataError"
+    tdir = run / "trials" / r["trial_id"]
+    assert sorted(p.name for p in tdir.iterdir()) == ["error.txt", "result.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["trials"]  # no wandb/
+    assert not (tmp_path / "cache").exists()
+
+
+def test_trial_prints_why_it_failed(tmp_path, monkeypatch, capsys):
+    """`trial` exits 1 for a failed trial and names the error class, the stage, the message and the traceback."""
+    import rlhf_ablate.run.trial as trial_mod
+    from rlhf_ablate.run.result import new_result, write_result
+
+    def failing(spec, trial, run_dir, **kw):
+        assert kw["data"] is not None  # the CLI read the data before starting the trial
+        r = new_result(trial, spec.name)
+        r.update(status="failed", error={"type": "TrialFailed", "stage": "ppo",
+                                         "message": "ppo: KL blow-up at step 3: mean KL 61.20 nats > ppo.kl_stop 50"})
+        write_result(run_dir, r)
+        (Path(run_dir) / "trials" / trial.trial_id / "error.txt").write_text("Traceback ...", encoding="utf-8")
+        return r
+
+    monkeypatch.setattr(trial_mod, "run_trial_in_sweep", failing)
+    s = tmp_path / "s.yaml"
+    s.write_text(sweep(), encoding="utf-8")
+    rc = main(["trial", str(s), "--index", "0", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "trial 0 (t" in err and "failed at stage ppo: TrialFailed: ppo: KL blow-up at step 3" in err
+    assert f"traceback: {tmp_path / 'run'}/trials/" in err and err.strip().endswith("error.txt")

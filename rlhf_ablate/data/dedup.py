@@ -23,7 +23,6 @@ Everything up to the buckets is vectorised with numpy over all texts at once, so
 
 from __future__ import annotations
 
-import re
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -49,7 +48,7 @@ _A, _B = _perms()
 
 
 def _key(text: str) -> str:
-    return re.sub(r"\s+", "", normalize_text(text).lower())
+    return "".join(normalize_text(text).lower().split())
 
 
 def shingles(text: str, n: int = 3) -> set[str]:
@@ -88,7 +87,8 @@ def _shingle_hashes(keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
     code = (cps[pos] << np.uint64(42)) | (cps[pos + 1] << np.uint64(21)) | cps[pos + 2]  # code points < 2^21
     row = np.searchsorted(starts, pos, side="right") - 1
     key = (row.astype(np.uint64) << np.uint64(32)) | (_mix(code) >> np.uint64(32))
-    key = np.unique(key)
+    key.sort()  # sort + adjacent-difference: several times faster than np.unique's hash path on 10^7 keys
+    key = key[np.concatenate(([True], key[1:] != key[:-1]))] if len(key) else key
     return (key >> np.uint64(32)).astype(np.int64), key & np.uint64(0xFFFFFFFF)
 
 
@@ -108,9 +108,12 @@ def signatures(texts: list[str], chunk: int = 1 << 20) -> np.ndarray:
         r1 = min(n, max(r1, r0 + 1))
         xs = x[bounds[r0]:bounds[r1]]
         starts = bounds[r0:r1] - bounds[r0]
+        h = np.empty_like(xs)
         with np.errstate(over="ignore"):
-            for k in range(NUM_PERM):
-                h = (xs * _A[k] + _B[k]) >> np.uint64(32)
+            for k in range(NUM_PERM):  # in place: no temporary arrays per function
+                np.multiply(xs, _A[k], out=h)
+                np.add(h, _B[k], out=h)
+                np.right_shift(h, np.uint64(32), out=h)
                 sig[r0:r1, k] = np.minimum.reduceat(h, starts)
         r0 = r1
     return sig
@@ -179,9 +182,15 @@ def near_duplicates(texts: list[str], threshold: float = NEAR_DUP_THRESHOLD) -> 
     if len(uniq) < 2:
         return dropped
     band = _band_keys(signatures([texts[i] for i in uniq]))
+    # A row none of whose band keys occurs twice has no candidate at all: it is kept without a look (most rows).
+    flat = band.ravel()
+    srt = np.sort(flat)
+    shared = np.unique(srt[1:][srt[1:] == srt[:-1]])
+    busy = np.flatnonzero(np.isin(band, shared).any(axis=1)) if len(shared) else np.zeros(0, dtype=np.int64)
     kept_in: dict[int, list[int]] = {}  # band key -> kept rows (indices into `uniq`)
     sets: dict[int, set[str]] = {}
-    for u, i in enumerate(uniq):
+    for u in busy.tolist():
+        i = uniq[u]
         bk = band[u].tolist()
         match = None
         tried: set[int] = set()

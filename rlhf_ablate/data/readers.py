@@ -42,6 +42,7 @@ class RowError(ValueError):
 
 _WS = re.compile(r"[ \t\u00a0\u3000]+")
 _MANY_NL = re.compile(r"\n{3,}")
+_PLAIN = re.compile(r"[\t\r\u00a0\u3000]|  |[^\S\n]\n|\n[^\S\n]|\n\n\n")  # what normalize_text changes, bar NFC
 
 
 def normalize_text(text: str) -> str:
@@ -51,6 +52,10 @@ def normalize_text(text: str) -> str:
     tokenizes differently; runs of spaces, tabs, NBSP and ideographic spaces become one space, every line is
     trimmed and 3+ newlines become a paragraph break.
     """
+    if (("\n" in text and _PLAIN.search(text) is None) or not ("\n" in text or "  " in text or "\t" in text
+            or "\r" in text or "\u00a0" in text or "\u3000" in text)) and text.strip() == text \
+            and unicodedata.is_normalized("NFC", text):
+        return text  # the common case, and every text after the nfc filter: nothing to do
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
     lines = [_WS.sub(" ", line).strip() for line in text.split("\n")]
     return _MANY_NL.sub("\n\n", "\n".join(lines)).strip()

@@ -255,7 +255,15 @@ EVASIVE_PATTERNS = [
 _EVASIVE = re.compile("|".join(f"(?:{p})" for p in EVASIVE_PATTERNS), re.IGNORECASE)
 
 
+# Every pattern above contains one of these (lower-cased); a text with none of them skips the regex.
+_EVASIVE_KEYS = ("ai", "인공지능", "에이아이", "언어", "챗봇", "답변", "죄송", "sorry", "afraid", "unable", "able to",
+                 "cannot", "can't", "won't", "will not")
+
+
 def _evasive_why(text: str) -> Optional[str]:
+    low = text.lower()
+    if not any(k in low for k in _EVASIVE_KEYS):
+        return None
     m = _EVASIVE.search(normalize_text(text))
     return f"evasive ('{m.group(0)}')" if m else None
 
@@ -293,6 +301,24 @@ _CODE = re.compile(r"```.*?```|`[^`\n]*`", re.S)
 _URL = re.compile(r"(https?://|www\.)\S+|\S+@\S+\.\w+")
 
 
+_LETTER_WORD = re.compile(r"\S*[^\W\d_]\S*")  # a whole whitespace-separated word holding a letter
+_HANGUL_WORD = re.compile(r"\S*[\uac00-\ud7a3\u3131-\u318e]\S*")
+
+
+def _korean_words(text: str) -> tuple[Optional[float], bool]:
+    """(share of the letter words that hold Hangul, or None without letter words; does the last one), with code
+    spans, URLs and e-mail addresses taken out. Two regex scans per text: this runs on every answer of a split."""
+    t = normalize_text(text)
+    if "`" in t:
+        t = _CODE.sub(" ", t)
+    if "http" in t or "www." in t or "@" in t:
+        t = _URL.sub(" ", t)
+    letters = _LETTER_WORD.findall(t)
+    if not letters:
+        return None, False
+    return len(_HANGUL_WORD.findall(t)) / len(letters), _HANGUL.search(letters[-1]) is not None
+
+
 def korean_share(text: str) -> Optional[float]:
     """Share of the words (with at least one letter) that contain Hangul, code spans, URLs and e-mail addresses
     left out; None when no word has a letter.
@@ -301,21 +327,17 @@ def korean_share(text: str) -> Optional[float]:
     non-Korean, but both of its words carry Hangul ("DDoS가": a particle on a Latin name). Korean questions about
     Latin-script names, acronyms and code are ordinary (31 of the 34 KoChatGPT PPO prompts the letter rule
     dropped, issue 11)."""
-    t = _URL.sub(" ", _CODE.sub(" ", normalize_text(text)))
-    words = [w for w in t.split() if any(c.isalpha() for c in w)]
-    if not words:
-        return None
-    return sum(bool(_HANGUL.search(w)) for w in words) / len(words)
+    return _korean_words(text)[0]
+
+
+def _foreign(share: Optional[float], last_hangul: bool) -> bool:
+    return share is not None and share < MIN_KOREAN and not (share >= MIN_KOREAN_TAIL and last_hangul)
 
 
 def is_foreign(text: str) -> bool:
     """Not Korean: under MIN_KOREAN of the words carry Hangul, unless the text ends in a Hangul word and at least
     MIN_KOREAN_TAIL of them do ("iPhone 15 Pro Max와 Galaxy S24 Ultra 비교해줘": the verb comes last in Korean)."""
-    share = korean_share(text)
-    if share is None or share >= MIN_KOREAN:
-        return False
-    words = [w for w in _URL.sub(" ", _CODE.sub(" ", normalize_text(text))).split() if any(c.isalpha() for c in w)]
-    return not (share >= MIN_KOREAN_TAIL and _HANGUL.search(words[-1]))
+    return _foreign(*_korean_words(text))
 
 
 def hangul_ratio(text: str) -> float:
@@ -342,24 +364,36 @@ _DUMPED = re.compile(
 
 def dumped_record(text: str) -> Optional[str]:
     """The matched fragment when `text` holds a dumped dict / JSON record (see _DUMPED), else None."""
-    m = _DUMPED.search(_CODE.sub(" ", text))
+    if ":" not in text or ("'" not in text and '"' not in text):  # every alternative needs a quote and a colon
+        return None
+    m = _DUMPED.search(_CODE.sub(" ", text) if "`" in text else text)
     return " ".join(m.group(0).split())[-40:] if m else None
 
 
 def is_loop(text: str) -> bool:
     """A word n-gram (n = 1..4) repeated 3+ times and covering >= LOOP_COVER of the words, or a character
     n-gram (n = 1..6) repeated 4+ times covering >= 60% of the characters (loops without spaces: "ㅋㅋㅋㅋ").
-    Decoding loops of small models and of GPT-3-ada (KoChatGPT's rank-3 answers) look exactly like this."""
+    Decoding loops of small models and of GPT-3-ada (KoChatGPT's rank-3 answers) look exactly like this.
+
+    Every occurrence of an n-gram starts with its first item, so the most frequent single word (character) occurs
+    at least as often as any n-gram does; an n for which even that count is too small is skipped without counting
+    n-grams (ordinary Korean text skips them all, which keeps v2 fast on 50k rows)."""
     words = normalize_text(text).split()
     if len(words) >= 6:
+        top = max(Counter(words).values())
         for n in range(1, 5):
+            if top < max(3, LOOP_COVER * len(words) / n):
+                continue
             grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
             _, c = grams.most_common(1)[0]
             if c >= 3 and c * n / len(words) >= LOOP_COVER:
                 return True
-    chars = re.sub(r"\s+", "", normalize_text(text))
+    chars = "".join(words)
     if len(chars) >= 12:
+        top = max(Counter(chars).values())
         for n in range(1, 7):
+            if top < max(4, 0.6 * len(chars) / n):
+                continue
             grams = Counter(chars[i:i + n] for i in range(0, len(chars) - n + 1))
             _, c = grams.most_common(1)[0]
             if c >= 4 and c * n / len(chars) >= 0.6:
@@ -367,31 +401,32 @@ def is_loop(text: str) -> bool:
     return False
 
 
-def _korean_split(records: list) -> bool:
-    """Is Korean expected here? Yes when most texts of the split are Korean (so English data is safe)."""
-    shares = [s for r in records for a in _answers(r) if (s := korean_share(a)) is not None]
-    return bool(shares) and statistics.median(shares) >= MIN_KOREAN
-
-
 def garbage(records: list, kind: str, opts: Options = Options()) -> FilterResult:
-    """Drop rows whose answer (or prompt) is a repetition loop, holds a dumped record, or (in a Korean split) is
-    not Korean."""
-    korean = _korean_split(records)
+    """Drop rows whose answer (or prompt) is a repetition loop, holds a dumped record, or (in a Korean split, one
+    where most texts are Korean, so English data is safe) is not Korean."""
+    info: dict[str, tuple[Optional[float], bool]] = {}
+
+    def words(text: str) -> tuple[Optional[float], bool]:
+        if text not in info:
+            info[text] = _korean_words(text)
+        return info[text]
+
+    shares = [s for r in records for a in _answers(r) if (s := words(a)[0]) is not None]
+    korean = bool(shares) and statistics.median(shares) >= MIN_KOREAN
 
     def why(text: str) -> Optional[str]:
         frag = dumped_record(text)
         if frag:
             return f"dumped record ('{frag}')"
-        if korean and is_foreign(text):
-            share = korean_share(text)
-            return f"not Korean (Hangul in {share:.0%} of the words)"
+        if korean and _foreign(*words(text)):
+            return f"not Korean (Hangul in {words(text)[0]:.0%} of the words)"
         return "repetition loop" if is_loop(text) else None
 
     def prompt_why(text: str) -> Optional[str]:
         frag = dumped_record(text)
         if frag:
             return f"dumped record ('{frag}')"
-        return "not Korean" if korean and is_foreign(text) else None
+        return "not Korean" if korean and _foreign(*words(text)) else None
 
     return _drop_dirty(records, why, prompt_why)
 
