@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import shutil
@@ -252,16 +253,18 @@ def bench_stats(work: Path, repeats: int, quick: bool) -> dict:
     rows = write_50k(d, *((2000, 1500, 1500) if quick else ()))
     runs: dict = {"v1": [], "v2": []}
     cpu: dict = {"v1": [], "v2": []}
+    load: list = []  # 1-minute load average before each run (2 cores: above 2, runs wait for a core)
     for i in range(repeats):
         for v in (["v1", "v2"] if i % 2 == 0 else ["v2", "v1"]):
+            load.append(os.getloadavg()[0])
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             runs[v].append(timed([PY, "-m", "rlhf_ablate", "data", "stats", "--source", str(d), "--version", v],
                                  work, work / f"stats-{v}-{i}.log"))
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu[v].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
             print(f"data stats {v} on {rows} rows: {runs[v][-1]:.1f}s wall, {cpu[v][-1]:.1f}s CPU", flush=True)
-    return {"rows": rows, "seconds": runs, "cpu_seconds": cpu, "median": {v: median(ts) for v, ts in runs.items()},
-            "median_cpu": {v: median(ts) for v, ts in cpu.items()}}
+    return {"rows": rows, "seconds": runs, "cpu_seconds": cpu, "load_average_before": load,
+            "median": {v: median(ts) for v, ts in runs.items()}, "median_cpu": {v: median(ts) for v, ts in cpu.items()}}
 
 
 def main() -> None:
@@ -269,11 +272,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="small sizes, to check that the script runs")
+    ap.add_argument("--only", choices=["stats"], default=None,
+                    help="rerun only the data stats part and update it in the existing results file")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_data-"))
     src = snapshot(work)
     sys.path.insert(0, str(src))
     try:
+        if args.only == "stats":
+            path = args.out or Path(__file__).resolve().parent / "results" / "data.json"
+            record = json.loads(path.read_text())
+            record.pop("benchmark", None)
+            record["machine_of_reading_and_recall"] = record.pop("machine", record.get("machine_of_reading_and_recall"))
+            record["data_stats"] = bench_stats(work, min(args.repeats, 3), args.quick)
+            print(f"written {write_result('data', record, path)}")
+            return
         sizes = [1200, 2400] if args.quick else [12000, 24000, 48000]
         record = {
             "what": "JSON array vs JSON lines reading; MinHash-LSH recall and candidate rate; data stats on 50k rows",
