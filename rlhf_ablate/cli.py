@@ -1,7 +1,13 @@
 """``python -m rlhf_ablate {sweep,trial,slurm,data,report}``: the only module that knows about argparse.
 
-Every command exits 2 with a one-paragraph message on bad input (any RlhfAblateError) and writes nothing partial.
-Heavy imports (torch, ray) happen inside the commands, so ``--help`` and ``--dry-run`` answer at once.
+Every command exits 2 with a one-paragraph message on bad input (any RlhfAblateError, an unreadable or unwritable
+path) and writes nothing partial: no traceback, at most MAX_ERROR_LINES lines, the key, file or row named.
+Heavy imports (torch, ray) happen inside the commands, so ``--help`` answers at once.
+
+Before any GPU-second is spent, ``sweep --dry-run``, ``sweep`` and ``trial`` run the same pre-flight checks
+(:func:`preflight`): every distinct data source exists and its first rows parse, every distinct base model resolves
+(failing within seconds when the hub cannot be reached). ``trial`` also reads its data in full before it starts
+the tracker, and says why a trial failed: error class, stage, message and the path to the traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RlhfAblateError
-from .run.result import run_dir_for
+from .run.result import result_path, run_dir_for
+
+MAX_ERROR_LINES = 6
 
 
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
@@ -69,14 +77,17 @@ def _add_data_parser(subparsers) -> argparse.ArgumentParser:
     for name, help_ in (("stats", "Counts, lengths, length-by-rank, duplicates and the cleaning report."),
                         ("prepare", "Write a cleaned version in KoChatGPT JSONL format plus cleaning_report.json.")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--source", default="ko_sample", help="'ko_sample' or a directory of data files.")
+        s.add_argument("--source", default="ko_sample", help="'ko_sample', a directory of data files, a data file "
+                       "(JSON, Parquet, CSV), a save_to_disk directory or a Hub dataset id.")
         s.add_argument("--version", default="v2" if name == "prepare" else "v1", help="v1, v2 or a custom name.")
         s.add_argument("--format", default="auto", help="auto, kochatgpt, aihub, hf_pref, hh or messages.")
+        s.add_argument("--columns", default=None, metavar="OURS=YOURS,...",
+                       help="Map your column names onto ours, e.g. prompt=instruction,completion=output.")
         s.add_argument("--skip-bad-rows", action="store_true", help="Skip and count malformed rows.")
         s.add_argument("--filters", default=None,
                        help="Comma-separated filters defining --version as a custom version, e.g. nfc,dedup_exact.")
         for kind in ("sft", "rm", "ppo", "eval"):
-            s.add_argument(f"--{kind}-file", default=None, help=f"{kind} file relative to --source.")
+            s.add_argument(f"--{kind}-file", default=None, help=f"{kind} file relative to --source (or a split).")
         s.add_argument("--split-seed", type=int, default=0, help="Seed of the stable RM train/eval split.")
         s.add_argument("--eval-fraction", type=float, default=0.2, help="Fraction of RM groups held out.")
         if name == "stats":
@@ -95,6 +106,14 @@ def _data_config(args: argparse.Namespace) -> Any:
         custom[args.version] = [f.strip() for f in args.filters.split(",") if f.strip()]
     d = {"source": args.source, "format": args.format, "version": args.version, "custom_versions": custom,
          "skip_bad_rows": args.skip_bad_rows, "split_seed": args.split_seed, "eval_fraction": args.eval_fraction}
+    if args.columns:
+        pairs = [x.split("=", 1) for x in args.columns.split(",") if x.strip()]
+        if any(len(p) != 2 for p in pairs):
+            from .errors import ConfigError
+
+            raise ConfigError(f"--columns {args.columns!r} must look like ours=yours,..., e.g. "
+                              f"prompt=instruction,completion=output.")
+        d["columns"] = {k.strip(): v.strip() for k, v in pairs}
     for kind in ("sft", "rm", "ppo", "eval"):
         if getattr(args, f"{kind}_file"):
             d[f"{kind}_file"] = getattr(args, f"{kind}_file")
@@ -113,7 +132,42 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 0
     out = prepare(cfg, Path(args.out), overwrite=args.overwrite)
     print(f"wrote {cfg.version} of {cfg.source} to {out}")
+    from .data.stats import format_dropped
+    from .files import read_json
+
+    print(format_dropped(read_json(out / "cleaning_report.json")))
     return 0
+
+
+def preflight(spec: Any, trials: list) -> list[str]:
+    """What can be checked before any GPU-second: each distinct data source exists and its first rows parse
+    (rlhf_ablate/data/sources.py: check_source), each distinct base model resolves (rlhf_ablate/models/loading.py:
+    check_base, a few seconds at most without network). Raises the first problem; returns one line per check."""
+    from .data import check_source
+    from .files import canonical_json
+
+    lines: list[str] = []
+    seen: set[str] = set()
+    for t in trials:
+        d = t.config.data
+        key = canonical_json([d.source, d.format, d.columns, d.sft_file, d.rm_file, d.ppo_file, d.eval_file,
+                              d.skip_bad_rows])
+        if key not in seen:
+            seen.add(key)
+            lines.append(f"data {d.source}: {check_source(d)}")
+    models = {}
+    for t in trials:
+        models.setdefault((t.config.model.base_model, t.config.model.revision), t.config.model)
+    from .config import BUILTIN_MODELS
+
+    if any(m.base_model not in BUILTIN_MODELS for m in models.values()):
+        from .models.loading import check_base
+
+        for m in models.values():
+            lines.append(f"model {m.base_model}: {check_base(m)}")
+    else:
+        lines.extend(f"model {m.base_model}: built-in" for m in models.values())
+    return lines
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -122,6 +176,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     spec = load_sweep(args.sweep_file, parse_cli_overrides(args.overrides))
     trials = expand(spec)
+    checks = preflight(spec, trials)
     if args.dry_run:
         from .launch.resources import estimate_column
 
@@ -129,6 +184,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               + (f"; Optuna samples {spec.search.num_samples} more from {sorted(spec.search.space)}"
                  if spec.search.type == "optuna" else ""))
         print(trial_table(trials, estimate_column(spec, trials)))
+        for line in checks:
+            print(f"checked {line}")
         print(f"run directory: {run_dir_for(spec, args.out)}  (nothing started: --dry-run)")
         return 0
     from .launch.tune import run_sweep
@@ -148,10 +205,24 @@ def cmd_trial(args: argparse.Namespace) -> int:
     if not 0 <= args.index < len(trials):
         raise ConfigError(f"{args.sweep_file}: --index {args.index} is out of range: the sweep has "
                           f"{len(trials)} trials (indices 0..{len(trials) - 1}).")
+    trial = trials[args.index]
+    preflight(spec, [trial])
+    from .data import load_data
     from .launch.slurm import run_task
 
-    result = run_task(spec, trials[args.index], run_dir_for(spec, args.out), use_cache=not args.no_cache)
-    return 0 if result["status"] == "ok" else 1
+    data = load_data(trial.config.data)  # all of it: a bad row anywhere is bad input (exit 2), not a failed trial
+    run_dir = run_dir_for(spec, args.out)
+    result = run_task(spec, trial, run_dir, use_cache=not args.no_cache, data=data)
+    if result.get("status") in ("ok", "stopped"):
+        return 0
+    err = result.get("error") or {}
+    tb = result_path(run_dir, trial.trial_id).parent / "error.txt"
+    msg = " ".join(str(err.get("message", "")).split())
+    msg = msg if len(msg) <= 400 else msg[:399] + "…"
+    print(f"trial {trial.index} ({trial.trial_id}) failed at stage {err.get('stage', '?')}: "
+          f"{err.get('type', 'Error')}: {msg}", file=sys.stderr)
+    print(f"traceback: {tb}" if tb.is_file() else f"result: {result_path(run_dir, trial.trial_id)}", file=sys.stderr)
+    return 1
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
@@ -167,6 +238,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     argv = [str(args.run_dir)] + (["--out", str(args.out)] if args.out else [])
     return report_main(["report", *argv])
+
+
+def _bad_input(text: str) -> int:
+    """One paragraph on stderr, exit 2. Never more than MAX_ERROR_LINES lines (a long message is cut, not a wall)."""
+    lines = textwrap.wrap(" ".join(text.split()), width=110, break_long_words=False, break_on_hyphens=False)
+    if len(lines) > MAX_ERROR_LINES:
+        lines = lines[:MAX_ERROR_LINES]
+        lines[-1] = lines[-1][:105] + " …"
+    print("error: " + "\n".join(lines), file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,9 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except RlhfAblateError as e:
-        msg = textwrap.fill(str(e), width=110, break_long_words=False, break_on_hyphens=False)
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        return _bad_input(str(e))
+    except OSError as e:  # a path we cannot read or write (permissions, a full disk): the user's to fix
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        return _bad_input(f"{e.strerror or e}{where}.")
     except KeyboardInterrupt:
         print("interrupted: finished trials and stages are kept; rerun the same command to continue.",
               file=sys.stderr)

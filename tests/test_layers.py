@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Bottom to top. A module may import modules of its own layer or of lower layers, never of a higher one. Within a
 # layer, packages must not import each other in a circle (checked below).
 LAYERS = [
-    ["rlhf_ablate.errors", "rlhf_ablate.files", "rlhf_ablate.runtime"],
+    ["rlhf_ablate.errors", "rlhf_ablate.files", "rlhf_ablate.runtime", "rlhf_ablate.hub"],
     ["rlhf_ablate.data", "rlhf_ablate.metrics"],
     ["rlhf_ablate.config"],
     ["rlhf_ablate.models"],

@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import field
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from ..errors import ConfigError
+
+# Numbers a config value may hold: every integer ends up in a torch or numpy int64 (counts, seeds, steps) and
+# every float in a float32 tensor or optimizer state, so larger ones overflow there, far from the key that caused it.
+INT64_MAX = 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+# PyYAML follows YAML 1.1, where `1e-4` (no dot, no exponent sign) is a string, not a number; YAML 1.2 and every
+# user reads it as 1e-4. A float field accepts such strings.
+_SCI = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def help_field(default: Any, help: str, **kw: Any) -> Any:
@@ -25,11 +36,15 @@ def help_field(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
+# Config values that are mappings themselves (a dict field), not sections of dotted keys.
+DICT_VALUED = ("data.custom_versions", "data.columns")
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and key != "data.custom_versions":
+        if isinstance(v, Mapping) and key not in DICT_VALUED:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
@@ -94,16 +109,84 @@ def apply_overrides(base: dict, overrides: Mapping[str, Any], source: str, cls: 
     return out
 
 
-def parse_cli_overrides(items: list[str]) -> dict[str, Any]:
-    """``['ppo.kl_coef=0.05', 'model.quantization=none']`` -> dict, values parsed as YAML scalars."""
+class DuplicateKey(ValueError):
+    """A YAML mapping with the same key twice (line numbers 1-based)."""
+
+    def __init__(self, key: Any, first: int, again: int):
+        super().__init__(f"key {key!r} appears twice in one mapping (lines {first} and {again}); the second would "
+                         f"silently replace the first")
+        self.line = again
+
+
+def _yaml_loader() -> type:
+    """yaml.SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last one silently)."""
     import yaml
 
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:  # unhashable key: SafeLoader reports it
+                break
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeyLoader
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` with duplicate keys refused; errors are one-line ConfigErrors naming ``source``."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKey as e:
+        raise ConfigError(f"{source}: {e}.") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}:{where} not valid YAML ({what}).") from None
+
+
+def read_yaml_file(path: Path, what: str) -> Any:
+    """A YAML config file, read as UTF-8 with :func:`load_yaml`; every failure is a ConfigError naming the file."""
+    if not path.exists():
+        raise ConfigError(f"{what} {path} does not exist.")
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; give the path of a sweep YAML file.")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read ({e.strerror or e}).") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as "
+                          f"UTF-8.") from None
+    return load_yaml(text, str(path))
+
+
+def parse_cli_overrides(items: list[str]) -> dict[str, Any]:
+    """``['ppo.kl_coef=0.05', 'model.quantization=none']`` -> dict, values parsed as YAML scalars."""
     out = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value, e.g. ppo.kl_coef=0.05")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        if not k.strip():
+            raise ConfigError(f"override '{item}' has no key before '='; write key=value, e.g. ppo.kl_coef=0.05")
+        out[k.strip()] = load_yaml(v, f"override '{item}'")
     return out
 
 
@@ -121,6 +204,9 @@ def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _check_type(value, a, key, source)
             except ConfigError as e:
                 errors.append(e)
+        for a, e in zip(non_none, errors):  # the branch of the value's own kind says best what is wrong
+            if a in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                raise e
         raise errors[0] if len(non_none) == 1 else ConfigError(
             f"{source}: '{key}' must be one of the types {', '.join(getattr(a, '__name__', str(a)) for a in non_none)}"
             f", got {value!r}.")
@@ -134,12 +220,23 @@ def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r} ({type(value).__name__}).")
         return value
     if tp is int:
+        if isinstance(value, str) and _SCI.match(value.strip()):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r} (e-notation is a float; write "
+                              f"the integer in full, e.g. 1000).")
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r} ({type(value).__name__}).")
+        if abs(value) > INT64_MAX:
+            raise ConfigError(f"{source}: '{key}' is {value}, beyond the 64-bit integer range of torch and numpy.")
         return value
     if tp is float:
+        if isinstance(value, str) and _SCI.match(value.strip()):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' must be a number, got {value!r} ({type(value).__name__}).")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}.")
+        if abs(value) > FLOAT32_MAX:
+            raise ConfigError(f"{source}: '{key}' is {value!r}, beyond the float32 range (3.4e38) of torch.")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
 
+from ..data.readers import OUR_FIELDS, is_our_field
 from ..data.versions import FILTERS
 from ..errors import ConfigError
 from ..files import config_hash
@@ -21,9 +22,12 @@ from .fields import _resolve, build_dataclass, flatten, help_field as _f, sugges
 # Bump when a default below changes meaning, so trial ids (which hash the full config) move with it.
 # 2: the stage configs share their LoRA and training parts (DPO and RM gained weight_decay/warmup_ratio), and ids
 #    hash rlhf_ablate.files.canonical_json.
-CONFIG_VERSION = 2
+# 3: data.columns, data.evasive_sft/evasive_rm; v2's garbage, length_outliers and evasive rules changed meaning
+#    (issue 11).
+CONFIG_VERSION = 3
 
 BUILTIN_MODELS = ("tiny-llama", "tiny-gpt2")
+SEED_MAX = 2**32 - 1  # numpy.random.seed accepts [0, 2**32 - 1]; a trial seeds numpy, torch and random alike
 
 
 @dataclass(frozen=True)
@@ -41,18 +45,27 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = _f("ko_sample", "'ko_sample' (bundled Korean data) or a directory holding sft/rm/ppo/eval files.")
+    source: str = _f("ko_sample", "'ko_sample' (bundled Korean data), a directory of data files, one data file "
+                     "(JSON, Parquet, CSV), a save_to_disk directory or a Hub dataset id (org/name).")
     format: Literal["auto", "kochatgpt", "aihub", "hf_pref", "hh", "messages"] = _f(
         "auto", "Reader for the files in `source`; 'auto' detects it per file from the fields of the first row.")
-    sft_file: Optional[str] = _f(None, "SFT file (JSON array or JSON lines), relative to `source`.")
-    rm_file: Optional[str] = _f(None, "Ranked-group or preference-pair file, relative to `source`.")
-    ppo_file: Optional[str] = _f(None, "PPO prompt file, relative to `source`.")
-    eval_file: Optional[str] = _f(None, "Held-out prompts with reference answers, relative to `source`.")
+    columns: dict = _f({}, "Your column names mapped onto ours, our name -> yours (LLaMA-Factory's 'columns'), e.g. "
+                       "{prompt: instruction, completion: output}.")
+    sft_file: Optional[str] = _f(None, "SFT file relative to `source` (or a split name of a dataset source).")
+    rm_file: Optional[str] = _f(None, "Ranked-group or preference-pair file relative to `source` (or a split name).")
+    ppo_file: Optional[str] = _f(None, "PPO prompt file relative to `source` (or a split name).")
+    eval_file: Optional[str] = _f(None, "Held-out prompts with references relative to `source` (or a split name).")
     version: str = _f("v1", "Data version: v1 (as read), v2 (cleaned) or a name from `custom_versions`.")
     custom_versions: dict = _f({}, "Your own versions: name -> list of cleaning filters (see `data stats`).")
     eval_fraction: float = _f(0.2, "Fraction of RM groups held out for RM eval (split by stable prompt id).")
     split_seed: int = _f(0, "Seed of the stable train/eval split. Independent of the trial seed.")
     skip_bad_rows: bool = _f(False, "Skip and count malformed rows instead of stopping at the first one.")
+    evasive_sft: Literal["drop", "keep"] = _f(
+        "drop", "v2's evasive rule on SFT targets: drop refusals and AI self-references, or keep them.")
+    evasive_rm: Literal["auto", "drop_preferred", "keep"] = _f(
+        "auto", "v2's evasive rule on ranked groups: drop a group whose refusal outranks a real answer "
+        "(helpfulness data), keep (harmlessness data, where refusing is preferred), or auto (keep for HH-RLHF "
+        "transcripts, drop_preferred otherwise).")
     max_sft: int = _f(0, "Use at most this many SFT examples (0 = all).")
     max_rm_groups: int = _f(0, "Use at most this many RM training groups (0 = all).")
     max_ppo_prompts: int = _f(0, "Use at most this many PPO prompts (0 = all).")
@@ -199,6 +212,9 @@ def validate(cfg: TrialConfig, source: str) -> None:
     def bad(key: str, msg: str) -> None:
         raise ConfigError(f"{source}: '{key}' {msg}")
 
+    if not 0 <= cfg.seed <= SEED_MAX:
+        bad("seed", f"must lie in [0, 2**32 - 1] (numpy's seed range), got {cfg.seed}.")
+
     for stage in ("sft", "rm", "ppo", "dpo"):
         sc = getattr(cfg, stage)
         if sc.lora_rank < 0:
@@ -243,6 +259,12 @@ def validate(cfg: TrialConfig, source: str) -> None:
     if d.version not in known_versions:
         bad("data.version", f"is {d.version!r}, which is neither v1, v2 nor defined in data.custom_versions "
             f"({', '.join(sorted(d.custom_versions)) or 'none defined'}).")
+    if not d.source.strip():
+        bad("data.source", "must not be empty (use 'ko_sample' for the bundled data).")
+    for kind in ("sft", "rm", "ppo", "eval"):
+        if getattr(d, f"{kind}_file") is not None and not getattr(d, f"{kind}_file").strip():
+            bad(f"data.{kind}_file", "must not be empty (leave it unset to use the default names).")
+    _validate_columns(d.columns, source)
     for name, filters in d.custom_versions.items():
         if not isinstance(filters, list) or not all(isinstance(x, str) for x in filters):
             bad(f"data.custom_versions.{name}", "must be a list of filter names.")
@@ -264,6 +286,21 @@ def validate(cfg: TrialConfig, source: str) -> None:
                 f"{cfg.model.quantization!r}. 4-bit weights cannot be trained. Set model.quantization=none for "
                 f"rank-0 trials (in a sweep: an `overrides` entry with when: {{{full[0]}.lora_rank: 0}} and "
                 f"set: {{model.quantization: none}}), or use a LoRA rank > 0.")
+
+
+def _validate_columns(columns: dict, source: str) -> None:
+    """data.columns: our field name -> the user's column name, each of ours at most once from distinct columns."""
+    ours = list(OUR_FIELDS) + ["completion_0", "answer01", "rank01"]
+    seen: dict[str, str] = {}
+    for k, v in columns.items():
+        if not isinstance(k, str) or not is_our_field(k):
+            raise ConfigError(f"{source}: 'data.columns' maps onto {k!r}, which is not one of our fields "
+                              f"({', '.join(OUR_FIELDS)}, completion_N, answerNN, rankNN).{suggest(str(k), ours)}")
+        if not isinstance(v, str) or not v.strip():
+            raise ConfigError(f"{source}: 'data.columns.{k}' must be the name of your column (a string), got {v!r}.")
+        if v in seen:
+            raise ConfigError(f"{source}: 'data.columns' maps both '{seen[v]}' and '{k}' from column '{v}'.")
+        seen[v] = k
 
 
 def help_table() -> str:

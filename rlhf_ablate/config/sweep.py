@@ -1,6 +1,6 @@
 """Sweep files declare; a pure function expands.
 
-A sweep file (YAML, read with ``yaml.safe_load``)::
+A sweep file (YAML, read with a ``yaml.SafeLoader`` that refuses duplicate keys)::
 
     name: kl_coef                # run directory name: runs/<name>
     version: 1                   # bump when you change the file's meaning
@@ -24,21 +24,24 @@ A sweep file (YAML, read with ``yaml.safe_load``)::
 
 ``expand(spec)`` turns this into complete, validated :class:`Trial` objects with stable ids, and rejects
 infeasible combinations and duplicate trials before anything starts.
+
+The module is one coherent job, hence its length: the sweep file's sections, reading them (includes, the checks
+that name the key and file) and expanding them into trials.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
-import yaml
-
 from ..errors import ConfigError
-from .fields import build_dataclass, flatten, suggest
-from .schema import TrialConfig, all_keys, apply_overrides, build_trial_config
+from ..metrics.registry import all_metric_names, known_metric
+from .fields import build_dataclass, flatten, read_yaml_file, suggest
+from .schema import SEED_MAX, TrialConfig, all_keys, apply_overrides, build_trial_config
 
 # ---------------------------------------------------------------------------------------------------------
 # Sweep-level sections. They configure how trials run, not what a trial computes, so they are not part of the
@@ -173,13 +176,7 @@ def _fmt_axes(axes: Mapping[str, Any], seed: int) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
-    if not path.exists():
-        raise ConfigError(f"sweep file {path} does not exist.")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]} "
-                          f"({getattr(e, 'problem_mark', '') or ''})".strip()) from None
+    raw = read_yaml_file(path, "sweep file" if not chain else "included file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep file must be a mapping with at least `name` and `axes`.")
     for k in raw:
@@ -190,9 +187,13 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     includes = raw.pop("include", None)
     if includes is None:
         return raw
+    incs = [includes] if isinstance(includes, str) else includes
+    if not isinstance(incs, list) or not all(isinstance(i, str) and i.strip() for i in incs):
+        raise ConfigError(f"{path}: 'include' must be a file name or a list of file names (relative to the sweep "
+                          f"file), got {includes!r}.")
     merged: dict = {}
-    for inc in [includes] if isinstance(includes, str) else list(includes):
-        p = (path.parent / inc).resolve()
+    for inc in incs:
+        p = (path.parent / Path(inc).expanduser()).resolve()
         if p in chain:
             raise ConfigError(f"{path}: include cycle through {p}.")
         merged = _merge(merged, _read_yaml(p, chain + (path.resolve(),)))
@@ -202,7 +203,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        if k in ("base", "search", "scheduler", "resources", "tracking", "slurm") and isinstance(v, dict):
+        if (k in ("base", "search", "scheduler", "resources", "tracking", "slurm") and isinstance(v, dict)
+                and isinstance(out.get(k, {}), dict)):
             out[k] = {**out.get(k, {}), **v}
         else:
             out[k] = v
@@ -222,19 +224,30 @@ def load_sweep(path: str | Path, cli_overrides: Mapping[str, Any] | None = None)
     return parse_sweep(raw, str(path), cli_overrides)
 
 
+# The run directory is runs/<name>: a plain directory name (letters, digits, '_', '-', '.'; not starting with '.'
+# or '-'), so `name: ..` or `name: /tmp` cannot turn the current or another directory into the run directory.
+_PLAIN_NAME = re.compile(r"\w[\w.\-]{0,99}")
+
+
 def parse_sweep(raw: Mapping[str, Any], source: str, cli_overrides: Mapping[str, Any] | None = None) -> SweepSpec:
     name = raw.get("name")
-    if not isinstance(name, str) or not name.strip() or "/" in name:
-        raise ConfigError(f"{source}: 'name' must be a non-empty string without '/', got {name!r}.")
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+        raise ConfigError(f"{source}: 'name' must be a plain directory name (letters, digits, '_', '-' and '.', "
+                          f"not starting with '.' or '-', at most 100 characters): the run directory is "
+                          f"runs/<name>. Got {name!r}.")
     version = raw.get("version", 1)
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise ConfigError(f"{source}: 'version' must be an integer, got {version!r}.")
-    base = dict(raw.get("base") or {})
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version < 2**31:
+        raise ConfigError(f"{source}: 'version' must be a non-negative integer, got {version!r}.")
     if not isinstance(raw.get("base") or {}, Mapping):
-        raise ConfigError(f"{source}: 'base' must be a mapping of dotted keys, e.g. ppo.kl_coef: 0.05.")
+        raise ConfigError(f"{source}: 'base' must be a mapping of dotted keys (key: value lines, e.g. "
+                          f"ppo.kl_coef: 0.05), got a {type(raw.get('base')).__name__}.")
+    base = dict(raw.get("base") or {})
     base.update(cli_overrides or {})
-    # Validate the base alone first, so a typo is reported against `base`, not against trial 0.
-    apply_overrides(default_dict(), base, f"{source}: base")
+    if "seed" in base:  # it would be replaced by each of `seeds` without a word
+        raise ConfigError(f"{source}: base: 'seed' is set by the top-level `seeds:` list (one trial per seed); "
+                          f"remove it from base and write seeds: [{base['seed']}].")
+    # Validate the base alone first (keys and types), so a typo is reported against `base`, not against trial 0.
+    build_dataclass(TrialConfig, apply_overrides(default_dict(), base, f"{source}: base"), f"{source}: base")
 
     axes = _parse_axes(raw.get("axes") or {}, source)
     seeds = raw.get("seeds", [0])
@@ -245,8 +258,14 @@ def parse_sweep(raw: Mapping[str, Any], source: str, cli_overrides: Mapping[str,
         raise ConfigError(f"{source}: 'seeds' must be a non-empty list of integers, got {seeds!r}.")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{source}: 'seeds' lists a seed twice: {seeds}.")
+    out_of_range = [s for s in seeds if not 0 <= s <= SEED_MAX]
+    if out_of_range:
+        raise ConfigError(f"{source}: 'seeds' must lie in [0, 2**32 - 1] (numpy's seed range), got "
+                          f"{out_of_range[0]}.")
 
     overrides = []
+    if not isinstance(raw.get("overrides") or [], list):
+        raise ConfigError(f"{source}: 'overrides' must be a list of {{when: {{...}}, set: {{...}}}} entries.")
     for i, ov in enumerate(raw.get("overrides") or []):
         if not isinstance(ov, Mapping) or set(ov) != {"when", "set"}:
             raise ConfigError(f"{source}: overrides[{i}] must have exactly the keys `when` and `set`, got "
@@ -266,7 +285,7 @@ def parse_sweep(raw: Mapping[str, Any], source: str, cli_overrides: Mapping[str,
     slurm = build_dataclass(SlurmSpec, raw.get("slurm") or {}, source, "slurm.")
     _validate_sections(search, scheduler, resources, slurm, axes, source)
     max_concurrent = raw.get("max_concurrent", 0)
-    if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 0:
+    if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or not 0 <= max_concurrent < 2**31:
         raise ConfigError(f"{source}: 'max_concurrent' must be an integer >= 0, got {max_concurrent!r}.")
     cache_dir = raw.get("cache_dir")
     if cache_dir is not None and not isinstance(cache_dir, str):
@@ -297,6 +316,15 @@ def _one_objective(search: SearchSpec, raw: Any, source: str) -> SchedulerSpec:
                                   f"one objective. Drop scheduler.{k} (it follows search.{k}).")
             raw[k] = theirs
     return build_dataclass(SchedulerSpec, raw, source, "scheduler.")
+
+
+def _check_metric(key: str, name: str, source: str) -> None:
+    """A metric a sweep optimises or schedules by must be one a trial reports (rlhf_ablate/metrics/registry.py);
+    a misspelled one would be missing from every result, and ASHA would never stop anything."""
+    if not known_metric(name):
+        hint = suggest(name, all_metric_names()) or (" Metrics look like ppo/reward_mean, rm/kendall_tau, "
+                                                 "ppo/objective/scores.")
+        raise ConfigError(f"{source}: {key} {name!r} is not a metric a trial reports.{hint}")
 
 
 def _parse_axes(raw: Any, source: str) -> list[Axis]:
@@ -347,6 +375,14 @@ def _parse_axes(raw: Any, source: str) -> list[Axis]:
 def _validate_sections(search: SearchSpec, scheduler: SchedulerSpec, resources: ResourceSpec, slurm: SlurmSpec,
                        axes: list[Axis], source: str) -> None:
     if search.type == "optuna":
+        _check_metric("search.metric", search.metric, source)
+    if scheduler.type == "asha":
+        _check_metric("scheduler.metric", scheduler.metric, source)
+        if not scheduler.metric.startswith(PER_STEP_PREFIXES):
+            raise ConfigError(f"{source}: scheduler.metric {scheduler.metric!r} is reported only when a trial "
+                              f"ends, so ASHA could never compare trials while they run; use a per-step PPO metric "
+                              f"such as ppo/objective/scores or ppo/objective/kl.")
+    if search.type == "optuna":
         if not search.space:
             raise ConfigError(f"{source}: search.type=optuna needs search.space, e.g. "
                               f"{{ppo.kl_coef: {{loguniform: [0.001, 1.0]}}}}.")
@@ -362,11 +398,16 @@ def _validate_sections(search: SearchSpec, scheduler: SchedulerSpec, resources: 
                 raise ConfigError(f"{source}: search.space.{k} must be one of {{loguniform: [lo, hi]}}, "
                                   f"{{uniform: [lo, hi]}}, {{int: [lo, hi]}}, {{choice: [a, b, ...]}}.")
             kind, arg = next(iter(dist.items()))
+            if kind != "choice" and isinstance(arg, list) and not all(
+                    isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in arg):
+                raise ConfigError(f"{source}: search.space.{k}.{kind} needs finite numbers [low, high], got {arg!r}.")
             if not isinstance(arg, list) or (kind != "choice" and (len(arg) != 2 or not arg[0] < arg[1])):
                 raise ConfigError(f"{source}: search.space.{k}.{kind} needs [low, high] with low < high, "
                                   f"got {arg!r}.")
             if kind == "loguniform" and arg[0] <= 0:
                 raise ConfigError(f"{source}: search.space.{k}.loguniform needs low > 0, got {arg[0]}.")
+    if search.num_samples > 100000:
+        raise ConfigError(f"{source}: search.num_samples must be at most 100000, got {search.num_samples}.")
     if search.max_concurrent < 1:
         raise ConfigError(f"{source}: search.max_concurrent must be >= 1.")
     if scheduler.type == "asha" and (scheduler.grace_period < 1 or scheduler.reduction_factor < 2):
@@ -376,6 +417,8 @@ def _validate_sections(search: SearchSpec, scheduler: SchedulerSpec, resources: 
                           f"'auto', got {resources.gpu!r}.")
     if not isinstance(resources.gpu, str) and resources.gpu < 0:
         raise ConfigError(f"{source}: resources.gpu must be >= 0, got {resources.gpu}.")
+    if resources.memory_gb is not None and resources.memory_gb <= 0:
+        raise ConfigError(f"{source}: resources.memory_gb must be > 0 (GiB per trial), got {resources.memory_gb}.")
     if resources.cpu < 1:
         raise ConfigError(f"{source}: resources.cpu must be >= 1, got {resources.cpu}.")
     if slurm.max_concurrent < 1:

@@ -16,30 +16,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DataError
-from .readers import ReadResult, read_file
+from .readers import ReadResult, read_file, read_table
 from .records import PreferencePair, PromptExample, RankedGroup, SFTExample, pairs
+from .sources import SAMPLE_DIR, check_source, resolve_tables
 from .splits import cap, is_eval, prompt_key, remove_eval_prompts, split_groups
-from .versions import BUILTIN_VERSIONS, FILTERS, apply_filters, version_filters
+from .splits import unit_hash
+from .versions import BUILTIN_VERSIONS, FILTERS, Options, apply_filters, version_filters
 
-__all__ = ["DataBundle", "load_data", "corpus_texts", "pairs", "read_sources", "SAMPLE_DIR",
+__all__ = ["DataBundle", "load_data", "check_source", "corpus_texts", "pairs", "read_sources", "SAMPLE_DIR",
            "SFTExample", "RankedGroup", "PreferencePair", "PromptExample", "FILTERS", "BUILTIN_VERSIONS"]
 
-SAMPLE_DIR = Path(__file__).parent / "ko_sample"
-
-# Default file names tried in `source` when data.<kind>_file is unset: the KoChatGPT release names first, then
-# the names `data prepare` writes.
-DEFAULT_NAMES = {
-    "sft": ["kochatgpt_1_SFT.jsonl", "sft.jsonl", "sft.json"],
-    "rm": ["kochatgpt_2_RM.jsonl", "rm.jsonl", "rm.json"],
-    "ppo": ["kochatgpt_3_PPO.jsonl", "ppo.jsonl", "ppo.json"],
-    "eval": ["eval.jsonl", "eval.json", "test.jsonl"],
-}
 SPLITS = ("sft_train", "rm_train", "rm_eval", "ppo_prompts", "eval")
+DROP_SAMPLES = 3  # dropped rows shown per rule and split in the cleaning report
 
 
 @dataclass(frozen=True)
@@ -57,39 +49,18 @@ class DataBundle:
         return pairs(self.rm_train if split == "train" else self.rm_eval)
 
 
-def _source_dir(cfg) -> Path:
-    if cfg.source == "ko_sample":
-        return SAMPLE_DIR
-    d = Path(cfg.source).expanduser()
-    if not d.is_dir():
-        raise DataError(f"data.source: {d} is not a directory (use 'ko_sample' or a directory with data files).")
-    return d
-
-
-def _resolve(d: Path, explicit: str | None, kind: str) -> Path | None:
-    """The file of `kind`: data.<kind>_file if set (must exist), else the first default name present."""
-    if explicit:
-        p = Path(explicit).expanduser()
-        p = p if p.is_absolute() else d / p
-        if not p.is_file():
-            raise DataError(f"data.{kind}_file: {p} does not exist.")
-        return p
-    for name in DEFAULT_NAMES[kind]:
-        if (d / name).is_file():
-            return d / name
-    return None
-
-
 def read_sources(cfg) -> dict[str, ReadResult | None]:
-    """Read the raw (v1) files of `cfg` (a DataConfig). PPO and eval files are optional (None when absent)."""
-    d = _source_dir(cfg)
-    out = {}
-    for kind in ("sft", "rm", "ppo", "eval"):
-        path = _resolve(d, getattr(cfg, f"{kind}_file"), kind)
-        if path is None and kind in ("sft", "rm"):
-            raise DataError(f"{d}: no {kind.upper()} file; tried {', '.join(DEFAULT_NAMES[kind])}. "
-                            f"Set data.{kind}_file.")
-        out[kind] = None if path is None else read_file(path, kind, cfg.format, cfg.skip_bad_rows)
+    """Read the raw (v1) tables of `cfg` (a DataConfig; rlhf_ablate/data/sources.py says where each comes from).
+    SFT, PPO and eval are optional (None when absent); RM data is required."""
+    tables, notes = resolve_tables(cfg)
+    if tables["rm"] is None:
+        raise DataError(f"data.source {cfg.source}: no RM data (ranked answers or chosen/rejected pairs) among "
+                        f"{', '.join(notes.get(k, k) for k in tables if tables[k] is not None) or 'its tables'}; "
+                        f"set data.rm_file.")
+    out: dict[str, ReadResult | None] = {}
+    for kind, t in tables.items():
+        out[kind] = None if t is None else read_table(t, kind, cfg.format, cfg.skip_bad_rows, cfg.columns)
+    out["notes"] = notes  # type: ignore[assignment]
     return out
 
 
@@ -97,12 +68,21 @@ def load_data(cfg) -> DataBundle:
     """DataConfig -> DataBundle (see the module docstring for the order of steps)."""
     filters = version_filters(cfg.version, cfg.custom_versions)
     raw = read_sources(cfg)
+    notes = raw.pop("notes")
     report: dict[str, Any] = {
         "version": cfg.version, "filters": filters, "source": cfg.source,
         "files": {k: (r.summary() if r else None) for k, r in raw.items()},
         "bad_rows": sum(r.bad_rows for r in raw.values() if r),
+        "tables": notes,
     }
-    sft = raw["sft"].records
+    if raw["sft"] is not None:
+        sft = raw["sft"].records
+        report["sft_source"] = "file"
+    else:
+        # Preference data alone (an HH-RLHF directory, a Hub dataset of pairs): SFT on the preferred answers, as
+        # DPO's authors do before preference training (Rafailov et al. 2023, sec. 6, "Preferred-FT").
+        sft = [SFTExample(g.data_id, g.prompt, g.best) for g in raw["rm"].records]
+        report["sft_source"] = "rank-1 answers of the RM data"
     if raw["eval"] is not None:
         ev = raw["eval"].records
         report["eval_source"] = "file"
@@ -132,11 +112,16 @@ def load_data(cfg) -> DataBundle:
 
     dropped: dict[str, dict[str, int]] = {f: {} for f in FILTERS}
     changed: dict[str, dict[str, int]] = {}
+    samples: dict[str, dict[str, list]] = {}
+    opts = filter_options(cfg, raw["rm"].format)
+    report["filter_options"] = {"evasive_sft": opts.evasive_sft, "evasive_rm": opts.evasive_rm}
 
     def clean(name: str, records: list, kind: str, names: list[str]) -> list:
-        kept, d, c = apply_filters(records, kind, names)
+        kept, d, c, ex = apply_filters(records, kind, names, opts)
         for rule, n in d.items():
             dropped[rule][name] = n
+            if ex[rule]:
+                samples.setdefault(rule, {})[name] = drop_samples(ex[rule], cfg.split_seed)
         for rule, n in c.items():
             changed.setdefault(rule, {})[name] = n
         return kept
@@ -160,6 +145,7 @@ def load_data(cfg) -> DataBundle:
 
     report["dropped"] = {rule: per for rule, per in dropped.items() if per}
     report["changed"] = changed
+    report["dropped_examples"] = samples
     report["counts"] = counts
     report["split"] = {"eval_fraction": cfg.eval_fraction, "split_seed": cfg.split_seed,
                        "rm_eval_cleaning": "v2 (all filters, every version)", "eval_cleaning": "nfc only"}
@@ -167,9 +153,37 @@ def load_data(cfg) -> DataBundle:
                       **{name: splits[name] for name in SPLITS})
 
 
+def filter_options(cfg, rm_format: str) -> Options:
+    """The filters' per-stage choices; ``evasive_rm: auto`` keeps refusals for HH-RLHF transcripts (harmlessness
+    data prefers them) and drops groups with a preferred refusal otherwise (rlhf_ablate/data/versions.py: evasive)."""
+    rm = cfg.evasive_rm
+    if rm == "auto":
+        rm = "keep" if rm_format == "hh" else "drop_preferred"
+    return Options(evasive_sft=cfg.evasive_sft, evasive_rm=rm)
+
+
+def _short(text: str, n: int = 100) -> str:
+    t = " ".join(str(text).split())
+    return t if len(t) <= n else t[:n - 1] + "…"
+
+
+def drop_samples(gone: list, seed: int, k: int = DROP_SAMPLES) -> list[dict]:
+    """A few dropped rows of one rule and split, for a user to judge the rule by: the k with the smallest id hash
+    (spread over the file, the same rows whatever else changed), in file order."""
+    order = sorted(range(len(gone)), key=lambda i: (unit_hash(str(gone[i][0].data_id), seed + 2), i))[:k]
+    out = []
+    for i in sorted(order):
+        rec, why = gone[i]
+        row = {"data_id": rec.data_id, "prompt": _short(rec.prompt), "why": why}
+        if isinstance(rec, SFTExample):
+            row["answer"] = _short(rec.completion)
+        out.append(row)
+    return out
+
+
 def fingerprint(splits: dict[str, list]) -> str:
     """sha256 of the canonical records of every split (names, order and all fields)."""
-    canon = {name: [asdict(r) for r in splits[name]] for name in SPLITS}
+    canon = {name: [vars(r) for r in splits[name]] for name in SPLITS}  # = asdict for these flat records, 10x faster
     blob = json.dumps(canon, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

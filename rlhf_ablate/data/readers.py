@@ -1,8 +1,17 @@
 """Readers: KoChatGPT, AIHub-style, HF preference, HH-RLHF transcripts and chat `messages` rows -> canonical
-records. Where rows come from (JSON arrays, JSON lines) is rlhf_ablate/data/rows.py.
+records. Where rows come from (JSON arrays and lines, Parquet, CSV, save_to_disk) is rlhf_ablate/data/rows.py; which
+file or split serves which stage is rlhf_ablate/data/sources.py.
 
-Malformed rows raise :class:`DataError` naming the file and the 1-based line of the row. With
-``skip_bad_rows=True`` they are skipped, counted and the first reasons kept, so nothing disappears silently.
+``data.columns`` maps a user's column names onto ours before anything else looks at a row (our name -> theirs, as
+in LLaMA-Factory's ``dataset_info.json`` "columns"), so ``{prompt: instruction, completion: output}`` reads an
+Alpaca-style file as KoChatGPT SFT rows.
+
+Malformed rows raise :class:`DataError` naming the file and the row's location (1-based line of a JSON or CSV file,
+row number of a Parquet file or dataset). With ``skip_bad_rows=True`` they are skipped, counted and the first
+reasons kept, so nothing disappears silently.
+
+The module is one coherent job, hence its length: a parser per (format, kind) and the one loop that applies them to
+a table and decides what a bad row is.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from typing import Any, Callable
 
 from ..errors import DataError
 from .records import PromptExample, RankedGroup, SFTExample
-from .rows import iter_rows
+from .rows import Table, open_path
 
 FORMATS = ("kochatgpt", "aihub", "hf_pref", "hh", "messages")
 KINDS = ("sft", "rm", "ppo", "eval")
@@ -33,6 +42,7 @@ class RowError(ValueError):
 
 _WS = re.compile(r"[ \t\u00a0\u3000]+")
 _MANY_NL = re.compile(r"\n{3,}")
+_PLAIN = re.compile(r"[\t\r\u00a0\u3000]|  |[^\S\n]\n|\n[^\S\n]|\n\n\n")  # what normalize_text changes, bar NFC
 
 
 def normalize_text(text: str) -> str:
@@ -42,6 +52,10 @@ def normalize_text(text: str) -> str:
     tokenizes differently; runs of spaces, tabs, NBSP and ideographic spaces become one space, every line is
     trimmed and 3+ newlines become a paragraph break.
     """
+    if (("\n" in text and _PLAIN.search(text) is None) or not ("\n" in text or "  " in text or "\t" in text
+            or "\r" in text or "\u00a0" in text or "\u3000" in text)) and text.strip() == text \
+            and unicodedata.is_normalized("NFC", text):
+        return text  # the common case, and every text after the nfc filter: nothing to do
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
     lines = [_WS.sub(" ", line).strip() for line in text.split("\n")]
     return _MANY_NL.sub("\n\n", "\n".join(lines)).strip()
@@ -60,6 +74,8 @@ def _text(row: dict, key: str) -> str:
     if key not in row:
         raise RowError(f"missing field '{key}'")
     v = row[key]
+    if v is None:
+        raise RowError(f"field '{key}' is empty (null)")
     if not isinstance(v, str):
         raise RowError(f"field '{key}' must be a string, got {type(v).__name__}")
     if not v.strip():
@@ -97,9 +113,19 @@ def _check_permutation(values: Any, k: int, what: str) -> list[int]:
 # Row parsers: (format, kind) -> function(row) -> record
 # ---------------------------------------------------------------------------------------------------------
 
-def kochatgpt_sft(row: dict) -> SFTExample:
+def kochatgpt_sft(row: dict) -> SFTExample | list[SFTExample]:
+    """``{prompt, completion}``; or the KoChatGPT variant with ``completion_0..completion_{k-1}``: with a
+    ``ranking`` (an RM row used as SFT data) its best answer is the target, without one every completion is a
+    target of its own. The examples of one row share its id, so they land on the same side of every split."""
     p = _text(row, "prompt")
-    return SFTExample(_row_id(row, p), p, _text(row, "completion"))
+    if "completion" in row or not _numbered(row, "completion_"):
+        return SFTExample(_row_id(row, p), p, _text(row, "completion"))
+    answers = [_text(row, k) for k in _numbered(row, "completion_")]
+    rid = _row_id(row, p)
+    if "ranking" in row:
+        order = _check_permutation(row["ranking"], len(answers), "ranking")
+        return SFTExample(rid, p, answers[order[0]])
+    return [SFTExample(rid, p, a) for a in answers]
 
 
 def kochatgpt_rm(row: dict) -> RankedGroup:
@@ -121,7 +147,8 @@ def kochatgpt_rm(row: dict) -> RankedGroup:
         raise RowError("a ranked group needs at least two fields completion_0, completion_1, ...")
     answers = tuple(_text(row, k) for k in keys)
     if "ranking" not in row:
-        raise RowError("missing field 'ranking'")
+        raise RowError("missing field 'ranking' (completions without a ranking are the KoChatGPT SFT variant: "
+                       "use the file as data.sft_file)")
     order = _check_permutation(row["ranking"], len(answers), "ranking")
     ranks = [0] * len(answers)
     for position, idx in enumerate(order):
@@ -333,8 +360,46 @@ def detect_format(row: Any) -> str | None:
     return None
 
 
+def preference_shaped(row: dict) -> bool:
+    """Does a (column-mapped) row hold ranked answers (RM data) rather than one answer (SFT data)?"""
+    fmt = detect_format(row)
+    if fmt in ("hf_pref", "hh"):
+        return True
+    if fmt == "kochatgpt":
+        return bool(_numbered(row, "completion_")) and "ranking" in row
+    if fmt == "aihub":
+        return len(_numbered(row, "answer")) >= 2
+    return False
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Files
+# Column maps
+# ---------------------------------------------------------------------------------------------------------
+
+# Our field names, the targets a data.columns entry may name (numbered ones by pattern).
+OUR_FIELDS = ("prompt", "completion", "ranking", "question", "answer", "chosen", "rejected", "messages", "data_id",
+              "id")
+_NUMBERED_FIELD = re.compile(r"^(completion_\d+|answer\d+|rank\d+)$")
+
+
+def is_our_field(name: str) -> bool:
+    return name in OUR_FIELDS or bool(_NUMBERED_FIELD.match(name))
+
+
+def map_columns(row: dict, columns: dict | None) -> dict:
+    """Rename the user's columns to ours (``columns``: our name -> theirs); other columns pass unchanged."""
+    if not columns:
+        return row
+    theirs = set(columns.values())
+    out = {k: v for k, v in row.items() if k not in theirs}
+    for ours, src in columns.items():
+        if src in row:
+            out[ours] = row[src]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files and tables
 # ---------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -352,50 +417,80 @@ class ReadResult:
                 "bad_rows": self.bad_rows, "bad_examples": list(self.bad_reasons)}
 
 
-def read_file(path: str | Path, kind: str, fmt: str = "auto", skip_bad_rows: bool = False) -> ReadResult:
-    """Read one file of `kind` (sft, rm, ppo, eval) into canonical records.
+def read_file(path: str | Path, kind: str, fmt: str = "auto", skip_bad_rows: bool = False,
+              columns: dict | None = None) -> ReadResult:
+    """Read one file (JSON, Parquet, CSV or a save_to_disk Dataset) of `kind` into canonical records."""
+    tables = open_path(Path(path))
+    if len(tables) != 1:
+        raise DataError(f"{path}: holds the splits {sorted(tables)}; name one of them as {path}/SPLIT.")
+    return read_table(next(iter(tables.values())), kind, fmt, skip_bad_rows, columns)
+
+
+def read_table(table: Table, kind: str, fmt: str = "auto", skip_bad_rows: bool = False,
+               columns: dict | None = None, limit: int | None = None) -> ReadResult:
+    """Read the rows of `table` as `kind` (sft, rm, ppo, eval) records; at most `limit` rows when given (the
+    pre-flight check of `sweep --dry-run` reads only the first rows).
 
     `fmt` = "auto" picks the format from the fields of the first row; every later row must parse in that
-    format. A bad row raises DataError naming the file and line, unless `skip_bad_rows`, when it is counted.
-    """
-    path = Path(path)
+    format. A bad row raises DataError naming the table and the row's location, unless `skip_bad_rows`, when it
+    is counted."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    label = table.label
     if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"{path}: unknown format {fmt!r}; expected auto or one of {', '.join(FORMATS)}.")
-    result = ReadResult(str(path), kind, fmt)
+        raise DataError(f"{label}: unknown format {fmt!r}; expected auto or one of {', '.join(FORMATS)}.")
+    result = ReadResult(label, kind, fmt)
     parser = None
-    for line, row, err in iter_rows(path):
+    for loc, row, err in table.rows():
         result.rows += 1
         try:
             if err is not None:
                 raise RowError(err)
             if not isinstance(row, dict):
                 raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+            row = map_columns(row, columns)
             if parser is None:
-                parser = _choose_parser(path, kind, fmt, row, result)
-            result.records.append(parser(row))
+                parser = _choose_parser(label, kind, fmt, row, result, columns)
+            rec = parser(row)
+            if isinstance(rec, list):
+                result.records.extend(rec)
+            else:
+                result.records.append(rec)
         except RowError as e:
-            msg = f"{path}: line {line}: {e}"
+            msg = f"{label}: {loc}: {e}{_column_hint(str(e), columns)}"
             if not skip_bad_rows:
                 raise DataError(msg + " (set data.skip_bad_rows=true to skip and count bad rows)") from None
             result.bad_rows += 1
             if len(result.bad_reasons) < MAX_REASONS:
                 result.bad_reasons.append(msg)
+        if limit is not None and result.rows >= limit:
+            break
     if not result.records:
-        raise DataError(f"{path}: no usable {kind} rows ({result.rows} rows read, {result.bad_rows} bad).")
+        raise DataError(f"{label}: no usable {kind} rows ({result.rows} rows read, {result.bad_rows} bad).")
     return result
 
 
-def _choose_parser(path: Path, kind: str, fmt: str, row: dict, result: ReadResult) -> Callable[[dict], Any]:
+def _column_hint(msg: str, columns: dict | None) -> str:
+    m = re.match(r"missing field '([^']+)'", msg)
+    if m and columns and m.group(1) in columns:
+        return f" (data.columns maps it from column '{columns[m.group(1)]}', which this row lacks)"
+    return ""
+
+
+def _choose_parser(label: str, kind: str, fmt: str, row: dict, result: ReadResult,
+                   columns: dict | None) -> Callable[[dict], Any]:
     chosen = fmt if fmt != "auto" else detect_format(row)
-    fields = ", ".join(sorted(row)) or "none"
+    fields = ", ".join(sorted(map(str, row))) or "none"
     if chosen is None:
-        raise DataError(f"{path}: cannot tell the format of this {kind} file from the fields of its first row "
-                        f"({fields}); expected {EXPECTED[kind]}. Or set data.format explicitly.")
+        missing = [f"{ours} from column '{theirs}'" for ours, theirs in (columns or {}).items() if ours not in row]
+        hint = (f" data.columns maps {', '.join(missing)}, which the first row lacks." if missing else
+                "" if columns else " Or map your column names onto ours with data.columns, e.g. "
+                "{prompt: instruction, completion: output}.")
+        raise DataError(f"{label}: cannot tell the format of this {kind} data from the fields of its first row "
+                        f"({fields}); expected {EXPECTED[kind]}.{hint}")
     parser = PARSERS.get((chosen, kind))
     if parser is None:
-        raise DataError(f"{path}: rows look like format '{chosen}' (fields: {fields}), which cannot be used as a "
-                        f"{kind} file; expected {EXPECTED[kind]}.")
+        raise DataError(f"{label}: rows look like format '{chosen}' (fields: {fields}), which cannot be used as "
+                        f"{kind} data; expected {EXPECTED[kind]}.")
     result.format = chosen
     return parser

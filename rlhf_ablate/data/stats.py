@@ -11,7 +11,8 @@ from collections import Counter
 
 from . import DataBundle
 from .records import RankedGroup, SFTExample
-from .versions import _dedup_text, n_tokens, near_duplicate_pairs
+from .dedup import near_duplicates
+from .versions import dedup_text, n_tokens
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -73,10 +74,12 @@ def length_by_rank(groups: list[RankedGroup]) -> dict:
 
 
 def duplicates(records: list) -> dict:
-    keys = [_dedup_text(r) for r in records]
+    """Rows that dedup_exact and then dedup_near would drop (exact copies of the normalised text; near copies,
+    spacing variants included, of a row kept before them)."""
+    keys = [dedup_text(r) for r in records]
     exact = len(keys) - len(set(keys))
-    near = {j for i, j, jac in near_duplicate_pairs(keys) if jac < 1.0 or keys[i] != keys[j]}
-    return {"exact": exact, "near": len(near)}
+    near = sum(1 for j, (i, _) in near_duplicates(keys).items() if keys[i] != keys[j])
+    return {"exact": exact, "near": near}
 
 
 def compute_stats(bundle: DataBundle) -> dict:
@@ -97,8 +100,9 @@ def compute_stats(bundle: DataBundle) -> dict:
                   "pairs": sum(len(g.pairs()) for g in groups)},
         "length_by_rank": length_by_rank(groups),
         "duplicates": {name: duplicates(recs) for name, recs in splits.items()},
-        "cleaning": {k: bundle.report.get(k) for k in ("filters", "dropped", "changed", "eval_overlap_removed",
-                                                       "bad_rows", "eval_source", "ppo_source")},
+        "cleaning": {k: bundle.report.get(k) for k in ("filters", "filter_options", "dropped", "changed",
+                                                       "dropped_examples", "eval_overlap_removed", "bad_rows",
+                                                       "eval_source", "ppo_source", "sft_source", "tables")},
         "bad_rows": {k: v["bad_examples"] for k, v in bundle.report.get("files", {}).items()
                      if v and v["bad_rows"]},
     }
@@ -139,4 +143,21 @@ def format_stats(s: dict) -> str:
         out.append(f"    {rule:<16} rewritten (not dropped): " + ", ".join(f"{k}={v}" for k, v in per.items()))
     for kind, reasons in s["bad_rows"].items():
         out.append(f"  bad {kind} rows, first: " + "; ".join(reasons))
+    return "\n".join(out)
+
+
+def format_dropped(report: dict) -> str:
+    """The rows each rule dropped, per split, with a few examples and the reason: what `data prepare` prints so a
+    user can judge every rule on their own data (the same examples are in cleaning_report.json)."""
+    dropped = {r: per for r, per in (report.get("dropped") or {}).items() if any(per.values())}
+    if not dropped:
+        return "no rows dropped by the cleaning rules"
+    out = ["rows dropped per rule and split (a few examples each; all reasons in cleaning_report.json):"]
+    examples = report.get("dropped_examples") or {}
+    for rule, per in dropped.items():
+        out.append(f"  {rule}: " + ", ".join(f"{k}={v}" for k, v in per.items() if v))
+        for split, rows in (examples.get(rule) or {}).items():
+            for row in rows:
+                text = f" | answer: {row['answer']}" if row.get("answer") else ""
+                out.append(f"    [{split}] {row['why']} | prompt: {row['prompt']}{text}")
     return "\n".join(out)

@@ -2,32 +2,50 @@
 
 Importable without torch (the config validator imports FILTERS to check ``data.custom_versions``).
 
-A filter is ``f(records, kind) -> FilterResult`` over one split (kind: sft, rm, ppo). Filters run in the order
-the version lists them (FILTERS order for v2), and each reports how many rows it dropped, so the cleaning report
-can say "dedup_exact dropped 12 SFT rows" for every rule and split.
+A filter is ``f(records, kind, opts) -> FilterResult`` over one split (kind: sft, rm, ppo, eval; ``opts``: the
+per-stage choices of :class:`Options`). Filters run in the order the version lists them (FILTERS order for v2), and
+each reports the rows it dropped with the reason, so the cleaning report can say "dedup_exact dropped 12 SFT rows"
+and show a few of them for every rule and split (``data prepare`` prints them: a user judges a rule by its victims).
 
 What a rule looks at, per record type:
-- SFT examples: the completion (`garbage` also checks the prompt: a non-Korean prompt makes the row useless).
+- SFT examples: the completion (`garbage` also checks the prompt: a non-Korean or dumped prompt makes the row
+  useless).
 - PPO prompts: the prompt.
 - Ranked groups: answer-level rules (evasive, garbage, length_outliers) drop a group only when a dirty answer is
   ranked ABOVE a clean one, e.g. the best answer is an "AI 언어 모델이므로 답변드릴 수 없습니다" refusal. A dirty
   answer ranked below the clean ones is kept: truncated, looping or English answers are exactly the negatives a
   reward model must learn to score low, and dropping them would also remove the long dispreferred answers that
   keep the reward model from learning "longer is better". Prompt-level rules (garbage prompt) drop the group.
+
+The Korean-specific choices (what counts as Korean text, a dumped record, an evasive answer: rlhf_ablate/data/
+textrules.py; a length outlier: here) are explained at each rule; tests/test_data.py holds realistic Korean cases
+for each, written for this project.
 """
 
 from __future__ import annotations
 
-import math
-import re
 import statistics
-import zlib
-from collections import Counter
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
 
+from .dedup import NEAR_DUP_THRESHOLD, near_duplicates
 from .readers import normalize_text
 from .records import PromptExample, RankedGroup, SFTExample
+from .textrules import (EVASIVE_PATTERNS, MIN_KOREAN, dumped_record, evasive_reason, foreign, hangul_ratio,
+                        is_evasive, is_foreign, is_loop, korean_share, korean_words)
+
+__all__ = ["FILTERS", "BUILTIN_VERSIONS", "Options", "FilterResult", "apply_filters", "version_filters",
+           "is_evasive", "is_loop", "is_foreign", "dumped_record", "korean_share", "hangul_ratio",
+           "length_bounds", "n_tokens", "NEAR_DUP_THRESHOLD", "EVASIVE_PATTERNS"]
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-stage choices of the filters (DataConfig ``evasive_sft`` / ``evasive_rm``; "auto" resolved by the
+    caller from the RM data's format, rlhf_ablate/data/__init__.py)."""
+
+    evasive_sft: str = "drop"            # drop | keep
+    evasive_rm: str = "drop_preferred"   # drop_preferred | keep
 
 
 @dataclass
@@ -35,6 +53,11 @@ class FilterResult:
     kept: list
     dropped: int = 0
     changed: int = 0  # rows rewritten in place (nfc)
+    examples: list = field(default_factory=list)  # (record, reason) of every dropped row
+
+    @classmethod
+    def of(cls, kept: list, gone: list) -> "FilterResult":
+        return cls(kept, len(gone), 0, gone)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -49,39 +72,44 @@ def _answers(rec) -> list[str]:
     return [rec.prompt]  # PromptExample: the prompt is the text under test
 
 
-def _group_is_dirty(g: RankedGroup, dirty: Callable[[str], bool]) -> bool:
-    """True when some dirty answer is ranked strictly above some clean answer (see module docstring)."""
-    flags = [dirty(a) for a in g.answers]
-    best_dirty = min((r for r, f in zip(g.ranks, flags) if f), default=None)
-    worst_clean = max((r for r, f in zip(g.ranks, flags) if not f), default=None)
-    if best_dirty is None:
-        return False
-    if worst_clean is None:
-        return True  # every answer is dirty: nothing to learn from
-    return best_dirty < worst_clean
+Why = Callable[[str], Optional[str]]  # a reason when the text is dirty, else None
 
 
-def _drop_dirty(records: list, dirty: Callable[[str], bool], check_prompt: Callable[[str], bool] | None = None):
-    kept, dropped = [], 0
+def _group_reason(g: RankedGroup, why: Why) -> Optional[str]:
+    """A reason when some dirty answer is ranked strictly above some clean answer (see module docstring)."""
+    reasons = [why(a) for a in g.answers]
+    dirty = [(r, i) for i, (r, w) in enumerate(zip(g.ranks, reasons)) if w]
+    if not dirty:
+        return None
+    clean = [r for r, w in zip(g.ranks, reasons) if not w]
+    best_rank, i = min(dirty)
+    if clean and best_rank >= max(clean):
+        return None
+    tail = "every answer is dirty" if not clean else f"ranked above a clean answer (rank {max(clean)})"
+    return f"rank-{best_rank} answer: {reasons[i]}; {tail}"
+
+
+def _drop_dirty(records: list, why: Why, prompt_why: Optional[Why] = None) -> FilterResult:
+    kept, gone = [], []
     for rec in records:
-        if check_prompt is not None and not isinstance(rec, PromptExample) and check_prompt(rec.prompt):
-            bad = True
-        elif isinstance(rec, RankedGroup):
-            bad = _group_is_dirty(rec, dirty)
-        else:
-            bad = any(dirty(a) for a in _answers(rec))
-        if bad:
-            dropped += 1
-        else:
-            kept.append(rec)
-    return FilterResult(kept, dropped)
+        reason = None
+        if prompt_why is not None and not isinstance(rec, PromptExample):
+            reason = prompt_why(rec.prompt)
+            reason = f"prompt: {reason}" if reason else None
+        if reason is None:
+            if isinstance(rec, RankedGroup):
+                reason = _group_reason(rec, why)
+            else:
+                reason = next((w for w in map(why, _answers(rec)) if w), None)
+        (gone.append((rec, reason)) if reason else kept.append(rec))
+    return FilterResult.of(kept, gone)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # nfc
 # ---------------------------------------------------------------------------------------------------------
 
-def nfc(records: list, kind: str) -> FilterResult:
+def nfc(records: list, kind: str, opts: Options = Options()) -> FilterResult:
     """NFC + whitespace normalisation of every text field (readers.normalize_text). Drops nothing.
 
     Run it first: afterwards NFD copies and whitespace variants of a row are exact duplicates for dedup_exact.
@@ -105,7 +133,8 @@ def nfc(records: list, kind: str) -> FilterResult:
 # Duplicates
 # ---------------------------------------------------------------------------------------------------------
 
-def _dedup_text(rec) -> str:
+def dedup_text(rec) -> str:
+    """The text two records are compared by: prompt and answer(s), normalised."""
     if isinstance(rec, SFTExample):
         return normalize_text(rec.prompt) + "\n" + normalize_text(rec.completion)
     if isinstance(rec, RankedGroup):
@@ -115,89 +144,44 @@ def _dedup_text(rec) -> str:
     return normalize_text(rec.prompt)
 
 
-def dedup_exact(records: list, kind: str) -> FilterResult:
+_dedup_text = dedup_text  # the name tests and stats used before it became public
+
+
+def dedup_exact(records: list, kind: str, opts: Options = Options()) -> FilterResult:
     """Drop rows whose normalised text equals an earlier row's (first occurrence kept, file order)."""
-    seen, kept = set(), []
+    first: dict[str, str] = {}
+    kept, gone = [], []
     for rec in records:
-        key = _dedup_text(rec)
-        if key not in seen:
-            seen.add(key)
+        key = dedup_text(rec)
+        if key in first:
+            gone.append((rec, "copy of an earlier row" + (f" ({first[key]})" if first[key] != rec.data_id else "")))
+        else:
+            first[key] = rec.data_id
             kept.append(rec)
-    return FilterResult(kept, len(records) - len(kept))
+    return FilterResult.of(kept, gone)
 
 
-NEAR_DUP_THRESHOLD = 0.85  # char 3-gram Jaccard, spaces removed; short template prompts differing in one noun
-# reach ~0.8, spacing variants score 1.0 and a changed final character in a 20-syllable text ~0.9
-_NUM_PERM, _BANDS = 32, 8  # MinHash-LSH: P(candidate | J=0.85) = 1 - (1 - 0.85**4)**8 ~ 0.997
-_PRIME = (1 << 61) - 1
-
-
-def shingles(text: str, n: int = 3) -> set[str]:
-    """Character n-grams of the normalised, lower-cased text WITHOUT whitespace: Korean spacing (띄어쓰기) varies
-    freely between writers ("잘 하는" / "잘하는"), so spacing variants should count as the same text."""
-    t = re.sub(r"\s+", "", normalize_text(text).lower())
-    return {t[i:i + n] for i in range(max(1, len(t) - n + 1))}
-
-
-def jaccard(a: set, b: set) -> float:
-    return len(a & b) / len(a | b) if a or b else 1.0
-
-
-def _minhash(sh: set[str]) -> tuple[int, ...]:
-    hs = [zlib.crc32(s.encode("utf-8")) for s in sh]
-    sig = []
-    for k in range(_NUM_PERM):  # fixed affine permutations: deterministic across runs and machines
-        a, b = 2 * k + 0x9E3779B1, 7919 * k + 1
-        sig.append(min((a * h + b) % _PRIME for h in hs))
-    return tuple(sig)
-
-
-def near_duplicate_pairs(texts: list[str], threshold: float = NEAR_DUP_THRESHOLD) -> list[tuple[int, int, float]]:
-    """(i, j, jaccard) with i < j for texts whose character 3-gram Jaccard >= threshold.
-
-    MinHash-LSH proposes candidates (so 10k+ rows stay fast); each candidate is then checked with the exact
-    Jaccard, so there are no false positives, only rare misses just above the threshold.
-    """
-    sh = [shingles(t) for t in texts]
-    rows = _NUM_PERM // _BANDS
-    buckets: dict[tuple, list[int]] = {}
-    for i, s in enumerate(sh):
-        sig = _minhash(s)
-        for b in range(_BANDS):
-            buckets.setdefault((b, sig[b * rows:(b + 1) * rows]), []).append(i)
-    cands = set()
-    for members in buckets.values():
-        for x in range(len(members)):
-            for y in range(x + 1, len(members)):
-                cands.add((members[x], members[y]))
-    out = []
-    for i, j in sorted(cands):
-        jac = jaccard(sh[i], sh[j])
-        if jac >= threshold:
-            out.append((i, j, jac))
-    return out
-
-
-def dedup_near(records: list, kind: str) -> FilterResult:
-    """Drop rows whose text is a near duplicate (3-gram Jaccard >= NEAR_DUP_THRESHOLD) of an earlier kept row.
+def dedup_near(records: list, kind: str, opts: Options = Options()) -> FilterResult:
+    """Drop rows whose text is a near duplicate (3-gram Jaccard >= NEAR_DUP_THRESHOLD, rlhf_ablate/data/dedup.py)
+    of an earlier kept row.
 
     Near duplicates (a prompt with one particle changed, a copy with a typo fixed) inflate some prompts' weight
     and leak between train and eval; exact copies are dedup_exact's job, so this runs after it.
     """
-    drop = set()
-    for i, j, _ in near_duplicate_pairs([_dedup_text(r) for r in records]):
-        if i not in drop:
-            drop.add(j)
-    kept = [r for k, r in enumerate(records) if k not in drop]
-    return FilterResult(kept, len(drop))
+    drop = near_duplicates([dedup_text(r) for r in records])
+    gone = [(records[j], f"near copy (Jaccard {jac:.2f}) of an earlier row"
+             + (f" ({records[i].data_id})" if records[i].data_id != records[j].data_id else ""))
+            for j, (i, jac) in sorted(drop.items())]
+    return FilterResult.of([r for k, r in enumerate(records) if k not in drop], gone)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Length outliers
 # ---------------------------------------------------------------------------------------------------------
 
-LENGTH_K = 4.0  # bounds: exp(median(log n) +- 4 * 1.4826 * MAD(log n)), computed per split
-LENGTH_MIN_MAD = 0.15  # floor of the log-MAD (about +-15%), so near-uniform template data is not cut at +-1 token
+LENGTH_Q = 0.95          # the bound starts from the 95th (and 5th) percentile of the split's lengths
+LENGTH_FACTOR = {"prompt": 7.0, "answer": 4.0}  # how many times beyond it a row must lie to be an outlier
+LENGTH_MIN_HI = 32       # a row of up to 32 whitespace tokens is never too long
 
 
 def n_tokens(text: str) -> int:
@@ -205,118 +189,109 @@ def n_tokens(text: str) -> int:
     return len(text.split())
 
 
-def length_bounds(lengths: list[int], k: float = LENGTH_K) -> tuple[float, float]:
-    """Robust bounds on token counts: median +- k * 1.4826 * MAD (MAD scaled to a normal sigma) in log space.
-
-    Log space because answer lengths are right-skewed (roughly log-normal): a symmetric window in tokens would
-    be too tight above and too loose below. With k = 4 the window is at least x/÷ 2.4 around the median.
-    """
-    logs = [math.log(max(1, x)) for x in lengths]
-    med = statistics.median(logs)
-    mad = max(LENGTH_MIN_MAD, statistics.median(abs(x - med) for x in logs))
-    half = k * 1.4826 * mad
-    return math.exp(med - half), math.exp(med + half)
+def _quantile(sorted_xs: list, q: float) -> float:
+    return sorted_xs[min(len(sorted_xs) - 1, max(0, int(round(q * (len(sorted_xs) - 1)))))]
 
 
-def length_outliers(records: list, kind: str) -> FilterResult:
+def length_bounds(lengths: list[int], prompts: bool = False) -> tuple[float, float]:
+    """Bounds on token counts: ``hi = max(32, F * q95)`` and, for answers, ``lo = q05 / F``, with F = 7 for prompts
+    and 4 for answers.
+
+    Why not median +- k MAD (the earlier rule): a split's lengths have a long genuine tail. KoChatGPT's PPO prompts
+    are mostly 1-15-eojeol chat and QA turns, with spoken requests of 30-70 eojeol ("예 고 차를 하나 매입할려고
+    하는데요 ..."); a bound from the core of the distribution called those outliers (issue 11). The 95th percentile
+    already sits in that tail, so the bound scales with it, and only rows several times longer than the longest 5 %
+    go: pasted documents, several answers run together. Prompts get the wider factor because requests vary more in
+    length than answers to them do. The 95th percentile moves only when over 5 % of a split are outliers.
+    Checked against the bundled sample (pasted SFT answers of 100+ tokens against a q95 of 16, pasted RM answers of
+    108+ against 19, pasted PPO prompts of 59+ against 7: all dropped) and KoChatGPT's PPO prompts (q95 about 11-13
+    eojeol in the parts we read, so requests up to 77-91 eojeol stay); tests/test_data.py holds a split of that
+    shape."""
+    xs = sorted(lengths)
+    f = LENGTH_FACTOR["prompt" if prompts else "answer"]
+    hi = max(LENGTH_MIN_HI, f * _quantile(xs, LENGTH_Q))
+    lo = 0.0 if prompts else _quantile(xs, 1 - LENGTH_Q) / f
+    return lo, hi
+
+
+def length_outliers(records: list, kind: str, opts: Options = Options()) -> FilterResult:
     """Drop rows whose answer (SFT completion, ranked answer, PPO prompt) is far outside the split's lengths.
 
     Outliers are mostly pasted documents, concatenated answers or one-word stubs; a handful of them dominate the
-    token budget of a batch (and, truncated at model.max_length, teach answers that never end).
+    token budget of a batch (and, truncated at model.max_length, teach answers that never end). Prompts have no
+    lower bound: "간식 추천" or "사랑꾼" are whole requests.
     """
     lengths = [n_tokens(a) for r in records for a in _answers(r)]
     if len(lengths) < 5:
         return FilterResult(list(records))
-    lo, hi = length_bounds(lengths)
-    return _drop_dirty(records, lambda a: not lo <= n_tokens(a) <= hi)
+    lo, hi = length_bounds(lengths, prompts=kind == "ppo")
+
+    def why(a: str) -> Optional[str]:
+        n = n_tokens(a)
+        return None if lo <= n <= hi else f"{n} tokens, outside [{lo:.1f}, {hi:.1f}]"
+
+    return _drop_dirty(records, why)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Evasive / boilerplate answers
 # ---------------------------------------------------------------------------------------------------------
 
-# Refusals and self-references of ChatGPT-generated Korean data (KoChatGPT's SFT file has many: "저는 인공지능
-# 챗봇이며, ...", "죄송합니다. 저는 AI 언어 모델로써 ..."). They teach a policy to dodge questions.
-EVASIVE_PATTERNS = [
-    r"저는\s*(AI|인공지능|에이아이)",
-    r"(AI|인공지능)\s*(언어\s*)?(모델|챗봇|어시스턴트|비서)\s*(이므로|이기\s*때문에|으?로서|으?로써|이라서|이어서|이며)",
-    r"답변(을|을\s*해)?\s*드릴\s*수\s*(가\s*)?없",
-    r"답변(을|해)?\s*드리기\s*어렵",
-    r"죄송(하지만|합니다)[^.!?]{0,30}(수\s*없|어렵)",
-    r"as an ai( language model)?",
-    r"i('m| am) (sorry|unable)|i cannot (help|answer)",
-]
-_EVASIVE = re.compile("|".join(f"(?:{p})" for p in EVASIVE_PATTERNS), re.IGNORECASE)
+def evasive(records: list, kind: str, opts: Options = Options()) -> FilterResult:
+    """Where a refusal is dirt, per stage (``data.evasive_sft``, ``data.evasive_rm``):
 
-
-def is_evasive(text: str) -> bool:
-    return bool(_EVASIVE.search(normalize_text(text)))
-
-
-def evasive(records: list, kind: str) -> FilterResult:
-    """Drop SFT rows with evasive answers and groups whose evasive answer outranks a real one (PPO: no-op)."""
-    if kind == "ppo":
-        return FilterResult(list(records))
-    return _drop_dirty(records, is_evasive)
+    - SFT targets (``drop``, the default): a dodge as the target teaches the policy to dodge.
+    - Ranked groups (``drop_preferred``): drop a group whose refusal outranks a real answer. Right for helpfulness
+      rankings such as KoChatGPT's, ranked by source model (ChatGPT first), where a ChatGPT refusal of a harmless
+      question sits on top. ``keep``: harmlessness data, where refusing a harmful request IS the preferred answer
+      (Anthropic HH-RLHF, Bai et al. 2022); ``auto`` picks ``keep`` for HH transcripts and ``drop_preferred``
+      otherwise. A refusal ranked below a real answer is kept either way: it is a good negative.
+    - PPO prompts and eval: nothing to judge.
+    """
+    if (kind == "sft" and opts.evasive_sft == "drop") or (kind == "rm" and opts.evasive_rm == "drop_preferred"):
+        return _drop_dirty(records, evasive_reason)
+    return FilterResult(list(records))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Garbage: too little Hangul, or repetition loops
+# Garbage: not Korean, dumped records, repetition loops
 # ---------------------------------------------------------------------------------------------------------
 
-MIN_HANGUL = 0.5  # share of Hangul syllables among letters when the split is Korean
-LOOP_COVER = 0.5  # a repeated n-gram covering >= half of the text is a loop
+def garbage(records: list, kind: str, opts: Options = Options()) -> FilterResult:
+    """Drop rows whose answer (or prompt) is a repetition loop, holds a dumped record, or (in a Korean split, one
+    where most texts are Korean, so English data is safe) is not Korean."""
+    info: dict[str, tuple[Optional[float], bool]] = {}
 
+    def words(text: str) -> tuple[Optional[float], bool]:
+        if text not in info:
+            info[text] = korean_words(text)
+        return info[text]
 
-def hangul_ratio(text: str) -> float:
-    letters = [c for c in normalize_text(text) if c.isalpha()]
-    if not letters:
-        return 0.0
-    return sum("\uac00" <= c <= "\ud7a3" for c in letters) / len(letters)
+    shares = [s for r in records for a in _answers(r) if (s := words(a)[0]) is not None]
+    korean = bool(shares) and statistics.median(shares) >= MIN_KOREAN
 
+    def why(text: str) -> Optional[str]:
+        frag = dumped_record(text)
+        if frag:
+            return f"dumped record ('{frag}')"
+        if korean and foreign(*words(text)):
+            return f"not Korean (Hangul in {words(text)[0]:.0%} of the words)"
+        return "repetition loop" if is_loop(text) else None
 
-def is_loop(text: str) -> bool:
-    """A word n-gram (n = 1..4) repeated 3+ times and covering >= LOOP_COVER of the words, or a character
-    n-gram (n = 1..6) repeated 4+ times covering >= 60% of the characters (loops without spaces: "ㅋㅋㅋㅋ").
-    Decoding loops of small models and of GPT-3-ada (KoChatGPT's rank-3 answers) look exactly like this."""
-    words = normalize_text(text).split()
-    if len(words) >= 6:
-        for n in range(1, 5):
-            grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-            _, c = grams.most_common(1)[0]
-            if c >= 3 and c * n / len(words) >= LOOP_COVER:
-                return True
-    chars = re.sub(r"\s+", "", normalize_text(text))
-    if len(chars) >= 12:
-        for n in range(1, 7):
-            grams = Counter(chars[i:i + n] for i in range(0, len(chars) - n + 1))
-            _, c = grams.most_common(1)[0]
-            if c >= 4 and c * n / len(chars) >= 0.6:
-                return True
-    return False
+    def prompt_why(text: str) -> Optional[str]:
+        frag = dumped_record(text)
+        if frag:
+            return f"dumped record ('{frag}')"
+        return "not Korean" if korean and foreign(*words(text)) else None
 
-
-def _korean_split(records: list) -> bool:
-    """Is Korean expected here? Yes when most answers of the split are mostly Hangul (so English data is safe)."""
-    ratios = [hangul_ratio(a) for r in records for a in _answers(r)]
-    return bool(ratios) and statistics.median(ratios) >= MIN_HANGUL
-
-
-def garbage(records: list, kind: str) -> FilterResult:
-    """Drop rows whose answer is a repetition loop or (in a Korean split) has too little Hangul."""
-    korean = _korean_split(records)
-
-    def dirty(text: str) -> bool:
-        return is_loop(text) or (korean and hangul_ratio(text) < MIN_HANGUL)
-
-    return _drop_dirty(records, dirty, check_prompt=lambda p: korean and hangul_ratio(p) < MIN_HANGUL)
+    return _drop_dirty(records, why, prompt_why)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Registry and versions
 # ---------------------------------------------------------------------------------------------------------
 
-FILTERS: dict[str, Callable[[list, str], FilterResult]] = {
+FILTERS: dict[str, Callable[..., FilterResult]] = {
     "nfc": nfc,
     "dedup_exact": dedup_exact,
     "dedup_near": dedup_near,
@@ -344,13 +319,15 @@ def version_filters(version: str, custom_versions: dict | None = None) -> list[s
     return list(custom[version])
 
 
-def apply_filters(records: list, kind: str, names: list[str]) -> tuple[list, dict[str, int], dict[str, int]]:
-    """Run filters in order. Returns (kept, dropped per rule, changed per rule)."""
-    dropped, changed = {}, {}
+def apply_filters(records: list, kind: str, names: list[str], opts: Options = Options()
+                  ) -> tuple[list, dict[str, int], dict[str, int], dict[str, list]]:
+    """Run filters in order. Returns (kept, dropped per rule, changed per rule, (record, reason) dropped per rule)."""
+    dropped, changed, examples = {}, {}, {}
     for name in names:
-        res = FILTERS[name](records, kind)
+        res = FILTERS[name](records, kind, opts)
         records = res.kept
         dropped[name] = res.dropped
+        examples[name] = res.examples
         if res.changed:
             changed[name] = res.changed
-    return records, dropped, changed
+    return records, dropped, changed, examples

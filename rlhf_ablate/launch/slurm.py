@@ -427,7 +427,7 @@ def _record(files: SlurmFiles, record: dict) -> None:
 # The task side: what `python -m rlhf_ablate trial` runs
 # ---------------------------------------------------------------------------------------------------------
 
-def run_task(spec: SweepSpec, trial: Trial, run_dir: Path, *, use_cache: bool = True) -> dict:
+def run_task(spec: SweepSpec, trial: Trial, run_dir: Path, *, use_cache: bool = True, data: Any = None) -> dict:
     """Run one trial as a SLURM array task does (also what ``trial`` runs by hand): inside a SLURM job, the time-limit
     warning (``--signal=B:USR1``) becomes a recorded failure with the reason "time limit" (module docstring)."""
     from ..run.result import record_failure
@@ -437,7 +437,7 @@ def run_task(spec: SweepSpec, trial: Trial, run_dir: Path, *, use_cache: bool = 
     if os.environ.get("SLURM_JOB_ID"):
         install_time_limit_handler()
     try:
-        return run_trial_in_sweep(spec, trial, run_dir, use_cache=use_cache)
+        return run_trial_in_sweep(spec, trial, run_dir, use_cache=use_cache, data=data)
     except TimeLimitReached as e:
         # The warning came outside the trial's own failure handling (while W&B started or finished): record it
         # here; a result the trial already finished is kept.

@@ -240,9 +240,17 @@ def known_metric(name: str) -> bool:
     return stage in METHODS and rest.startswith(TRAINING_STAT_PREFIXES)
 
 
+# PPO's per-step stats (rlhf_ablate/ppo/loop.py), the names a scheduler's metric is usually one of.
+PPO_STEP_METRICS = tuple(f"ppo/{k}" for k in (
+    "objective/kl", "objective/entropy", "objective/scores", "objective/scores_normalized", "objective/rlhf_reward",
+    "objective/kl_coef", "objective/eos_frac", "objective/response_len", "policy/clipfrac", "policy/approx_kl",
+    "val/clipfrac", "loss/policy", "loss/value"))
+
+
 def all_metric_names() -> list[str]:
-    """Every registered metric name plus the auxiliary ones (for "did you mean" suggestions)."""
-    return list(REGISTRY) + [f"{s}/{x}" for s, xs in AUXILIARY_SUFFIXES.items() for x in xs]
+    """Every registered metric name, the auxiliary ones and PPO's per-step stats (for "did you mean")."""
+    return (list(REGISTRY) + [f"{s}/{x}" for s, xs in AUXILIARY_SUFFIXES.items() for x in xs]
+            + [m for m in PPO_STEP_METRICS if m not in REGISTRY])
 
 
 def stage_specs(stage: str, *, table_only: bool = True) -> list[MetricSpec]:
@@ -274,3 +282,4 @@ def compute_stage_metrics(stage: str, records: Sequence[Mapping]) -> dict[str, f
         return {}
     stats = unit_stats(specs[0].source, records)
     return {m.name: reduce_units(m, stats) for m in specs}
+

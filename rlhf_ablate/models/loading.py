@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from .. import hub
 from ..config import BUILTIN_MODELS, ModelConfig
 from ..errors import ModelError
 from .builtin import ensure_builtin
@@ -32,10 +33,12 @@ def _looks_like_path(s: str) -> bool:
 
 
 def resolve_base(cfg: ModelConfig) -> str:
-    """Built-in name -> its cache directory (built if needed); local directory -> itself; hub id -> as is.
+    """Built-in name -> its cache directory (built if needed); local directory -> itself; hub id -> itself, or its
+    local snapshot directory when the hub cannot be reached (or HF_HUB_OFFLINE is set) and the model is cached.
 
-    A string that looks like a path but is not a directory raises ModelError naming it. A hub id is returned
-    unchanged; whether it can be fetched is found out (and explained) when it is loaded.
+    A string that looks like a path but is not a directory raises ModelError naming it. A hub id that is neither
+    reachable nor cached is returned unchanged; loading explains the failure, and :func:`check_base` (the
+    pre-flight check of `sweep --dry-run`, `sweep` and `trial`) refuses it before anything starts.
     """
     name = cfg.base_model.strip()
     if name in BUILTIN_MODELS:
@@ -53,7 +56,56 @@ def resolve_base(cfg: ModelConfig) -> str:
     if not _HUB_ID.match(name):
         raise ModelError(f"model.base_model: {name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), "
                          f"an existing directory, nor a hub id of the form org/name.")
-    return name
+    return _hub_source(name, cfg.revision)
+
+
+def _hub_source(name: str, revision: Optional[str]) -> str:
+    """A hub id as is when the hub answers (rlhf_ablate/hub.py probes once per process, a few seconds at most);
+    otherwise its cached snapshot directory if there is one, so that loads never wait on huggingface_hub's
+    retries (about 25 s per request without network)."""
+    if hub.unreachable() is None:
+        return name
+    return hub.cached_model_dir(name, revision) or name
+
+
+def check_base(cfg: ModelConfig) -> str:
+    """Fail fast, before any GPU-second, when the base model cannot be had; return where it comes from.
+
+    Built-in names always can. A local directory needs config.json. A hub id needs the hub to answer for it (an
+    unknown id, a gated model without access, a missing revision are refused), or, when the hub cannot be reached
+    within hub.PROBE_TIMEOUT seconds or HF_HUB_OFFLINE is set, a copy in the local Hugging Face cache. Takes at most
+    a few seconds either way; nothing is downloaded."""
+    name = cfg.base_model.strip()
+    if name in BUILTIN_MODELS:
+        return f"built-in {name}"
+    src = resolve_base(cfg)
+    if Path(src).is_dir():
+        if not (Path(src) / "config.json").is_file():
+            raise ModelError(f"model.base_model: {src} has no config.json; give a model directory saved with "
+                             f"save_pretrained (config.json, tokenizer files, *.safetensors).")
+        return f"directory {src}" if Path(name).expanduser().is_dir() else f"cached hub model {name} ({src})"
+    why = hub.unreachable()
+    if why is not None:
+        raise ModelError(f"model.base_model: hub model {name!r} is not in the local Hugging Face cache and {why}. "
+                         f"Download it where there is network (hf download {name}), or set model.base_model to a "
+                         f"local directory.")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().model_info(name, revision=cfg.revision or None, timeout=hub.PROBE_TIMEOUT + 2)
+    except GatedRepoError:
+        raise ModelError(f"model.base_model: {name!r} is gated: accept its licence on the hub and set HF_TOKEN.") \
+            from None
+    except RevisionNotFoundError:
+        raise ModelError(f"model.base_model: {name!r} has no revision {cfg.revision!r} (model.revision).") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"model.base_model: no hub model {name!r} (or it is private: set HF_TOKEN). Check the "
+                         f"spelling, e.g. kakaocorp/kanana-1.5-2.1b-base.") from None
+    except Exception as e:  # noqa: BLE001 - HTTP errors, timeouts: one paragraph, no retry storm
+        raise ModelError(f"model.base_model: the hub did not answer for {name!r} ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}).") from None
+    return f"hub model {name}"
 
 
 def _is_hub_id(path: str) -> bool:

@@ -50,11 +50,12 @@ def stage_keys(cfg: TrialConfig, cache: StageCache, data_fp: str, threads: int =
 
 def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, sweep_name: str = "",
               index: int = 0, axes: dict | None = None, cache: StageCache, tracker: Any = None,
-              on_step: OnStep = None, threads: int = 1, attempt: int = 0) -> dict:
+              on_step: OnStep = None, threads: int = 1, attempt: int = 0, data: Any = None) -> dict:
     """Run every stage (reusing cached ones) and write result.json atomically. Returns the result dict.
 
     ``threads``: the torch thread count every stage computes with (the sweep's ``resources.cpu``), whatever the
-    environment says (rlhf_ablate/runtime.py)."""
+    environment says (rlhf_ablate/runtime.py). ``data``: the trial's DataBundle when the caller has already loaded
+    it (else it is loaded here)."""
     from ..data import load_data
     from ..files import read_json
     from ..runtime import set_threads
@@ -78,7 +79,7 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
 
     try:
         emit({"stage": "data", "event": "start"})
-        data = load_data(cfg.data)
+        data = load_data(cfg.data) if data is None else data
         result["data"] = {"version": data.version, "fingerprint": data.fingerprint,
                           "sizes": {k: len(getattr(data, k)) for k in ("sft_train", "rm_train", "rm_eval",
                                                                        "ppo_prompts", "eval")}}
@@ -163,12 +164,16 @@ def _track_final(tracker: Any, cfg: TrialConfig, result: dict) -> None:
         tracker.log_table(f"{cfg.method}/samples", ["data_id", "prompt", "generation", "reference", "reward"], rows)
 
 
-def run_trial_in_sweep(spec, trial, run_dir: Path, *, use_cache: bool = True, on_step: OnStep = None) -> dict:
+def run_trial_in_sweep(spec, trial, run_dir: Path, *, use_cache: bool = True, on_step: OnStep = None,
+                       data: Any = None) -> dict:
     """What a Ray trainable or a SLURM array task runs (and ``trial``). A trial whose result.json is already ``ok``
     is not rerun (resume, and SLURM requeue after preemption); its result is returned as it is.
 
     Every start counts as an attempt (run/result.py: ``attempts.jsonl``); the attempt number goes into result.json
-    and the W&B run, which a retry resumes (run/tracking.py). The thread count is the sweep's ``resources.cpu``."""
+    and the W&B run, which a retry resumes (run/tracking.py). The thread count is the sweep's ``resources.cpu``.
+    The data is loaded and checked before the tracker starts: a trial that fails there records its failure in
+    result.json but leaves no W&B run, stage lock or executions.jsonl entry behind."""
+    from ..data import load_data
     from .tracking import make_tracker
 
     run_dir = Path(run_dir).resolve()
@@ -177,13 +182,20 @@ def run_trial_in_sweep(spec, trial, run_dir: Path, *, use_cache: bool = True, on
         return done
     attempt = begin_attempt(run_dir, trial.trial_id)
     cache = StageCache(default_cache_root(spec), enabled=use_cache)
+    if data is None:
+        try:
+            data = load_data(trial.config.data)
+        except Exception:  # noqa: BLE001 - recorded (stage "data", error.txt) by run_trial, without a tracker
+            return run_trial(trial.config, run_dir, trial_id=trial.trial_id, sweep_name=spec.name,
+                             index=trial.index, axes=trial.axes, cache=cache, on_step=on_step,
+                             threads=spec.resources.cpu, attempt=attempt)
     tracker = make_tracker(spec.tracking, sweep_name=spec.name, trial_id=trial.trial_id,
                            config_flat=trial.config.flat(), axes=trial.axes, run_dir=run_dir, attempt=attempt)
     status = "failed"
     try:
         result = run_trial(trial.config, run_dir, trial_id=trial.trial_id, sweep_name=spec.name, index=trial.index,
                            axes=trial.axes, cache=cache, tracker=tracker, on_step=on_step,
-                           threads=spec.resources.cpu, attempt=attempt)
+                           threads=spec.resources.cpu, attempt=attempt, data=data)
         status = result["status"]
         return result
     except SystemExit:
