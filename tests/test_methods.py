@@ -1,8 +1,8 @@
 """GRPO and RLOO trials on the built-in tiny model and the bundled Korean data, the compare stage, and `chat`.
 
-The learning trials use the defaults (3 SFT and 3 RM epochs; one GRPO/RLOO epoch over the 107 PPO prompts, 4
-answers per prompt) and share one stage cache, so SFT, RM and the SFT eval are built once for both methods, as in
-a `method` sweep. Thresholds come from measurements at three seeds (values in the comments).
+The learning trials use the defaults (3 SFT and 3 RM epochs, 4 answers per prompt) with 10 GRPO/RLOO steps of 16
+answers (4 prompts) instead of a whole epoch, to keep the suite short, and share one stage cache, so SFT, RM and the
+SFT eval are built once for both methods, as in a `method` sweep. Thresholds come from measurements (below).
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ from rlhf_ablate.run.trial import run_trial
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
 
-# A gain of the RM's mean score of greedy eval answers over the SFT policy's, in the RM's units (rm/margin_std is
-# about 2-3 on the bundled data). Measured at seeds 0/1/2 with the defaults: see GAINS below.
-MIN_GAIN = {"grpo": 0.3, "rloo": 0.3}
+# The gain of the RM's mean score of greedy eval answers over the SFT policy's, in the RM's units (rm/margin_std is
+# about 2-3 on the bundled data), after STEPS steps. Measured (method/reward_mean - sft/reward_mean) at seed 0 /
+# seed 1: GRPO +1.07 / +0.31, RLOO +1.12 / +0.64 (win rate vs SFT by the trial's RM 0.64 / 0.52 and 0.66 / 0.61).
+# The test runs seed 0; 0.25 is below every measured gain.
+STEPS = 10
+MIN_GAIN = {"grpo": 0.25, "rloo": 0.25}
 
 
 class MethodTrials:
@@ -44,7 +47,7 @@ def trials(builtin_cache, tmp_path_factory) -> MethodTrials:
 
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
 def test_method_raises_the_reward_of_eval_answers(trials, method):
-    r = trials.run(method=method)
+    r = trials.run(method=method, **{f"{method}.max_steps": STEPS})
     assert r["status"] == "ok", r["error"]
     m = r["metrics"]
     gain = m[f"{method}/reward_mean"] - m["sft/reward_mean"]
@@ -61,7 +64,7 @@ def test_method_raises_the_reward_of_eval_answers(trials, method):
 
 
 def test_methods_share_sft_and_rm(trials):
-    results = [trials.run(method=m) for m in ("grpo", "rloo")]
+    results = [trials.run(method=m, **{f"{m}.max_steps": STEPS}) for m in ("grpo", "rloo")]
     for stage in ("sft", "rm", "eval_sft"):
         assert len({r["timings"][stage]["key"] for r in results}) == 1
     built = [e for e in read_executions(trials.cache.root) if e["status"] == "ok"]
@@ -71,15 +74,15 @@ def test_methods_share_sft_and_rm(trials):
 def test_verifiable_reward_trains_without_the_rm(trials):
     """reward.type=verifiable: the RM is not upstream of the method's stage (its key does not depend on it), and
     training records the verifiable reward (0/1 per answer) it optimised."""
-    r = trials.run(method="grpo", **{"reward.type": "verifiable", "reward.match": "contains", "grpo.max_steps": 4})
+    r = trials.run(method="grpo", **{"reward.type": "verifiable", "reward.match": "contains", "grpo.max_steps": 3})
     assert r["status"] == "ok", r["error"]
     assert 0.0 <= r["metrics"]["grpo/train_reward_first"] <= 1.0
     rewards = [h["reward"] for h in r["history"]["grpo"] if "reward" in h]
-    assert len(rewards) == 4 and all(0.0 <= x <= 1.0 for x in rewards)
+    assert len(rewards) == 3 and all(0.0 <= x <= 1.0 for x in rewards)
 
 
 def test_chat_answers_in_korean_and_lists_what_exists(trials, capsys):
-    r = trials.run(method="grpo")
+    r = trials.run(method="grpo", **{"grpo.max_steps": STEPS})
     run_dir, tid = str(trials.run_dir), r["trial_id"]
     assert cli_main(["chat", run_dir, "--trial", tid[:7], "--prompt", "김치는 어떻게 만들어요?"]) == 0
     out = capsys.readouterr().out
