@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_parser(sub)
 
+    p = sub.add_parser("chat", help="talk to a trial's model (base, SFT or the aligned policy), as eval generates")
+    p.add_argument("run_dir", type=Path, help="the sweep's run directory, e.g. runs/lora_rank")
+    p.add_argument("--trial", required=True, help="trial id (or a unique prefix), as in the summary table")
+    p.add_argument("--stage", default=None, choices=["base", "sft", "ppo", "dpo", "grpo", "rloo"],
+                   help="which model (default: the trial's method)")
+    p.add_argument("--prompt", default=None, help="answer this one prompt and exit (for scripts)")
+
     p = sub.add_parser("report", help="tables, plots and report.md from RUN_DIR/trials/*/result.json")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, default=None, help="report directory (default: RUN_DIR/report)")
@@ -233,6 +240,27 @@ def cmd_slurm(args: argparse.Namespace) -> int:
                          max_concurrent=args.max_concurrent)
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .run.chat import answer, find_trial, load_stage
+
+    result = find_trial(args.run_dir, args.trial)
+    model, tok, cfg, stage = load_stage(args.run_dir, result, args.stage)
+    if args.prompt is not None:
+        answer(model, tok, cfg, args.prompt, sys.stdout)
+        return 0
+    print(f"trial {result['trial_id']}, {stage} model. Type a question; an empty line or Ctrl-D ends.",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("질문> ").strip()
+        except EOFError:
+            break
+        if not line or line in ("exit", "quit"):
+            break
+        answer(model, tok, cfg, line, sys.stdout)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from analysis.cli import main as report_main
 
@@ -264,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handlers = {"sweep": cmd_sweep, "trial": cmd_trial, "slurm": cmd_slurm, "report": cmd_report,
-                "data": cmd_data}
+                "data": cmd_data, "chat": cmd_chat}
     try:
         return handlers[args.command](args)
     except RlhfAblateError as e:

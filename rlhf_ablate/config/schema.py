@@ -145,6 +145,39 @@ class DPOConfig(TrainParams, LoraParams):
 
 
 @dataclass(frozen=True)
+class OnlineRLParams(TrainParams, LoraParams):
+    """GRPO and RLOO through TRL's trainers: k sampled answers per prompt, scored by the reward (`reward.type`)."""
+
+    learning_rate: float = _f(5e-4, "Peak learning rate.")
+    epochs: float = _f(1.0, "Passes over the PPO prompts.")
+    batch_size: int = _f(16, "Sampled answers per optimizer micro-batch (a multiple of num_generations).")
+    num_generations: int = _f(4, "Answers sampled per prompt (the group the advantages are computed within).")
+    max_new_tokens: int = _f(32, "Answer length cap during sampling.")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    beta: float = _f(0.1, "KL coefficient towards the SFT reference (0 = no reference model).")
+
+
+@dataclass(frozen=True)
+class GRPOConfig(OnlineRLParams):
+    pass
+
+
+@dataclass(frozen=True)
+class RLOOConfig(OnlineRLParams):
+    pass
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    type: Literal["rm", "verifiable"] = _f(
+        "rm", "Reward of GRPO/RLOO: the trial's trained RM, or a verifiable check against the reference answer.")
+    match: Literal["exact", "contains", "regex"] = _f(
+        "contains", "Verifiable check: the answer equals the reference, contains it, or `pattern` extracts it.")
+    pattern: Optional[str] = _f(
+        None, "Regex for match=regex: its first group (or whole match) in the answer is compared with the reference.")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     max_new_tokens: int = _f(48, "Generation length cap for eval answers.")
     do_sample: bool = _f(False, "Sample eval answers (False = greedy, deterministic).")
@@ -152,18 +185,39 @@ class EvalConfig:
         "kiwi", "Korean tokenization of ROUGE: kiwi morphemes or NFC characters.")
     bleu_tokenize: Literal["char", "ko-mecab", "13a"] = _f("char", "sacrebleu tokenizer for BLEU.")
     num_samples_logged: int = _f(8, "Sample generations kept in result.json and logged to W&B.")
+    judge: Literal["none", "rm", "api"] = _f(
+        "rm", "Win rate of the aligned policy against SFT (and base): judged by an RM, or an OpenAI-compatible API.")
+    judge_rm_from: Optional[str] = _f(
+        None, "judge=rm with an independent RM: a trial directory (RUN/trials/<id>) or an RM artifact directory. "
+              "Unset: the trial's own RM, which favours its own policy.")
+    judge_url: Optional[str] = _f(None, "judge=api: base URL of an OpenAI-compatible endpoint, e.g. "
+                                        "http://localhost:8000/v1 (vLLM, Ollama or a hosted API).")
+    judge_model: Optional[str] = _f(None, "judge=api: the model name sent to the endpoint.")
+    judge_api_key_env: str = _f("JUDGE_API_KEY", "judge=api: environment variable holding the API key (the key "
+                                                 "itself never goes into a config, log or result).")
+    judge_prompt: Optional[str] = _f(None, "judge=api: a file with your own judging prompt ({question}, "
+                                           "{answer_a}, {answer_b}); unset: the built-in Korean prompt.")
+    judge_timeout: float = _f(30.0, "judge=api: seconds per request.")
+    judge_retries: int = _f(2, "judge=api: retries per request after a timeout or server error.")
+    judge_max_prompts: int = _f(100, "Judge at most this many eval prompts (0 = all).")
+    embedding_model: Optional[str] = _f(
+        None, "Encoder (local path or hub id) for embedding similarity of answers to references; unset = off.")
 
 
 @dataclass(frozen=True)
 class TrialConfig:
     seed: int = _f(0, "Trial seed: sampling, init, data order. Splits use data.split_seed instead.")
-    method: Literal["ppo", "dpo"] = _f("ppo", "Alignment stage after SFT: PPO (with an RM) or DPO.")
+    method: Literal["ppo", "dpo", "grpo", "rloo"] = _f(
+        "ppo", "Alignment stage after SFT: PPO (ours, with the RM), DPO, GRPO or RLOO (TRL's trainers).")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ---- derived views -------------------------------------------------------------------------------
@@ -215,7 +269,7 @@ def validate(cfg: TrialConfig, source: str) -> None:
     if not 0 <= cfg.seed <= SEED_MAX:
         bad("seed", f"must lie in [0, 2**32 - 1] (numpy's seed range), got {cfg.seed}.")
 
-    for stage in ("sft", "rm", "ppo", "dpo"):
+    for stage in ("sft", "rm", "ppo", "dpo", "grpo", "rloo"):
         sc = getattr(cfg, stage)
         if sc.lora_rank < 0:
             bad(f"{stage}.lora_rank", f"must be >= 0 (0 = full fine-tune), got {sc.lora_rank}.")
@@ -275,9 +329,37 @@ def validate(cfg: TrialConfig, source: str) -> None:
     if cfg.model.base_model.strip() == "":
         bad("model.base_model", "must not be empty.")
 
+    for m in ("grpo", "rloo"):
+        o = getattr(cfg, m)
+        if o.num_generations < 2:
+            bad(f"{m}.num_generations", f"must be >= 2 (advantages compare answers to the same prompt), got "
+                f"{o.num_generations}.")
+        if o.batch_size % o.num_generations:
+            bad(f"{m}.batch_size", f"({o.batch_size}) must be a multiple of {m}.num_generations "
+                f"({o.num_generations}).")
+        if o.max_new_tokens < 1 or o.temperature <= 0 or o.beta < 0:
+            bad(f"{m}.max_new_tokens", f"must be >= 1, with {m}.temperature > 0 and {m}.beta >= 0.")
+    if cfg.reward.type == "verifiable" and cfg.method not in ("grpo", "rloo"):
+        bad("reward.type", f"'verifiable' rewards train GRPO or RLOO; method is {cfg.method!r}. Set method=grpo or "
+            f"method=rloo, or reward.type=rm.")
+    if cfg.reward.match == "regex":
+        import re
+
+        if not cfg.reward.pattern:
+            bad("reward.pattern", "must be set when reward.match is 'regex'.")
+        try:
+            re.compile(cfg.reward.pattern)
+        except re.error as e:
+            bad("reward.pattern", f"is not a valid regular expression: {e}.")
+    e = cfg.eval
+    if e.judge == "api" and not (e.judge_url and e.judge_model):
+        bad("eval.judge_url", "and eval.judge_model must be set when eval.judge is 'api'.")
+    if e.judge_timeout <= 0 or e.judge_retries < 0 or e.judge_max_prompts < 0:
+        bad("eval.judge_timeout", "must be > 0, with eval.judge_retries >= 0 and eval.judge_max_prompts >= 0.")
+
     # Cross-field: a full fine-tune cannot train on a 4-bit base (bitsandbytes 4-bit weights are frozen).
     if cfg.model.quantization != "none":
-        stages = ["sft"] + (["rm", "ppo"] if cfg.method == "ppo" else ["dpo"])
+        stages = ["sft", "rm", cfg.method] if cfg.method != "dpo" else ["sft", "rm", "dpo"]
         full = [s for s in stages if getattr(cfg, s).lora_rank == 0]
         if full:
             keys = ", ".join(f"{s}.lora_rank=0" for s in full)

@@ -39,9 +39,10 @@ def batched(seq: Sequence, n: int) -> Iterable[Sequence]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool,
-             temperature: float = 1.0, batch_size: int = 16) -> list[dict]:
+             temperature: float = 1.0, batch_size: int = 16, streamer=None) -> list[dict]:
     """Batched generation from raw prompts (formatted here). Returns, per prompt, the response token ids (up to and
-    including EOS when the model stopped), the decoded text (without EOS) and whether it ended with EOS."""
+    including EOS when the model stopped), the decoded text (without EOS) and whether it ended with EOS.
+    ``streamer`` (a transformers streamer, one prompt at a time) receives the tokens as they come."""
     out = []
     tokenizer.padding_side = "left"  # decoder-only generation needs the prompts right-aligned
     dev = next(model.parameters()).device
@@ -52,7 +53,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, d
                 **enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
                 temperature=temperature if do_sample else None, top_k=0 if do_sample else None,
                 top_p=1.0 if do_sample else None, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, use_cache=True)
+                eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                **({"streamer": streamer} if streamer is not None else {}))
             resp = seqs[:, enc["input_ids"].shape[1]:]
             for row in resp.tolist():
                 ids = []

@@ -41,11 +41,23 @@ def stage_keys(cfg: TrialConfig, cache: StageCache, data_fp: str, threads: int =
                                             "upstream": [keys["eval_base"], keys["rm"], keys["sft"]]})
     if cfg.method == "ppo":
         keys["ppo"] = cache.key("ppo", {**common, "ppo": a(cfg.ppo), "upstream": [keys["sft"], keys["rm"]]})
-    else:
+    elif cfg.method == "dpo":
         keys["dpo"] = cache.key("dpo", {**common, "dpo": a(cfg.dpo), "upstream": [keys["sft"]]})
+    else:  # grpo, rloo: the RM is upstream only when it gives the reward
+        m = cfg.method
+        keys[m] = cache.key(m, {**common, m: a(getattr(cfg, m)), "reward": a(cfg.reward),
+                                "upstream": [keys["sft"]] + ([keys["rm"]] if cfg.reward.type == "rm" else [])})
     keys["eval_" + cfg.method] = cache.key("eval", {**common, "eval": a(cfg.eval), "policy": cfg.method,
                                                     "upstream": [keys[cfg.method], keys["rm"], keys["sft"]]})
+    if wants_compare(cfg):
+        evals = [k for k in ("score_base", "eval_sft", "eval_" + cfg.method) if k in keys]
+        keys["compare"] = cache.key("compare", {**common, "eval": a(cfg.eval), "upstream": [keys[k] for k in evals]})
     return keys
+
+
+def wants_compare(cfg: TrialConfig) -> bool:
+    """The compare stage (win rates, embedding similarity) runs when it has something to compute."""
+    return cfg.eval.judge != "none" or bool(cfg.eval.embedding_model)
 
 
 def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, sweep_name: str = "",
@@ -67,6 +79,7 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
     result: dict[str, Any] = new_result(trial_id, sweep=sweep_name, index=index, seed=cfg.seed, config=cfg.flat(),
                                         axes=axes or {}, attempt=attempt, threads=threads)
     result["versions"] = dict(versions())
+    result["cache_dir"] = str(cache.root)  # where the artifacts live (chat, eval.judge_rm_from)
     emit = on_step or (lambda _e: None)
     t_start = time.perf_counter()
     stage = "data"
@@ -109,23 +122,36 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
             from ..stages.ppo import train_ppo
 
             run("ppo", "ppo", lambda out: train_ppo(cfg, data, dirs["sft"], dirs["rm"], out, on_step=step_cb))
-        else:
+        elif cfg.method == "dpo":
             from ..stages.dpo import train_dpo
 
             run("dpo", "dpo", lambda out: train_dpo(cfg, data, dirs["sft"], out))
+        else:
+            from ..stages.online_rl import train_online_rl
+
+            run(cfg.method, cfg.method, lambda out: train_online_rl(cfg, data, dirs["sft"], dirs["rm"], out))
         m = cfg.method
         run("eval_" + m, "eval", lambda out: evaluate_policy(cfg, data, m, dirs["sft"], dirs["rm"], dirs[m], out))
+        if "compare" in keys:
+            from ..stages.compare import compare
+
+            evals = {"base": dirs["score_base"], "sft": dirs["eval_sft"], m: dirs["eval_" + m]}
+            run("compare", "compare", lambda out: compare(cfg, evals, out))
 
         stage = "collect"
         metrics: dict[str, Any] = {}
-        for name in ("sft", "rm", m, "score_base", "eval_sft", "eval_" + m):
-            metrics.update(read_json(dirs[name] / "metrics.json"))
+        for name in ("sft", "rm", m, "score_base", "eval_sft", "eval_" + m, "compare"):
+            if name in dirs:
+                metrics.update(read_json(dirs[name] / "metrics.json"))
         result["metrics"] = metrics
         result["metric_meta"] = read_json(dirs["eval_sft"] / "meta.json")
         result["records"] = {"rm": read_json(dirs["rm"] / "records.json"),
                              "base": read_json(dirs["score_base"] / "records.json"),
                              "sft": read_json(dirs["eval_sft"] / "records.json"),
                              m: read_json(dirs["eval_" + m] / "records.json")}
+        if "compare" in dirs:
+            result["records"]["judge"] = read_json(dirs["compare"] / "records.json")
+            result["metric_meta"]["compare"] = read_json(dirs["compare"] / "meta.json")
         result["history"] = {s: read_json(dirs[s] / "history.json") for s in ("sft", "rm", m)
                              if (dirs[s] / "history.json").exists()}
     except Exception as e:  # noqa: BLE001 - a trial failure is recorded, never raised: the sweep goes on

@@ -11,7 +11,8 @@ def trl_common_args(output_dir: Path, seed: int, *, lr: float, epochs: float, ma
                     grad_accum: int, warmup_ratio: float = 0.0, weight_decay: float = 0.0) -> dict:
     """TRL config arguments that are right on a laptop CPU and on a GPU alike.
 
-    docs/stack.md, "TRL": every TRL config defaults bf16 on (an error on CPU), gradient checkpointing on and logging every 10 steps.
+    docs/stack.md, "TRL": every TRL config defaults bf16 on (an error on CPU), gradient checkpointing on and
+    logging every 10 steps.
     """
     on_gpu = torch.cuda.is_available()
     return dict(
@@ -22,6 +23,13 @@ def trl_common_args(output_dir: Path, seed: int, *, lr: float, epochs: float, ma
         gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=True,
     )
+
+
+def train_args(p, output_dir: Path, seed: int) -> dict:
+    """:func:`trl_common_args` from a stage's shared training part (config.schema.TrainParams)."""
+    return trl_common_args(output_dir, seed, lr=p.learning_rate, epochs=p.epochs, max_steps=p.max_steps,
+                           batch_size=p.batch_size, grad_accum=p.grad_accum, warmup_ratio=p.warmup_ratio,
+                           weight_decay=p.weight_decay)
 
 
 def log_history(trainer) -> list[dict]:

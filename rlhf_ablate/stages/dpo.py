@@ -11,7 +11,7 @@ from ..config import TrialConfig
 from ..data.prompting import format_prompt, normalize
 from ..files import write_json
 from ..runtime import seed_everything
-from .common import log_history, restore_trainable_dtype, trl_common_args
+from .common import log_history, restore_trainable_dtype, train_args
 
 
 def train_dpo(cfg: TrialConfig, data, sft_dir: Path, out: Path) -> None:
@@ -24,12 +24,12 @@ def train_dpo(cfg: TrialConfig, data, sft_dir: Path, out: Path) -> None:
     quantized = cfg.model.quantization != "none" and cfg.dpo.lora_rank > 0
     # Loaded by path: for a full fine-tune TRL reloads the reference from model.config._name_or_path (docs/stack.md).
     model = models.load_causal_lm(cfg.model, sft_path, quantize=quantized)
-    model = models.prepare_for_training(model, cfg.dpo.lora_rank, cfg.dpo.lora_alpha, 0.0, "CAUSAL_LM", quantized)
+    model = models.prepare_for_training(model, cfg.dpo.lora_rank, cfg.dpo.lora_alpha, cfg.dpo.lora_dropout,
+                                        "CAUSAL_LM", quantized)
     rows = [{"prompt": format_prompt(p.prompt), "chosen": normalize(p.chosen), "rejected": normalize(p.rejected)}
             for g in data.rm_train for p in g.pairs()]
     d = cfg.dpo
-    args = DPOConfig(**trl_common_args(out / "trainer", cfg.seed, lr=d.learning_rate, epochs=d.epochs,
-                                       max_steps=d.max_steps, batch_size=d.batch_size, grad_accum=d.grad_accum),
+    args = DPOConfig(**train_args(d, out / "trainer", cfg.seed),
                      beta=d.beta, max_length=cfg.model.max_length)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     restore_trainable_dtype(trainer.model, cfg.model.compute_dtype)

@@ -12,7 +12,7 @@ from ..data.prompting import format_prompt, normalize
 from ..files import write_json
 from ..runtime import seed_everything
 from ..models import rm_base_path, score_texts, seq_cls_scorer
-from .common import log_history, restore_trainable_dtype, trl_common_args
+from .common import log_history, restore_trainable_dtype, train_args
 
 
 def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path) -> None:
@@ -29,9 +29,7 @@ def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path) -> None:
     rows = [{"prompt": format_prompt(p.prompt), "chosen": normalize(p.chosen), "rejected": normalize(p.rejected)}
             for g in data.rm_train for p in g.pairs()]
     r = cfg.rm
-    args = RewardConfig(**trl_common_args(out / "trainer", cfg.seed, lr=r.learning_rate, epochs=r.epochs,
-                                          max_steps=r.max_steps, batch_size=r.batch_size, grad_accum=r.grad_accum,
-                                          warmup_ratio=r.warmup_ratio),
+    args = RewardConfig(**train_args(r, out / "trainer", cfg.seed),
                         max_length=cfg.model.max_length,
                         center_rewards_coefficient=r.center_rewards_coefficient or None)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)

@@ -11,7 +11,7 @@ from ..config import TrialConfig
 from ..data.prompting import format_prompt, normalize
 from ..files import write_json
 from ..runtime import seed_everything
-from .common import log_history, restore_trainable_dtype, trl_common_args
+from .common import log_history, restore_trainable_dtype, train_args
 
 
 def train_sft(cfg: TrialConfig, data, out: Path) -> None:
@@ -29,9 +29,7 @@ def train_sft(cfg: TrialConfig, data, out: Path) -> None:
     # missing-EOS penalty relies on.
     rows = [{"prompt": format_prompt(e.prompt), "completion": normalize(e.completion)} for e in data.sft_train]
     s = cfg.sft
-    args = SFTConfig(**trl_common_args(out / "trainer", cfg.seed, lr=s.learning_rate, epochs=s.epochs,
-                                       max_steps=s.max_steps, batch_size=s.batch_size, grad_accum=s.grad_accum,
-                                       warmup_ratio=s.warmup_ratio, weight_decay=s.weight_decay),
+    args = SFTConfig(**train_args(s, out / "trainer", cfg.seed),
                      max_length=cfg.model.max_length, completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     restore_trainable_dtype(trainer.model, cfg.model.compute_dtype)
