@@ -27,10 +27,11 @@ from .reward import RM_REDUCERS, rm_unit_stats
 from .text import bleu_from_stats, chrf_from_stats
 
 # Alignment methods after SFT, in the order tables show them. Adding a method (e.g. "grpo", "rloo") is one entry.
-METHODS: tuple[str, ...] = ("ppo", "dpo")
+METHODS: tuple[str, ...] = ("ppo", "dpo", "grpo", "rloo")
 # Every policy whose answers to the held-out prompts are evaluated: the base model, SFT, then each method.
 POLICY_STAGES: tuple[str, ...] = ("base", "sft", *METHODS)
-STAGE_TITLES = {"rm": "reward model", "base": "base model", "sft": "SFT", "ppo": "PPO", "dpo": "DPO"}
+STAGE_TITLES = {"rm": "reward model", "base": "base model", "sft": "SFT", "ppo": "PPO", "dpo": "DPO",
+                "grpo": "GRPO", "rloo": "RLOO"}
 
 
 def stage_title(stage: str) -> str:
@@ -209,6 +210,21 @@ for _stage in POLICY_STAGES:
         _REGISTRY.append(MetricSpec(f"{_stage}/{_suffix}", _label, _hib, _fmt, _scale, _def, "eval", _reduce,
                                     _setting, _raw))
 
+# The compare stage (rlhf_ablate/stages/compare.py): one number per trial, so tested over seeds like any cell.
+_JUDGE_DEF = ("Win rate (wins + ties / 2) / n of the policy's greedy eval answers against {who}'s, prompt by prompt, "
+              "judged as eval.judge says (default: the trial's own RM, which favours the policy it trained; "
+              "metric_meta.compare says which judge). Wilson 95% bounds in _ci_low/_ci_high.")
+for _stage in METHODS:
+    for _opp, _who in (("sft", "the SFT model"), ("base", "the base model")):
+        _REGISTRY.append(MetricSpec(f"{_stage}/winrate_vs_{_opp}", f"win vs {_opp.upper() if _opp == 'sft' else _opp}",
+                                    True, ".3f", "0-1", _JUDGE_DEF.format(who=_who)))
+for _stage in POLICY_STAGES:
+    for _name, _hib, _what in (("cosine", True, "cosine similarity"), ("euclidean", False, "Euclidean distance"),
+                               ("pearson", True, "Pearson correlation")):
+        _REGISTRY.append(MetricSpec(f"{_stage}/emb_{_name}", f"emb. {_name}", _hib, ".3f", "",
+                                    f"Mean {_what} of each greedy answer's mean-pooled embedding (eval."
+                                    f"embedding_model) to its reference's.", in_table=True))
+
 REGISTRY: dict[str, MetricSpec] = {m.name: m for m in _REGISTRY}
 ORDER: dict[str, int] = {m.name: i for i, m in enumerate(_REGISTRY)}
 
@@ -220,6 +236,11 @@ AUXILIARY_SUFFIXES = {
            "n_answers", "train_pairs"),
     "sft": ("train_loss_first", "train_loss_last", "train_examples"),
     "dpo": ("train_loss_last", "train_pairs"),
+    **{m: tuple(f"{x}_vs_{o}" for o in ("sft", "base") for x in ("winrate", "judge_win", "judge_tie", "judge_loss",
+                                                                  "judge_n"))
+       + tuple(f"winrate_vs_{o}_ci_{b}" for o in ("sft", "base") for b in ("low", "high"))
+       + (("train_reward_first", "train_reward_last", "train_prompts") if m in ("grpo", "rloo") else ())
+       for m in METHODS},
 }
 TRAINING_STAT_PREFIXES = ("objective/", "policy/", "val/", "loss/", "time/", "time_", "lr", "train_", "steps")
 
