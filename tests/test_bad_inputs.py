@@ -376,7 +376,8 @@ def test_unreachable_hub_fails_within_seconds_even_when_the_connection_hangs(mon
     t0 = time.monotonic()
     with pytest.raises(ModelError, match=r"acme/no-such-model-7b.*could not be reached \(no answer within 3 s\)"):
         check_base(ModelConfig(base_model="acme/no-such-model-7b"))
-    assert time.monotonic() - t0 < 5.0 and len(calls) == 1
+    # 3 s of probe plus slack for a loaded machine; without the probe's timeout this takes ~25 s or hangs (60 s).
+    assert time.monotonic() - t0 < 10.0 and len(calls) == 1
     with pytest.raises(ModelError):  # one probe per process, whatever the number of model configs
         check_base(ModelConfig(base_model="acme/other-model-7b"))
     assert len(calls) == 1

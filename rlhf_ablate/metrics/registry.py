@@ -250,6 +250,13 @@ def spec_for(name: str) -> MetricSpec:
     return REGISTRY.get(name) or MetricSpec(name, name, None, ".4g", definition="not in the metric registry")
 
 
+# PPO's per-step stats (rlhf_ablate/ppo/loop.py), the names a scheduler's metric is usually one of.
+PPO_STEP_METRICS = tuple(f"ppo/{k}" for k in (
+    "objective/kl", "objective/entropy", "objective/scores", "objective/scores_normalized", "objective/rlhf_reward",
+    "objective/kl_coef", "objective/eos_frac", "objective/response_len", "policy/clipfrac", "policy/approx_kl",
+    "val/clipfrac", "loss/policy", "loss/value"))
+
+
 def known_metric(name: str) -> bool:
     """True for every name a trial can report: registered metrics, their auxiliary numbers, and the per-step
     training stats of an alignment method (``ppo/objective/scores``). For config checks ("did you mean")."""
@@ -258,14 +265,9 @@ def known_metric(name: str) -> bool:
     stage, _, rest = name.partition("/")
     if rest in AUXILIARY_SUFFIXES.get(stage, ()):
         return True
-    return stage in METHODS and rest.startswith(TRAINING_STAT_PREFIXES)
-
-
-# PPO's per-step stats (rlhf_ablate/ppo/loop.py), the names a scheduler's metric is usually one of.
-PPO_STEP_METRICS = tuple(f"ppo/{k}" for k in (
-    "objective/kl", "objective/entropy", "objective/scores", "objective/scores_normalized", "objective/rlhf_reward",
-    "objective/kl_coef", "objective/eos_frac", "objective/response_len", "policy/clipfrac", "policy/approx_kl",
-    "val/clipfrac", "loss/policy", "loss/value"))
+    # Per-step stats are named exactly (a misspelled scheduler metric must not pass); timings and counters by prefix.
+    return name in PPO_STEP_METRICS or (stage in METHODS and rest.startswith(("time/", "time_", "lr", "train_",
+                                                                               "steps")))
 
 
 def all_metric_names() -> list[str]:
