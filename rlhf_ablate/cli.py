@@ -206,12 +206,16 @@ def cmd_trial(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.sweep_file}: --index {args.index} is out of range: the sweep has "
                           f"{len(trials)} trials (indices 0..{len(trials) - 1}).")
     trial = trials[args.index]
+    run_dir = run_dir_for(spec, args.out)
+    from .run.result import FINISHED, read_result
+
+    if (read_result(run_dir, trial.trial_id) or {}).get("status") in FINISHED:
+        return 0  # resume, or a requeued SLURM task: nothing to check or rerun
     preflight(spec, [trial])
     from .data import load_data
     from .run.trial import run_trial_in_sweep
 
     data = load_data(trial.config.data)  # all of it: a bad row anywhere is bad input (exit 2), not a failed trial
-    run_dir = run_dir_for(spec, args.out)
     result = run_trial_in_sweep(spec, trial, run_dir, use_cache=not args.no_cache, data=data)
     if result.get("status") in ("ok", "stopped"):
         return 0
