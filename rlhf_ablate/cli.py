@@ -146,11 +146,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def preflight(spec: Any, trials: list) -> list[str]:
-    """What can be checked before any GPU-second: each distinct data source exists and its first rows parse
-    (rlhf_ablate/data/sources.py: check_source), each distinct base model resolves (rlhf_ablate/models/loading.py:
-    check_base, a few seconds at most without network). Raises the first problem; returns one line per check."""
-    from .data import check_source
+def preflight(spec: Any, trials: list, rows: int | None = 20) -> list[str]:
+    """What can be checked before any GPU-second: each distinct data source exists and parses (its first `rows`
+    rows for a dry run, rlhf_ablate/data/sources.py: check_source; every row before a real sweep, `rows=None`),
+    each distinct base model resolves (rlhf_ablate/models/loading.py: check_base, a few seconds at most without
+    network). Raises the first problem; returns one line per check."""
+    from .data import check_source, read_sources
     from .files import canonical_json
 
     lines: list[str] = []
@@ -161,7 +162,12 @@ def preflight(spec: Any, trials: list) -> list[str]:
                               d.skip_bad_rows])
         if key not in seen:
             seen.add(key)
-            lines.append(f"data {d.source}: {check_source(d)}")
+            if rows is None:  # parse every row (no cleaning): a bad row anywhere stops the sweep before it starts
+                results, notes = read_sources(d)
+                lines.append(f"data {d.source}: " + "; ".join(f"{k} {notes.get(k, r.path)} ({r.rows} rows)"
+                                                               for k, r in results.items() if r is not None))
+            else:
+                lines.append(f"data {d.source}: {check_source(d, rows)}")
     models = {}
     for t in trials:
         models.setdefault((t.config.model.base_model, t.config.model.revision), t.config.model)
@@ -183,7 +189,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     spec = load_sweep(args.sweep_file, parse_cli_overrides(args.overrides))
     trials = expand(spec)
-    checks = preflight(spec, trials)
+    checks = preflight(spec, trials, rows=20 if args.dry_run else None)
     if args.dry_run:
         from .launch.resources import estimate_column
 
@@ -213,12 +219,16 @@ def cmd_trial(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.sweep_file}: --index {args.index} is out of range: the sweep has "
                           f"{len(trials)} trials (indices 0..{len(trials) - 1}).")
     trial = trials[args.index]
+    run_dir = run_dir_for(spec, args.out)
+    from .run.result import FINISHED, read_result
+
+    if (read_result(run_dir, trial.trial_id) or {}).get("status") in FINISHED:
+        return 0  # resume, or a requeued SLURM task: nothing to check or rerun
     preflight(spec, [trial])
     from .data import load_data
     from .launch.slurm import run_task
 
     data = load_data(trial.config.data)  # all of it: a bad row anywhere is bad input (exit 2), not a failed trial
-    run_dir = run_dir_for(spec, args.out)
     result = run_task(spec, trial, run_dir, use_cache=not args.no_cache, data=data)
     if result.get("status") in ("ok", "stopped"):
         return 0

@@ -220,6 +220,8 @@ CASES = [
          "data.columns maps prompt from column 'question_text', which the first row lacks"),
     Case("bad_row_beyond_preview", data(rm=jsonl(RM * 10 + [dict(RM[0], ranking=[5, 6, 7])])),
          "rm.jsonl: line 31", ["trial", "{d}/s.yaml", "--index", "0", "--out", "{d}/run"]),
+    Case("sweep_bad_row_beyond_preview", data(rm=jsonl(RM * 10 + [dict(RM[0], ranking=[5, 6, 7])])),
+         "rm.jsonl: line 31", ["sweep", "{d}/s.yaml", "--out", "{d}/run"]),  # a real sweep reads every row first
     Case("trial_missing_data", {"s.yaml": sweep("  data.source: {d}/nowhere\n")}, "data.source: {d}/nowhere",
          ["trial", "{d}/s.yaml", "--index", "0", "--out", "{d}/run"]),
     # ---- data commands -----------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -235,3 +236,77 @@ def test_cli_overrides_may_follow_options(tmp_path):
     assert bad.returncode == 2 and "Did you mean 'ppo.total_episodes'" in bad.stderr
     junk = run_cli("sweep", "sweeps/kl_coef.yaml", "--dry-run", "--bogus")
     assert junk.returncode == 2 and "unrecognized arguments: --bogus" in junk.stderr
+
+
+# ---- issue 11: YAML traps, numbers, metric names, pre-flight ------------------------------------------------
+
+def test_duplicate_yaml_keys_name_both_lines(tmp_path):
+    p = write(tmp_path, "name: s\nbase:\n  ppo.kl_coef: 0.1\n  sft.lora_rank: 8\n  ppo.kl_coef: 0.2\n")
+    with pytest.raises(ConfigError, match=r"key 'ppo.kl_coef' appears twice in one mapping \(lines 3 and 5\)"):
+        load_sweep(p)
+    from rlhf_ablate.config.fields import load_yaml
+
+    # merge keys (<<) are not duplicates; a key repeated in a flow mapping on the command line is
+    assert load_yaml("a: &x {k: 1}\nb:\n  <<: *x\n  j: 2\n", "t") == {"a": {"k": 1}, "b": {"k": 1, "j": 2}}
+    with pytest.raises(ConfigError, match=r"override 'data.columns=\{prompt: a, prompt: b\}': key 'prompt'"):
+        parse_cli_overrides(["data.columns={prompt: a, prompt: b}"])
+
+
+def test_yaml_11_e_notation_is_a_number_for_float_keys():
+    # PyYAML reads `1e-4` as a string (YAML 1.1); the float fields take it as the number every user means.
+    cfg = trial_config_from_overrides(parse_cli_overrides(["sft.learning_rate=1e-4", "ppo.kl_coef=5E-2"]))
+    assert (cfg.sft.learning_rate, cfg.ppo.kl_coef) == (1e-4, 5e-2)
+    with pytest.raises(ConfigError, match=r"'ppo.total_episodes' must be an integer, got '1e3' \(e-notation"):
+        trial_config_from_overrides(parse_cli_overrides(["ppo.total_episodes=1e3"]))
+
+
+@pytest.mark.parametrize("key,value,pattern", [
+    ("ppo.kl_coef", float("nan"), "must be a finite number"),
+    ("ppo.cliprange", float("-inf"), "must be a finite number"),
+    ("sft.learning_rate", 1e39, "beyond the float32 range"),
+    ("ppo.max_new_tokens", 2**63, "beyond the 64-bit integer range"),
+    ("seed", -1, r"must lie in \[0, 2\*\*32 - 1\]"),
+    ("seed", 2**32, r"must lie in \[0, 2\*\*32 - 1\]"),
+])
+def test_numbers_that_would_break_torch_or_numpy(key, value, pattern):
+    with pytest.raises(ConfigError, match=rf"f.yaml: '{re.escape(key)}' .*{pattern}"):
+        trial_config_from_overrides({key: value}, "f.yaml")
+    assert trial_config_from_overrides({"seed": 2**32 - 1}).seed == 2**32 - 1
+
+
+def test_metric_namespace_covers_what_trials_report():
+    from rlhf_ablate.metrics.registry import known_metric, metric_names
+
+    for name in ("ppo/reward_mean", "rm/kendall_tau", "ppo/objective/scores", "ppo/objective/kl", "sft/rougeL",
+                 "dpo/bleu", "ppo/eos_frac"):
+        assert known_metric(name), name
+    assert not known_metric("ppo/reward_men") and len(metric_names()) == len(set(metric_names()))
+    # every bundled sweep's metrics are known
+    for path in SWEEPS:
+        spec = load_sweep(path)
+        assert known_metric(spec.search.metric) and known_metric(spec.scheduler.metric)
+
+
+def test_sweep_name_is_a_plain_directory_name(tmp_path):
+    for name in ("kl_coef", "lora-rank.v2", "한국어_스윕"):
+        assert load_sweep(write(tmp_path, f"name: {name}\n")).name == name
+    for bad in ("..", ".", ".hidden", "-x", "a/b", "a\\\\b", "''"):
+        with pytest.raises(ConfigError, match="'name' must be a plain directory name"):
+            load_sweep(write(tmp_path, f"name: {bad}\n"))
+
+
+def test_preflight_checks_data_and_model(tmp_path):
+    from rlhf_ablate.cli import preflight
+    from rlhf_ablate.errors import DataError, ModelError
+
+    spec = load_sweep(ROOT / "sweeps/data_version.yaml")
+    lines = preflight(spec, expand(spec))
+    assert lines[0].startswith("data ko_sample: sft sft.jsonl (kochatgpt); rm rm.jsonl (kochatgpt)")
+    assert len([x for x in lines if x.startswith("data ")]) == 1  # v1 and v2 share the source: checked once
+    assert any(x.startswith("model tiny-llama") for x in lines)
+    bad = load_sweep(write(tmp_path, f"name: s\nbase: {{data.source: {tmp_path}/none}}\n"))
+    with pytest.raises(DataError, match="data.source"):
+        preflight(bad, expand(bad))
+    model = load_sweep(write(tmp_path, f"name: s\nbase: {{model.base_model: {tmp_path}/none}}\n", "m.yaml"))
+    with pytest.raises(ModelError, match="does not exist"):
+        preflight(model, expand(model))

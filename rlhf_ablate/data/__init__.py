@@ -49,9 +49,10 @@ class DataBundle:
         return pairs(self.rm_train if split == "train" else self.rm_eval)
 
 
-def read_sources(cfg) -> dict[str, ReadResult | None]:
+def read_sources(cfg) -> tuple[dict[str, ReadResult | None], dict[str, str]]:
     """Read the raw (v1) tables of `cfg` (a DataConfig; rlhf_ablate/data/sources.py says where each comes from).
-    SFT, PPO and eval are optional (None when absent); RM data is required."""
+    SFT, PPO and eval are optional (None when absent); RM data is required. Returns (results, where each came
+    from)."""
     tables, notes = resolve_tables(cfg)
     if tables["rm"] is None:
         raise DataError(f"data.source {cfg.source}: no RM data (ranked answers or chosen/rejected pairs) among "
@@ -60,15 +61,13 @@ def read_sources(cfg) -> dict[str, ReadResult | None]:
     out: dict[str, ReadResult | None] = {}
     for kind, t in tables.items():
         out[kind] = None if t is None else read_table(t, kind, cfg.format, cfg.skip_bad_rows, cfg.columns)
-    out["notes"] = notes  # type: ignore[assignment]
-    return out
+    return out, notes
 
 
 def load_data(cfg) -> DataBundle:
     """DataConfig -> DataBundle (see the module docstring for the order of steps)."""
     filters = version_filters(cfg.version, cfg.custom_versions)
-    raw = read_sources(cfg)
-    notes = raw.pop("notes")
+    raw, notes = read_sources(cfg)
     report: dict[str, Any] = {
         "version": cfg.version, "filters": filters, "source": cfg.source,
         "files": {k: (r.summary() if r else None) for k, r in raw.items()},

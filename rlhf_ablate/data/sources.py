@@ -182,7 +182,8 @@ def resolve_tables(cfg: Any) -> tuple[dict[str, Optional[Table]], dict[str, str]
                             f"{EXPECTED['rm']}, or {EXPECTED['sft']}.")
         kind = "rm" if preference_shaped(row) else "sft"
         if chosen[kind] is None:
-            chosen[kind], notes[kind] = splits[main], f"split '{main}' ({'ranked answers' if kind == 'rm' else 'one answer per prompt'})"
+            shape = "ranked answers" if kind == "rm" else "one answer per prompt"
+            chosen[kind], notes[kind] = splits[main], f"split '{main}' ({shape})"
     for name in ("test", "validation"):
         if chosen["eval"] is None and name in splits and splits[name] not in chosen.values():
             if _fits("eval", _first_row(splits[name], cfg.columns), cfg.format):
