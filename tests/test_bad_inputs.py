@@ -401,7 +401,8 @@ def test_a_data_failure_in_a_sweep_trial_leaves_no_tracking_run_or_cache_entry(t
     r = run_trial_in_sweep(spec, expand(spec)[0], run)
     assert r["status"] == "failed" and r["error"]["stage"] == "data" and r["error"]["type"] == "DataError"
     tdir = run / "trials" / r["trial_id"]
-    assert sorted(p.name for p in tdir.iterdir()) == ["error.txt", "result.json"]
+    # attempts.jsonl counts the start (run/result.py: begin_attempt); no tracking run, lock or stage artifact
+    assert sorted(p.name for p in tdir.iterdir()) == ["attempts.jsonl", "error.txt", "result.json"]
     assert sorted(p.name for p in run.iterdir()) == ["trials"]  # no wandb/
     assert not (tmp_path / "cache").exists()
 
@@ -413,7 +414,8 @@ def test_trial_prints_why_it_failed(tmp_path, monkeypatch, capsys):
 
     def failing(spec, trial, run_dir, **kw):
         assert kw["data"] is not None  # the CLI read the data before starting the trial
-        r = new_result(trial, spec.name)
+        r = new_result(trial.trial_id, sweep=spec.name, index=trial.index, seed=trial.seed,
+                       config=trial.config.flat(), axes=trial.axes)
         r.update(status="failed", error={"type": "TrialFailed", "stage": "ppo",
                                          "message": "ppo: KL blow-up at step 3: mean KL 61.20 nats > ppo.kl_stop 50"})
         write_result(run_dir, r)
