@@ -275,7 +275,7 @@ def test_numbers_that_would_break_torch_or_numpy(key, value, pattern):
 
 
 def test_metric_namespace_covers_what_trials_report():
-    from rlhf_ablate.metrics.registry import known_metric, metric_names
+    from rlhf_ablate.metrics.registry import all_metric_names as metric_names, known_metric
 
     for name in ("ppo/reward_mean", "rm/kendall_tau", "ppo/objective/scores", "ppo/objective/kl", "sft/rougeL",
                  "dpo/bleu", "ppo/eos_frac"):

@@ -236,8 +236,7 @@ AUXILIARY_SUFFIXES = {
            "n_answers", "train_pairs"),
     "sft": ("train_loss_first", "train_loss_last", "train_examples"),
     "dpo": ("train_loss_last", "train_pairs"),
-    **{m: tuple(f"{x}_vs_{o}" for o in ("sft", "base") for x in ("winrate", "judge_win", "judge_tie", "judge_loss",
-                                                                  "judge_n"))
+    **{m: tuple(f"{x}_vs_{o}" for o in ("sft", "base") for x in ("judge_win", "judge_tie", "judge_loss", "judge_n"))
        + tuple(f"winrate_vs_{o}_ci_{b}" for o in ("sft", "base") for b in ("low", "high"))
        + (("train_reward_first", "train_reward_last", "train_prompts") if m in ("grpo", "rloo") else ())
        for m in METHODS},
@@ -272,8 +271,8 @@ def known_metric(name: str) -> bool:
 
 def all_metric_names() -> list[str]:
     """Every registered metric name, the auxiliary ones and PPO's per-step stats (for "did you mean")."""
-    return (list(REGISTRY) + [f"{s}/{x}" for s, xs in AUXILIARY_SUFFIXES.items() for x in xs]
-            + [m for m in PPO_STEP_METRICS if m not in REGISTRY])
+    return list(dict.fromkeys(list(REGISTRY) + [f"{s}/{x}" for s, xs in AUXILIARY_SUFFIXES.items() for x in xs]
+                              + list(PPO_STEP_METRICS)))
 
 
 def stage_specs(stage: str, *, table_only: bool = True) -> list[MetricSpec]:
