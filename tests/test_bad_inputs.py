@@ -372,7 +372,13 @@ def test_unreachable_hub_fails_within_seconds_even_when_the_connection_hangs(mon
         calls.append(a)
         time.sleep(60)
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # Online as far as every spelling goes: huggingface_hub reads HF_HUB_OFFLINE once, at its import, so a test
+    # earlier in this process that imported it under HF_HUB_OFFLINE=1 leaves constants.HF_HUB_OFFLINE True.
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(socket, "create_connection", hang)
     hub._probe.cache_clear()
     t0 = time.monotonic()
