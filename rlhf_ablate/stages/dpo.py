@@ -29,7 +29,8 @@ def train_dpo(cfg: TrialConfig, data, sft_dir: Path, out: Path) -> None:
             for g in data.rm_train for p in g.pairs()]
     d = cfg.dpo
     args = DPOConfig(**trl_common_args(out / "trainer", cfg.seed, lr=d.learning_rate, epochs=d.epochs,
-                                       max_steps=d.max_steps, batch_size=d.batch_size, grad_accum=d.grad_accum),
+                                       max_steps=d.max_steps, batch_size=d.batch_size, grad_accum=d.grad_accum,
+                                       dtype=models.compute_dtype(cfg.model)),
                      beta=d.beta, max_length=cfg.model.max_length)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     restore_trainable_dtype(trainer.model, cfg.model.compute_dtype)

@@ -31,7 +31,7 @@ def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path) -> None:
     r = cfg.rm
     args = RewardConfig(**trl_common_args(out / "trainer", cfg.seed, lr=r.learning_rate, epochs=r.epochs,
                                           max_steps=r.max_steps, batch_size=r.batch_size, grad_accum=r.grad_accum,
-                                          warmup_ratio=r.warmup_ratio),
+                                          warmup_ratio=r.warmup_ratio, dtype=models.compute_dtype(cfg.model)),
                         max_length=cfg.model.max_length,
                         center_rewards_coefficient=r.center_rewards_coefficient or None)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)

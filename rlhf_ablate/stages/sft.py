@@ -31,7 +31,8 @@ def train_sft(cfg: TrialConfig, data, out: Path) -> None:
     s = cfg.sft
     args = SFTConfig(**trl_common_args(out / "trainer", cfg.seed, lr=s.learning_rate, epochs=s.epochs,
                                        max_steps=s.max_steps, batch_size=s.batch_size, grad_accum=s.grad_accum,
-                                       warmup_ratio=s.warmup_ratio, weight_decay=s.weight_decay),
+                                       warmup_ratio=s.warmup_ratio, weight_decay=s.weight_decay,
+                                       dtype=models.compute_dtype(cfg.model)),
                      max_length=cfg.model.max_length, completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     restore_trainable_dtype(trainer.model, cfg.model.compute_dtype)
