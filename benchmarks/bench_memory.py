@@ -9,13 +9,16 @@ or two, in a fresh process (rlhf_ablate/run/probe.py):
 - on the CPU the measurement is the process's peak resident memory minus its resident memory before the model was
   loaded; on a GPU, ``torch.cuda.max_memory_allocated`` minus what was allocated before;
 - the estimate is computed for the same configuration and the same device (``estimate_stage_bytes(cfg, device)``:
-  on the CPU ``auto`` means fp32 and TRL's CPU head fallback is modelled; the GPU figures add the allocator's
+  on the CPU TRL's torch fallback of its fused LM head is modelled; the packer's GPU figure adds the allocator's
   fragmentation factor and the CUDA context, which a measurement of allocated bytes does not see).
+
+Everything computes in bf16 (``model.compute_dtype: bfloat16``, with autocast, on the CPU too): the dtype ``auto``
+picks on a GPU, so the estimate's GPU branch is the one measured; and the fp32 embeddings and LM head of the 8B shape
+alone would take 4.2 GB.
 
 Each shape is measured at two depths; the difference is the per-layer cost, measured and estimated, and the
 full-depth figures extrapolate from the deeper one (``measured(L) + (layers - L) * per_layer``). One measurement stays
-under about 4 GiB on the CPU: the Llama-3.1-8B shape computes in bf16 there, since its fp32 embeddings and LM head
-alone would take 4.2 GB.
+under about 3.5 GiB.
 
     python benchmarks/bench_memory.py --device cpu [--shapes llama-3.2-1b,...] [--out FILE]
 
@@ -44,12 +47,13 @@ from rlhf_ablate.models.memory import GIB, estimate_stage_bytes  # noqa: E402
 # The settings every shape runs with: nf4 base, LoRA 8 everywhere, SFT and RM on 2 sequences of 256 tokens (RM:
 # one chosen/rejected pair), PPO rollouts of 4 prompts of 192 + 64 tokens generated and scored 4 at a time, updated
 # 2 at a time. Small enough for a 2-core CPU, large enough that activations and logits are a good part of the peak.
-SETTINGS = {"model.quantization": "nf4", "model.max_length": 256, "sft.batch_size": 2, "rm.batch_size": 1,
+SETTINGS = {"model.quantization": "nf4", "model.compute_dtype": "bfloat16", "model.max_length": 256,
+            "sft.batch_size": 2, "rm.batch_size": 1,
             "ppo.rollout_batch_size": 4, "ppo.rollout_micro_batch_size": 4, "ppo.mini_batch_size": 4,
             "ppo.grad_accum": 2, "ppo.max_prompt_length": 192, "ppo.max_new_tokens": 64}
 SHAPES = {
     "llama-3.2-1b": {"depths": (1, 2), "overrides": {}},
-    "llama-3.1-8b": {"depths": (1, 2), "overrides": {"model.compute_dtype": "bfloat16"}},
+    "llama-3.1-8b": {"depths": (1, 2), "overrides": {}},
     "gemma-2-2b": {"depths": (1, 2), "overrides": {}},
 }
 STAGES = ("sft", "rm", "ppo")

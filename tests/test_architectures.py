@@ -94,3 +94,62 @@ def test_sampled_logprobs_equal_recomputed_and_first_ratio_is_one(arch_trials, f
     for s in first:  # before the first optimizer step: the same numbers, bitwise
         assert s["ratio_min"] == 1.0 and s["ratio_max"] == 1.0 and s["policy/clipfrac"] == 0.0, s
     assert any(s["ratio_max"] != 1.0 for s in stats if s["minibatch"] == 1), "the update must move the policy"
+
+
+def _saved_bytes_per_token_layer(family: str, dtype: torch.dtype, T: int = 64, b: int = 2) -> float:
+    """Bytes autograd keeps for backward per token and per decoder layer, LoRA 8 on a frozen base (parameters
+    excluded): the difference between a two-layer and a one-layer model, counted with saved_tensors_hooks."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ablate.models.families import family_config
+    from rlhf_ablate.models.lora import make_lora_config
+
+    def count(layers: int) -> int:
+        cfg = family_config(family, layers=layers, vocab_size=512, small=True)
+        width = dict(n_embd=256, n_head=8, n_inner=1024) if cfg.model_type == "gpt2" else dict(
+            hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2, head_dim=32)
+        for k, v in width.items():
+            setattr(cfg, k, v)
+        if cfg.model_type == "gemma2":
+            cfg.query_pre_attn_scalar, cfg.sliding_window = 32, 4096
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).requires_grad_(False)
+        model = get_peft_model(model, make_lora_config(8, 16, 0.0, "CAUSAL_LM", model)).train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in own:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(3, 512, (b, T))
+        attn = torch.ones_like(ids)
+        attn[0, :5] = 0  # padding, as in every PPO batch
+        amp = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)  # what a GPU's autocast does
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+            model.get_base_model().base_model(input_ids=ids, attention_mask=attn)
+        return sum(seen.values())
+
+    return (count(2) - count(1)) / (b * T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", ["llama-3.2-1b", "gemma-2-2b", "kogpt2"])
+def test_activation_coefficients_are_what_autograd_saves(family, dtype):
+    """rlhf_ablate/models/memory.py: ACTIVATION_BYTES against the tensors saved for backward, at one width (hidden
+    256, intermediate 1024, 8 heads, 2 KV heads of 32) and T = 64; the estimate may be 5 % off the count (the fitted
+    coefficients round, and a few per-layer constants are left out)."""
+    from rlhf_ablate.models.memory import ModelShape, _layer_act
+
+    gpt2 = family == "kogpt2"
+    shape = ModelShape(params=0, quantizable=0, lora_dims=0, hidden=256, layers=1, heads=8,
+                       kv_dim=256 if gpt2 else 64, vocab=512, intermediate=1024, q_dim=256,
+                       model_type={"llama-3.2-1b": "llama", "gemma-2-2b": "gemma2", "kogpt2": "gpt2"}[family])
+    counted = _saved_bytes_per_token_layer(family, dtype)
+    estimated = _layer_act(shape, 4 if dtype == torch.float32 else 2, 64)
+    assert estimated == pytest.approx(counted, rel=0.05), (estimated, counted)

@@ -8,8 +8,8 @@ Sampling must draw from exactly the distribution that PPO later recomputes (issu
 - runs with an explicit ``GenerationConfig`` holding only what we ask for: the model's own ``generation_config``
   (a hub checkpoint's repetition penalty, top-k, ...) is swapped out for the call, since transformers 5 fills every
   unset field of a passed config from it (``GenerationMixin._prepare_generation_config``);
-- stops at EOS and at the prompt template's next-turn header (a base model that learned the template may start the
-  next "### 질문:" instead of emitting EOS); the header is cut from the response;
+- stops at EOS and at the prompt template's next-turn header (``stop_strings``: a base model that learned the
+  template may start the next "### 질문:" instead of emitting EOS); the header is cut from the response;
 - takes prompts truncated from the left to a token budget, and returns the exact query ids it used, so that the
   scoring passes see token for token what the sampler saw.
 """
@@ -25,9 +25,6 @@ from ..data.prompting import PROMPT_TEMPLATE, format_prompt, normalize
 
 # The template's next-turn header ("### 질문:"): where a model that keeps going would start the next user turn.
 NEXT_TURN_HEADER = PROMPT_TEMPLATE.split("{prompt}")[0].strip()
-# Tokens looked back at when checking a row for the header: enough for the 7 characters of the header even when a
-# byte-level tokenizer spends one token per UTF-8 byte (2 + 2 * 3 + 2 bytes), plus what a merged token may carry.
-_STOP_LOOKBACK = 24
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -100,9 +97,10 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> 
 
 
 def generation_config(tokenizer, *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
-                      output_scores: bool = False) -> Any:
+                      stop_at_header: bool = True, output_scores: bool = False) -> Any:
     """The whole sampling setup, explicitly: pure temperature sampling (top-k 0, top-p 1, no penalties: N+ details,
-    "temperature 1 rollouts") or greedy decoding, EOS and pad from the tokenizer, KV cache on."""
+    "temperature 1 rollouts") or greedy decoding, EOS and pad from the tokenizer, a stop at the next-turn header,
+    KV cache on. ``generate`` must get ``tokenizer=`` for the stop string."""
     from transformers import GenerationConfig
 
     sampling = dict(temperature=temperature, top_k=0, top_p=1.0) if do_sample else {}
@@ -110,6 +108,7 @@ def generation_config(tokenizer, *, max_new_tokens: int, do_sample: bool, temper
         max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=do_sample, num_beams=1, **sampling,
         repetition_penalty=1.0, no_repeat_ngram_size=0, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, use_cache=True,
+        stop_strings=[NEXT_TURN_HEADER] if stop_at_header else None,
         output_scores=output_scores, return_dict_in_generate=output_scores)
 
 
@@ -127,22 +126,6 @@ def own_generation_config(model) -> Iterable[None]:
         hf.generation_config = saved
 
 
-def _stop_at_text(tokenizer, text: str, prompt_width: int) -> Any:
-    """A stopping criterion: a row is done once the decoded tail of its response contains ``text``.
-
-    Our own rather than ``GenerationConfig.stop_strings``: transformers' StopStringCriteria matches strings against
-    the tokens' surface forms, which for a byte-level BPE are byte symbols, not the Hangul of "### 질문:"."""
-    from transformers import StoppingCriteria
-
-    class StopAtText(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            tails = input_ids[:, max(prompt_width, input_ids.shape[1] - _STOP_LOOKBACK):].tolist()
-            texts = tokenizer.batch_decode(tails, skip_special_tokens=False)
-            return torch.tensor([text in t for t in texts], dtype=torch.bool, device=input_ids.device)
-
-    return StopAtText()
-
-
 def cut_at_header(tokenizer, ids: list[int], header: str = NEXT_TURN_HEADER) -> tuple[list[int], str, bool]:
     """``(kept ids, answer text, found)`` for a response (without EOS) that may run into the next-turn header.
 
@@ -153,6 +136,8 @@ def cut_at_header(tokenizer, ids: list[int], header: str = NEXT_TURN_HEADER) -> 
     pos = full.find(header)
     if pos < 0:
         return ids, full, False
+    if not full[:pos].strip():  # nothing but whitespace before the header: no answer to keep
+        return ids, "", True
     keep = 0
     for k in range(1, len(ids) + 1):
         if len(tokenizer.decode(ids[:k], skip_special_tokens=True)) > pos:
@@ -179,14 +164,9 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, d
         for chunk in batched(queries, batch_size):
             ids, attn = left_pad(chunk, tokenizer.pad_token_id, dev)
             gcfg = generation_config(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                     temperature=temperature, output_scores=return_logprobs)
-            extra: dict[str, Any] = {}
-            if stop_at_header:
-                from transformers import StoppingCriteriaList
-
-                extra["stopping_criteria"] = StoppingCriteriaList([_stop_at_text(tokenizer, NEXT_TURN_HEADER,
-                                                                                  ids.shape[1])])
-            res = model.generate(input_ids=ids, attention_mask=attn, generation_config=gcfg, **extra)
+                                     temperature=temperature, stop_at_header=stop_at_header,
+                                     output_scores=return_logprobs)
+            res = model.generate(input_ids=ids, attention_mask=attn, generation_config=gcfg, tokenizer=tokenizer)
             seqs = res.sequences if return_logprobs else res
             resp = seqs[:, ids.shape[1]:]
             step_lp = None

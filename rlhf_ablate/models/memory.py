@@ -135,10 +135,11 @@ FRAGMENTATION = 1.15      # PyTorch caching-allocator slack on top of live tenso
 # Bytes autograd keeps per token and per decoder layer when LoRA adapters train on a frozen base, for a compute
 # dtype of 4 (fp32) or 2 (bf16/fp16 under autocast) bytes: coefficients of (hidden, intermediate, q_dim, kv_dim),
 # and per attention head per key position (eager attention keeps the [heads, T, T] scores: Gemma-2's attention
-# softcapping has no SDPA kernel). Counted exactly, not estimated: tests/test_models.py counts the tensors saved
-# for backward (torch.autograd.graph.saved_tensors_hooks, parameters excluded) in one- and two-layer models of each
-# family at several widths, and checks these coefficients against them. Under bf16, the hidden-size coefficient
-# stays high because the norms compute in fp32 (LlamaRMSNorm upcasts), and the LoRA inputs are recast.
+# softcapping has no SDPA kernel). Fitted to exact counts, not guessed: the tensors saved for backward
+# (torch.autograd.graph.saved_tensors_hooks, parameters excluded), two-layer minus one-layer models of each family
+# at hidden 256/512, intermediate 1024/2048, 8/16 heads and T 64/128, in fp32 and under bf16 autocast;
+# tests/test_architectures.py re-counts one width per family and dtype against them. Under bf16 the hidden-size
+# coefficient stays high because the norms compute in fp32 (LlamaRMSNorm upcasts its input).
 ACTIVATION_BYTES: dict[str, dict[int, tuple[float, float, float, float, float]]] = {
     "llama": {4: (16, 16, 16, 4, 0), 2: (18.7, 8.3, 9.4, 2.4, 0)},   # also qwen2, mistral, kanana (Llama-like)
     "gemma2": {4: (24, 16, 15, 4, 8), 2: (26.8, 8.3, 7.4, 1.8, 8.1)},
@@ -216,12 +217,10 @@ def estimate_stage_bytes(trial_cfg: Any, device: str = "cuda") -> dict[str, dict
     def dequant(q: bool) -> float:  # bitsandbytes dequantizes a whole weight for each 4-bit matmul
         return shape.largest_linear * w if q else 0.0
 
-    def trl_trainable(rank: int, q: bool) -> float:
-        # weight, gradient and two AdamW moments. TRL keeps a 4-bit model's LoRA in bf16 on a GPU (docs/stack.md,
-        # "TRL"); peft keeps it in fp32 otherwise. A full fine-tune trains the weights in the compute dtype.
-        if rank == 0:
-            return P * 4 * w
-        return rank * shape.lora_dims * (8 if q and w == 2 else 16)
+    def trl_trainable(rank: int) -> float:
+        # weight, gradient and two AdamW moments, all in the compute dtype: the TRL stages keep trainable weights
+        # there (stages/common.py: restore_trainable_dtype), LoRA or a full fine-tune alike.
+        return (P if rank == 0 else rank * shape.lora_dims) * 4 * w
 
     def trl_head(tokens: int) -> float:
         tile = min(tokens, TRL_TILE_TOKENS) * min(V, TRL_TILE_VOCAB)
@@ -230,11 +229,11 @@ def estimate_stage_bytes(trial_cfg: Any, device: str = "cuda") -> dict[str, dict
     stages: dict[str, dict[str, float]] = {}
     q = quantized and cfg.sft.lora_rank > 0
     b = cfg.sft.batch_size
-    stages["sft"] = {"weights": weights(q), "trainable": trl_trainable(cfg.sft.lora_rank, q),
+    stages["sft"] = {"weights": weights(q), "trainable": trl_trainable(cfg.sft.lora_rank),
                      "activations": _train_act(shape, w, b, s, gc), "lm_head": trl_head(b * s), "dequant": dequant(q)}
     q = quantized and cfg.rm.lora_rank > 0
     b = 2 * cfg.rm.batch_size  # chosen and rejected in one batch
-    stages["rm"] = {"weights": weights(q), "trainable": trl_trainable(cfg.rm.lora_rank, q),
+    stages["rm"] = {"weights": weights(q), "trainable": trl_trainable(cfg.rm.lora_rank),
                     "activations": _train_act(shape, w, b, s, gc), "dequant": dequant(q)}
     if cfg.method == "ppo":
         stages["ppo"] = _ppo_bytes(cfg, shape, w, weights, dequant)
@@ -243,7 +242,7 @@ def estimate_stage_bytes(trial_cfg: Any, device: str = "cuda") -> dict[str, dict
         q = quantized and d.lora_rank > 0
         b = 2 * d.batch_size
         stages["dpo"] = {"weights": weights(q) + (weights(False) if d.lora_rank == 0 else 0),
-                         "trainable": trl_trainable(d.lora_rank, q), "activations": _train_act(shape, w, b, s, gc),
+                         "trainable": trl_trainable(d.lora_rank), "activations": _train_act(shape, w, b, s, gc),
                          "lm_head": trl_head(b * s), "dequant": dequant(q)}
     for st in stages.values():
         st["peak"] = sum(v for k, v in st.items() if k not in ("peak",) and not k.startswith("phase:"))

@@ -14,8 +14,8 @@ def trl_common_args(output_dir: Path, seed: int, *, lr: float, epochs: float, ma
 
     docs/stack.md, "TRL": every TRL config defaults bf16 on (an error on CPU), gradient checkpointing on and logging
     every 10 steps. Precision follows the model's resolved compute dtype (``dtype``, rlhf_ablate/models/loading.py:
-    compute_dtype; this machine's choice for ``auto`` when not given): bf16 or fp16 mixed precision (autocast) when it
-    is one of those, and TF32 on a GPU that has it. Gradient checkpointing is enabled on the model itself, non-reentrant,
+    compute_dtype; this machine's choice for ``auto`` when not given): bf16 mixed precision (autocast, on the CPU too
+    when chosen explicitly) or fp16 on a GPU, and TF32 on a GPU that has it. Gradient checkpointing is enabled on the model itself, non-reentrant,
     by models.prepare_for_training (the one rule the memory estimate also reads), so TRL's own switch stays off.
     """
     from ..models import gpu_supports_bf16
@@ -27,7 +27,8 @@ def trl_common_args(output_dir: Path, seed: int, *, lr: float, epochs: float, ma
         output_dir=str(output_dir), seed=seed, data_seed=seed, learning_rate=lr, num_train_epochs=epochs,
         max_steps=max_steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
         warmup_steps=warmup_ratio, weight_decay=weight_decay, lr_scheduler_type="linear",
-        bf16=on_gpu and dtype == "bfloat16", fp16=on_gpu and dtype == "float16", tf32=True if gpu_supports_bf16() else None,
+        # bf16 on the CPU only when asked for (``auto`` never picks it there); fp16 needs a GPU.
+        bf16=dtype == "bfloat16", fp16=on_gpu and dtype == "float16", tf32=True if gpu_supports_bf16() else None,
         use_cpu=not on_gpu, gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=True,
     )
