@@ -340,7 +340,7 @@ def test_memory_estimate_orders_what_users_hit(llama1b_dir):
 
     q4 = est(**{"model.quantization": "nf4", "model.compute_dtype": "bfloat16"})
     bf16 = est(**{"model.quantization": "none", "model.compute_dtype": "bfloat16"})
-    fp32 = est(**{"model.quantization": "none"})
+    fp32 = est(**{"model.quantization": "none", "model.compute_dtype": "float32"})
     assert q4 < bf16 < fp32
     # PPO with rank 0 keeps four copies: it must cost more than the LoRA run on one shared base.
     full = est(**{"model.quantization": "none", "model.compute_dtype": "bfloat16", "sft.lora_rank": 0,

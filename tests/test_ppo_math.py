@@ -89,6 +89,47 @@ def test_logprobs_and_entropy_match_torch_distributions():
     assert torch.allclose(lp16, dist.log_prob(labels), atol=0.1)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_token_logprobs_chunked_equal_full_log_softmax_values_and_gradients(chunk):
+    """ppo.math.token_logprobs against torch's log_softmax on the whole tensor: values, the entropy, and the gradient
+    of a weighted sum (the backward recomputes each chunk's softmax), at temperature 0.7, whatever the chunk size."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 5, 13, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, 13, (2, 5), generator=g)
+    w = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    ref_in = logits.clone().requires_grad_(True)
+    logp_all = torch.log_softmax(ref_in.float() / 0.7, -1)
+    expect = logp_all.gather(-1, labels[..., None]).squeeze(-1)
+    (expect * w).sum().backward()
+    x = logits.float().clone().requires_grad_(True)
+    got, ent = pm.token_logprobs(x, labels, temperature=0.7, chunk=chunk, with_entropy=True)
+    assert got.shape == (2, 5) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expect.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, -(logp_all.exp() * logp_all).sum(-1).detach(), atol=1e-5, rtol=0)
+    assert not ent.requires_grad
+    (got * w.float()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), ref_in.grad, atol=1e-5, rtol=0)
+
+
+def test_token_logprobs_keep_half_precision_logits_and_match_no_grad_bitwise():
+    """bf16 logits: float32 results close to float32 math, a bf16 gradient (no float32 [N, V] copy kept), and the
+    no-grad call (the rollout's log-probs) bitwise equal to the grad-mode call (the update's): the PPO ratio is 1."""
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(4, 6, 50, generator=g) * 2).bfloat16()
+    labels = torch.randint(0, 50, (4, 6), generator=g)
+    x = logits.clone().requires_grad_(True)
+    got, none = pm.token_logprobs(x, labels, chunk=5)
+    assert none is None and got.dtype == torch.float32
+    torch.testing.assert_close(got.detach(), pm.logprobs_from_logits(logits.float(), labels), atol=1e-5, rtol=0)
+    got.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and x.grad.shape == logits.shape
+    with torch.no_grad():
+        again, _ = pm.token_logprobs(logits, labels, chunk=5)
+    assert torch.equal(again, got.detach())
+    with pytest.raises(ValueError):
+        pm.token_logprobs(logits, labels, chunk=0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # KL estimators
 # ---------------------------------------------------------------------------------------------------------
@@ -150,6 +191,16 @@ def test_per_token_rewards_score_on_last_valid_token():
     r3, kl3 = pm.per_token_rewards(scores, lp, ref, mask, kl_coef=torch.tensor(0.1), estimator="k3")
     assert (kl3 >= 0).all() and (kl3[mask == 0] == 0).all()
     assert torch.allclose(r3 - (-0.1 * kl3), torch.tensor([[0.0, 0.0, 10.0, 0.0], [-3.0, 0.0, 0.0, 0.0]]))
+
+
+def test_per_token_rewards_empty_response_gets_nothing():
+    """An empty response (no valid token) has no token to hold its score: its row stays 0, the others as usual."""
+    lp = torch.zeros(3, 3)
+    ref = torch.full((3, 3), -1.0)
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    rewards, kl = pm.per_token_rewards(torch.tensor([2.0, 5.0, -1.0]), lp, ref, mask, kl_coef=0.5)
+    assert torch.allclose(rewards, torch.tensor([[-0.5, 1.5, 0.0], [0.0, 0.0, 0.0], [-1.5, 0.0, 0.0]]))
+    assert (kl[1] == 0).all()
 
 
 def _gae_python_loop(rewards, values, lengths, gamma, lam):

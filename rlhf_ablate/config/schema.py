@@ -24,7 +24,11 @@ from .fields import _resolve, build_dataclass, flatten, help_field as _f, sugges
 #    hash rlhf_ablate.files.canonical_json.
 # 3: data.columns, data.evasive_sft/evasive_rm; v2's garbage, length_outliers and evasive rules changed meaning
 #    (issue 11).
-CONFIG_VERSION = 3
+# 4: model.compute_dtype defaults to "auto" (bf16 on a GPU that supports it, fp32 on the CPU); PPO's AdamW weight
+#    decay is 0 (torch's default 0.01 before), prompts are cut to ppo.max_prompt_length, dropout is off in every
+#    PPO role, rollouts stop at the template's next-turn header, and the value model starts from the reward model
+#    only when rank and alpha both match (issue 9).
+CONFIG_VERSION = 4
 
 BUILTIN_MODELS = ("tiny-llama", "tiny-gpt2")
 SEED_MAX = 2**32 - 1  # numpy.random.seed accepts [0, 2**32 - 1]; a trial seeds numpy, torch and random alike
@@ -35,8 +39,9 @@ class ModelConfig:
     base_model: str = _f("tiny-llama", "Built-in tiny model (tiny-llama, tiny-gpt2), a hub id or a local path.")
     quantization: Literal["none", "nf4", "fp4"] = _f(
         "nf4", "Load the frozen base in 4-bit through bitsandbytes (nf4 or fp4), or 'none'.")
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = _f(
-        "float32", "Compute dtype of 4-bit layers and of unquantized weights.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "Compute dtype of 4-bit layers and of unquantized weights; 'auto' = bfloat16 on a GPU that supports "
+                "it (with autocast and TF32), float32 on the CPU (rlhf_ablate/models/loading.py: compute_dtype).")
     double_quant: bool = _f(True, "bitsandbytes nested quantization of the 4-bit scales.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub. Off unless you ask for it.")
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) to pin.")
@@ -115,8 +120,16 @@ class PPOConfig(LoraParams):
     learning_rate: float = _f(5e-4, "Learning rate of policy and value.")
     total_episodes: int = _f(256, "Prompts rolled out in total (episodes).")
     rollout_batch_size: int = _f(32, "Prompts per rollout (one PPO step).")
-    mini_batch_size: int = _f(16, "Rollouts per minibatch in the PPO epochs.")
-    grad_accum: int = _f(1, "Gradient accumulation steps per minibatch.")
+    mini_batch_size: int = _f(16, "Rollouts per minibatch in the PPO epochs (one optimizer step each).")
+    grad_accum: int = _f(1, "Gradient accumulation steps per minibatch: each forward/backward pass sees "
+                            "mini_batch_size / grad_accum rollouts.")
+    rollout_micro_batch_size: int = _f(32, "Prompts per generation and per scoring pass (policy, reference, value, "
+                                           "reward); the rollout batch is processed in chunks of this many.")
+    max_prompt_length: int = _f(128, "Prompt tokens kept in rollouts; longer prompts lose their beginning (the "
+                                     "template's answer cue at the end is kept).")
+    weight_decay: float = _f(0.0, "AdamW weight decay of the policy and value adapters.")
+    lr_schedule: Literal["constant", "linear"] = _f(
+        "constant", "Learning rate over the PPO steps: constant, or linear decay to 0 (cleanrl's anneal_lr).")
     ppo_epochs: int = _f(2, "Optimisation epochs over each rollout batch.")
     max_new_tokens: int = _f(32, "Response length cap during rollouts.")
     temperature: float = _f(1.0, "Sampling temperature of rollouts (N+ details: 1.0).")
@@ -285,12 +298,18 @@ def validate(cfg: TrialConfig, source: str) -> None:
     p = cfg.ppo
     if p.kl_coef < 0:
         bad("ppo.kl_coef", f"must be >= 0, got {p.kl_coef}.")
-    for name in ("total_episodes", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens"):
+    for name in ("total_episodes", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
+                 "rollout_micro_batch_size", "max_prompt_length"):
         if getattr(p, name) < 1:
             bad(f"ppo.{name}", f"must be >= 1, got {getattr(p, name)}.")
     if p.rollout_batch_size % p.mini_batch_size:
         bad("ppo.mini_batch_size", f"({p.mini_batch_size}) must divide ppo.rollout_batch_size "
             f"({p.rollout_batch_size}).")
+    if p.mini_batch_size % p.grad_accum:
+        bad("ppo.grad_accum", f"({p.grad_accum}) must divide ppo.mini_batch_size ({p.mini_batch_size}), so that "
+            f"every forward/backward pass sees the same number of rollouts.")
+    if p.weight_decay < 0:
+        bad("ppo.weight_decay", f"must be >= 0, got {p.weight_decay}.")
     if p.temperature <= 0:
         bad("ppo.temperature", f"must be > 0, got {p.temperature}.")
     if not 0 <= p.gamma <= 1 or not 0 <= p.lam <= 1:

@@ -71,7 +71,7 @@ class SchedulerSpec:
 
 @dataclass(frozen=True)
 class ResourceSpec:
-    gpu: Union[float, str] = "auto"  # "auto": 0 without GPUs; otherwise a fraction from the memory estimate
+    gpu: Union[float, str] = "auto"  # "auto": fraction from the memory estimate (0 without GPUs); "probe": measured
     cpu: int = 1
     memory_gb: Optional[float] = None  # override the GPU memory estimate of a trial
 
@@ -412,9 +412,9 @@ def _validate_sections(search: SearchSpec, scheduler: SchedulerSpec, resources: 
         raise ConfigError(f"{source}: search.max_concurrent must be >= 1.")
     if scheduler.type == "asha" and (scheduler.grace_period < 1 or scheduler.reduction_factor < 2):
         raise ConfigError(f"{source}: scheduler.grace_period must be >= 1 and scheduler.reduction_factor >= 2.")
-    if isinstance(resources.gpu, str) and resources.gpu != "auto":
-        raise ConfigError(f"{source}: resources.gpu must be a number (GPUs per trial, fractions allowed) or "
-                          f"'auto', got {resources.gpu!r}.")
+    if isinstance(resources.gpu, str) and resources.gpu not in ("auto", "probe"):
+        raise ConfigError(f"{source}: resources.gpu must be a number (GPUs per trial, fractions allowed), 'auto' or "
+                          f"'probe', got {resources.gpu!r}.")
     if not isinstance(resources.gpu, str) and resources.gpu < 0:
         raise ConfigError(f"{source}: resources.gpu must be >= 0, got {resources.gpu}.")
     if resources.memory_gb is not None and resources.memory_gb <= 0:

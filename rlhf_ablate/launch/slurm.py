@@ -170,7 +170,7 @@ def _gpus_from_resources(spec: SweepSpec, trials: Sequence[Trial], notes: list[s
     request becomes one GPU per task; packing several trials onto one GPU is what the Ray-on-allocation template
     (slurm/ray_on_allocation.sbatch) is for."""
     g = spec.resources.gpu
-    if g == "auto":
+    if g in ("auto", "probe"):
         # Built-in tiny models train on CPU in seconds; anything else (hub id, local path) wants a GPU.
         from ..config import BUILTIN_MODELS
 

@@ -287,7 +287,7 @@ def _fit(spec: Any, run_dir: Path, pending: list, resources: dict, gpus: list, m
     from ray import tune
 
     _init_ray(address, len(gpus))
-    if address and not gpus and spec.resources.gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0:
+    if address and not gpus and spec.resources.gpu in ("auto", "probe") and ray.cluster_resources().get("GPU", 0) > 0:
         # The driver cannot see the cluster's GPU memory: ask for whole GPUs (set RLHF_ABLATE_GPUS to pack).
         for r in resources.values():
             r["gpu"] = 1.0

@@ -3,16 +3,28 @@
 Text is formatted only through rlhf_ablate/data/prompting.py, so SFT, the reward model, PPO and eval all see the
 same prompt + answer + EOS layout (TRL's SFT and Reward trainers append EOS to plain-text completions; we do the
 same when we score or roll out).
+
+Sampling must draw from exactly the distribution that PPO later recomputes (issue 9), so generation here:
+- runs with an explicit ``GenerationConfig`` holding only what we ask for: the model's own ``generation_config``
+  (a hub checkpoint's repetition penalty, top-k, ...) is swapped out for the call, since transformers 5 fills every
+  unset field of a passed config from it (``GenerationMixin._prepare_generation_config``);
+- stops at EOS and at the prompt template's next-turn header (``stop_strings``: a base model that learned the
+  template may start the next "### 질문:" instead of emitting EOS); the header is cut from the response;
+- takes prompts truncated from the left to a token budget, and returns the exact query ids it used, so that the
+  scoring passes see token for token what the sampler saw.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from ..data.prompting import format_prompt, normalize
+from ..data.prompting import PROMPT_TEMPLATE, format_prompt, normalize
+
+# The template's next-turn header ("### 질문:"): where a model that keeps going would start the next user turn.
+NEXT_TURN_HEADER = PROMPT_TEMPLATE.split("{prompt}")[0].strip()
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -32,42 +44,166 @@ def eval_mode(model: torch.nn.Module):
         model.train(was)
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout of the model to p = 0, for good (TRL's ``disable_dropout_in_model`` does the first half).
+
+    PPO's importance ratio compares log-probs of the sampled tokens under the policy at sampling time and now; with
+    dropout on in the update (p = 0.1 in GPT-2-family models such as KoGPT2) the ratio is not 1 at the first
+    minibatch, and clipping acts on noise. Eval mode would switch dropout off too, but it also switches off gradient
+    checkpointing (transformers checkpoints only ``if self.training``), so the models stay in train mode with p = 0.
+    Attention dropout is a float attribute in transformers' attention modules (``attention_dropout``, used only
+    ``if self.training``), so it is zeroed as well."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "attn_dropout_p", "dropout_p"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+
+
 def batched(seq: Sequence, n: int) -> Iterable[Sequence]:
     for i in range(0, len(seq), n):
         yield seq[i:i + n]
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Prompts in, responses out
+# ---------------------------------------------------------------------------------------------------------
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: Optional[int] = None) -> list[list[int]]:
+    """Formatted prompts as token ids. A prompt longer than ``max_prompt_length`` tokens loses its beginning: the
+    end holds the template's answer cue ("### 답변:"), which the model needs to start answering. A leading special
+    token the tokenizer adds (Llama-3's BOS) is kept in front."""
+    out = []
+    for p in prompts:
+        ids = tokenizer(format_prompt(p))["input_ids"]
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
+            head = ids[:1] if ids[0] in tokenizer.all_special_ids and max_prompt_length > 1 else []
+            ids = head + ids[len(ids) - (max_prompt_length - len(head)):]
+        out.append(ids)
+    return out
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), right-aligned: decoder-only generation continues from the last column."""
+    width = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            attn[i, width - len(s):] = 1
+    return ids.to(device), attn.to(device)
+
+
+def generation_config(tokenizer, *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
+                      stop_at_header: bool = True, output_scores: bool = False) -> Any:
+    """The whole sampling setup, explicitly: pure temperature sampling (top-k 0, top-p 1, no penalties: N+ details,
+    "temperature 1 rollouts") or greedy decoding, EOS and pad from the tokenizer, a stop at the next-turn header,
+    KV cache on. ``generate`` must get ``tokenizer=`` for the stop string."""
+    from transformers import GenerationConfig
+
+    sampling = dict(temperature=temperature, top_k=0, top_p=1.0) if do_sample else {}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=do_sample, num_beams=1, **sampling,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, use_cache=True,
+        stop_strings=[NEXT_TURN_HEADER] if stop_at_header else None,
+        output_scores=output_scores, return_dict_in_generate=output_scores)
+
+
+@contextmanager
+def own_generation_config(model) -> Iterable[None]:
+    """Hide the model's ``generation_config`` during a generate call (see the module docstring); restored after."""
+    from transformers import GenerationConfig
+
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = hf.generation_config
+    hf.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        hf.generation_config = saved
+
+
+def cut_at_header(tokenizer, ids: list[int], header: str = NEXT_TURN_HEADER) -> tuple[list[int], str, bool]:
+    """``(kept ids, answer text, found)`` for a response (without EOS) that may run into the next-turn header.
+
+    The kept ids are the longest token prefix whose text ends before the header (a token that straddles the header's
+    start is dropped with it). A response that *starts* with the header keeps its sampled ids, so that PPO still
+    sees (and its missing-EOS penalty still punishes) the turn it wrote; its answer text is empty."""
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    pos = full.find(header)
+    if pos < 0:
+        return ids, full, False
+    if not full[:pos].strip():  # nothing but whitespace before the header: no answer to keep
+        return ids, "", True
+    keep = 0
+    for k in range(1, len(ids) + 1):
+        if len(tokenizer.decode(ids[:k], skip_special_tokens=True)) > pos:
+            break
+        keep = k
+    return (ids[:keep] if keep else ids), full[:pos], True
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool,
-             temperature: float = 1.0, batch_size: int = 16, streamer=None) -> list[dict]:
-    """Batched generation from raw prompts (formatted here). Returns, per prompt, the response token ids (up to and
-    including EOS when the model stopped), the decoded text (without EOS) and whether it ended with EOS.
-    ``streamer`` (a transformers streamer, one prompt at a time) receives the tokens as they come."""
+             temperature: float = 1.0, batch_size: int = 16, max_prompt_length: Optional[int] = None,
+             stop_at_header: bool = True, return_logprobs: bool = False) -> list[dict]:
+    """Batched generation from raw prompts (formatted here), ``batch_size`` prompts per ``model.generate`` call.
+
+    Returns, per prompt: ``query`` (the prompt's token ids as fed to the model), ``ids`` (response ids up to and
+    including EOS when the model stopped there, or up to the next-turn header), ``text`` (without EOS and header),
+    ``has_eos``, ``stopped`` (ended at the header) and, with ``return_logprobs``, ``logprobs``: the log-probability
+    of each kept token under the distribution it was sampled from (the processed scores; a test instrument, it keeps
+    ``max_new_tokens x batch x vocab`` scores). ``streamer`` (a transformers streamer, one prompt at a time)
+    receives the tokens as they come."""
     out = []
-    tokenizer.padding_side = "left"  # decoder-only generation needs the prompts right-aligned
     dev = next(model.parameters()).device
-    with eval_mode(model):
-        for chunk in batched(list(prompts), batch_size):
-            enc = tokenizer([format_prompt(p) for p in chunk], return_tensors="pt", padding=True).to(dev)
-            seqs = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                temperature=temperature if do_sample else None, top_k=0 if do_sample else None,
-                top_p=1.0 if do_sample else None, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, use_cache=True,
-                **({"streamer": streamer} if streamer is not None else {}))
-            resp = seqs[:, enc["input_ids"].shape[1]:]
-            for row in resp.tolist():
-                ids = []
-                for t in row:
-                    ids.append(t)
-                    if t == tokenizer.eos_token_id:
-                        break
-                while ids and ids[-1] == tokenizer.pad_token_id and tokenizer.pad_token_id != tokenizer.eos_token_id:
-                    ids.pop()
-                has_eos = bool(ids) and ids[-1] == tokenizer.eos_token_id
-                text = tokenizer.decode(ids[:-1] if has_eos else ids, skip_special_tokens=True)
-                out.append({"ids": ids, "text": normalize(text), "has_eos": has_eos})
+    queries = encode_prompts(tokenizer, prompts, max_prompt_length)
+    with eval_mode(model), own_generation_config(model):
+        for chunk in batched(queries, batch_size):
+            ids, attn = left_pad(chunk, tokenizer.pad_token_id, dev)
+            gcfg = generation_config(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                     temperature=temperature, stop_at_header=stop_at_header,
+                                     output_scores=return_logprobs)
+            res = model.generate(input_ids=ids, attention_mask=attn, generation_config=gcfg, tokenizer=tokenizer,
+                                 **({"streamer": streamer} if streamer is not None else {}))
+            seqs = res.sequences if return_logprobs else res
+            resp = seqs[:, ids.shape[1]:]
+            step_lp = None
+            if return_logprobs:
+                step_lp = torch.stack([torch.log_softmax(s.float(), -1) for s in res.scores], 1)  # [b, steps, V]
+            for row, (q, r) in enumerate(zip(chunk, resp.tolist())):
+                out.append(_response(tokenizer, q, r, stop_at_header,
+                                     None if step_lp is None else step_lp[row]))
     return out
+
+
+def _response(tokenizer, query: list[int], row: list[int], stop_at_header: bool,
+              step_logprobs: Optional[torch.Tensor]) -> dict:
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids: list[int] = []
+    for t in row:
+        ids.append(t)
+        if t == eos:
+            break
+    while ids and ids[-1] == pad and pad != eos:
+        ids.pop()
+    has_eos = bool(ids) and ids[-1] == eos
+    body = ids[:-1] if has_eos else ids
+    text, stopped = tokenizer.decode(body, skip_special_tokens=True), False
+    if stop_at_header:
+        kept, answer, found = cut_at_header(tokenizer, body)
+        if found:
+            # The row stopped at the header; an EOS after it is the padding of a finished row (pad = eos tokenizers).
+            text, has_eos, stopped = answer, False, len(kept) < len(body)
+            ids = kept
+    r = {"query": list(query), "ids": ids, "text": normalize(text), "has_eos": has_eos, "stopped": stopped}
+    if step_logprobs is not None:
+        idx = torch.tensor(ids, dtype=torch.long, device=step_logprobs.device)
+        r["logprobs"] = step_logprobs[torch.arange(len(ids)), idx].tolist()
+    return r
 
 
 def encode_pairs(tokenizer, prompts: Sequence[str], answers: Sequence[str], max_length: int) -> dict:
@@ -93,5 +229,3 @@ def score_texts(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
         enc = encode_pairs(tokenizer, prompts[i:i + batch_size], answers[i:i + batch_size], max_length)
         scores.extend(score_fn(enc["input_ids"], enc["attention_mask"]).float().cpu().tolist())
     return scores
-
-

@@ -147,10 +147,62 @@ def _hub_kwargs(cfg: ModelConfig, path: str) -> dict:
     return kw
 
 
-def _torch_dtype(cfg: ModelConfig) -> Any:
+# ---------------------------------------------------------------------------------------------------------
+# Precision: one decision for every stage (TRL arguments, our PPO loop, the memory estimate)
+# ---------------------------------------------------------------------------------------------------------
+
+def gpu_supports_bf16() -> bool:
+    """A CUDA GPU with native bf16 (Ampere or newer). Emulated bf16 (``including_emulation``) is slower than fp32."""
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.compute_dtype]
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def compute_dtype(cfg: ModelConfig, device: Optional[str] = None) -> str:
+    """``model.compute_dtype`` with ``auto`` resolved: ``bfloat16`` on a GPU that supports it, ``float32`` on the CPU
+    (CPU bf16 matmuls are slower than fp32 and PPO's ratio test wants exact fp32 there) and on older GPUs (fp16 would
+    need loss scaling in every stage).
+
+    ``device`` asks about another machine than this one: ``"cuda"`` (the memory estimate of a GPU trial, computed on a
+    driver that may have no GPU: assumes a bf16-capable GPU, the Ampere+ cards our users run) or ``"cpu"``."""
+    if cfg.compute_dtype != "auto":
+        return cfg.compute_dtype
+    if device is None:
+        return "bfloat16" if gpu_supports_bf16() else "float32"
+    return "bfloat16" if device == "cuda" else "float32"
+
+
+def torch_dtype(cfg: ModelConfig, device: Optional[str] = None) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[compute_dtype(cfg, device)]
+
+
+
+def enable_tf32() -> None:
+    """TF32 matmuls and convolutions on Ampere+ GPUs: fp32 operations left outside autocast (the LoRA and value heads'
+    fp32 weights, fp32 log-softmax chunks) run on tensor cores with a 10-bit mantissa, which PyTorch documents as
+    fine for training ("TensorFloat-32 (TF32) on Ampere devices"). No effect on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(cfg: ModelConfig) -> Any:
+    """Mixed precision for our own forward passes (PPO): ``torch.autocast`` in the compute dtype when it is bf16/fp16
+    (on the GPU, or on the CPU when asked for explicitly), so that peft's fp32 LoRA weights meet half-precision
+    activations in half-precision matmuls, as under TRL's ``bf16=True``; a no-op in fp32, where every tensor already
+    has the compute dtype."""
+    import contextlib
+
+    import torch
+
+    dtype = torch_dtype(cfg)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=dtype)
 
 
 def bnb_config(cfg: ModelConfig) -> Any:
@@ -160,7 +212,7 @@ def bnb_config(cfg: ModelConfig) -> Any:
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
-                              bnb_4bit_compute_dtype=_torch_dtype(cfg),
+                              bnb_4bit_compute_dtype=torch_dtype(cfg),
                               bnb_4bit_use_double_quant=cfg.double_quant)
 
 
@@ -188,7 +240,7 @@ def _device_map() -> Any:
 
 def _load(auto_cls: Any, cfg: ModelConfig, path: Optional[str], quantize: bool, what: str, **extra: Any) -> Any:
     src = path or resolve_base(cfg)
-    kw = dict(_hub_kwargs(cfg, src), dtype=_torch_dtype(cfg), use_safetensors=True, **extra)
+    kw = dict(_hub_kwargs(cfg, src), dtype=torch_dtype(cfg), use_safetensors=True, **extra)
     q = bnb_config(cfg) if quantize else None
     if q is not None:
         # Honoured only because `src` is a path/id string (docs/stack.md), which is why built-ins live on disk.

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from ..config import ModelConfig
 from ..errors import ModelError
-from .loading import _explain_load_errors, _hub_kwargs, _torch_dtype, is_quantized, load_tokenizer
+from .loading import _explain_load_errors, _hub_kwargs, is_quantized, torch_dtype, load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------------
 # LoRA
@@ -79,16 +79,51 @@ def make_lora_config(rank: int, alpha: int, dropout: float, task_type: str, mode
 GRADIENT_CHECKPOINTING_MIN_PARAMS = 100_000_000
 
 
+def logical_param_count(model: Any) -> int:
+    """Parameters as the config counts them: a bitsandbytes 4-bit weight packs two values per byte, so its
+    ``numel()`` is half the layer's size; its ``quant_state.shape`` is the real one. Shared (tied) tensors once."""
+    import math
+
+    n = 0
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None) if type(p).__name__ == "Params4bit" else None
+        n += math.prod(qs.shape) if qs is not None else p.numel()
+    return n
+
+
 def wants_gradient_checkpointing(model_or_count: Any) -> bool:
-    """The one rule for gradient checkpointing (stages pass it to TRL configs; the memory estimate assumes it)."""
-    n = model_or_count if isinstance(model_or_count, int) else sum(p.numel() for p in model_or_count.parameters())
+    """The one rule for gradient checkpointing: the TRL stages (prepare_for_training), PPO's roles and the memory
+    estimate (rlhf_ablate/models/memory.py) all ask this, with the parameter count of the model's config."""
+    n = model_or_count if isinstance(model_or_count, int) else logical_param_count(model_or_count)
     return n >= GRADIENT_CHECKPOINTING_MIN_PARAMS
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers' ``activation_checkpointing``,
+    docs/stack.md "transformers 5"). Non-reentrant checkpointing needs no ``enable_input_require_grads`` trick for
+    frozen bases, tolerates inputs that do not require grad, and recomputes a layer with whatever LoRA adapter is
+    active at backward time, so PPO runs each adapter's backward right after its own forward (rlhf_ablate/ppo/loop.py).
+    Checkpointing acts only in train mode: PPO's roles stay in train mode with dropout at 0 (generation.disable_dropout)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def freeze_for_kbit_training(model: Any) -> Any:
+    """What peft's ``prepare_model_for_kbit_training`` does that a 4-bit LoRA run needs, without what it should not do.
+
+    peft freezes the base (kept here), then casts every fp16/bf16 parameter to fp32: the embeddings, the LM head and
+    the norms (issue 9: for an 8B model with a 128k vocabulary that is 2 GB of embeddings and 2 GB of head in fp32
+    instead of bf16, for no gain under autocast). Those stay in the compute dtype here; the LoRA weights are fp32
+    anyway (peft's ``autocast_adapter_dtype``), and RMSNorm computes its statistics in fp32 internally."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 def prepare_for_training(model: Any, rank: int, alpha: int, dropout: float, task_type: str,
                          quantized: Optional[bool] = None) -> Any:
-    """rank > 0: a peft model with fresh LoRA adapters (and prepare_model_for_kbit_training first when 4-bit).
-    rank 0: the model itself with every parameter trainable (a full fine-tune), refused on a 4-bit model."""
+    """rank > 0: a peft model with fresh LoRA adapters on a frozen base (4-bit or not, nothing upcast).
+    rank 0: the model itself with every parameter trainable (a full fine-tune), refused on a 4-bit model.
+    Gradient checkpointing (non-reentrant) when :func:`wants_gradient_checkpointing` says so."""
     quantized = is_quantized(model) if quantized is None else quantized
     gc = wants_gradient_checkpointing(model)
     if rank == 0:
@@ -98,15 +133,13 @@ def prepare_for_training(model: Any, rank: int, alpha: int, dropout: float, task
         for p in model.parameters():
             p.requires_grad_(True)
         if gc:
-            model.gradient_checkpointing_enable()
+            enable_gradient_checkpointing(model)
         return model
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
-    elif gc:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+    freeze_for_kbit_training(model)
+    if gc:
+        enable_gradient_checkpointing(model)
     return get_peft_model(model, make_lora_config(rank, alpha, dropout, task_type, model))
 
 
@@ -173,7 +206,7 @@ def _merge_quantized(peft_model: Any, inner: Any, src: str, cfg: ModelConfig) ->
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers.pytorch_utils import Conv1D
 
-    dtype = _torch_dtype(cfg)
+    dtype = torch_dtype(cfg)
     extra = {"num_labels": inner.config.num_labels} if hasattr(inner, "score") or hasattr(inner, "classifier") else {}
     with _explain_load_errors(src, cfg, "unquantized base for merging"):
         fresh = type(inner).from_pretrained(src, dtype=dtype, use_safetensors=True, **_hub_kwargs(cfg, src), **extra)

@@ -7,9 +7,9 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import BUILTIN_MODELS, ModelConfig
+from ..config import BUILTIN_MODELS, ModelConfig, PPOConfig
 from .builtin import _builtin_model_config
-from .loading import _explain_load_errors, _hub_kwargs, resolve_base
+from .loading import _explain_load_errors, _hub_kwargs, compute_dtype, resolve_base
 from .lora import _is_linear_like, lora_target_modules, wants_gradient_checkpointing
 
 # ---------------------------------------------------------------------------------------------------------
@@ -28,6 +28,11 @@ class ModelShape:
     heads: int
     kv_dim: int              # kv heads * head dim (GQA shrinks the KV cache)
     vocab: int
+    intermediate: int = 0    # MLP width
+    q_dim: int = 0           # heads * head dim (Gemma-2: 2048 for a hidden size of 2304)
+    largest_linear: int = 0  # parameters of the largest quantizable matrix (dequantized whole for each 4-bit matmul)
+    model_type: str = ""     # picks the activation coefficients (ACTIVATION_BYTES)
+    softcap: bool = False    # final-logit softcapping (Gemma-2): one more [tokens, vocab] tensor in the head
 
 
 def _load_config(cfg: ModelConfig) -> Any:
@@ -55,10 +60,11 @@ def _shape_cached(cfg: ModelConfig) -> ModelShape:
     params = sum(p.numel() for p in model.parameters())
     out_emb = model.get_output_embeddings()
     targets = set(lora_target_modules(model))
-    quantizable = lora_dims = 0
+    quantizable = lora_dims = largest = 0
     for name, m in model.named_modules():
         if _is_linear_like(m) and m is not out_emb:
             quantizable += m.weight.numel()
+            largest = max(largest, m.weight.numel())
             if name.rsplit(".", 1)[-1] in targets:
                 lora_dims += sum(m.weight.shape)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -67,8 +73,42 @@ def _shape_cached(cfg: ModelConfig) -> ModelShape:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     layers = getattr(text, "num_hidden_layers", None) or text.n_layer
+    inter = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
     return ModelShape(params=params, quantizable=quantizable, lora_dims=lora_dims, hidden=hidden, layers=layers,
-                      heads=heads, kv_dim=kv_heads * head_dim, vocab=text.vocab_size)
+                      heads=heads, kv_dim=kv_heads * head_dim, vocab=text.vocab_size, intermediate=inter,
+                      q_dim=heads * head_dim, largest_linear=largest, model_type=getattr(text, "model_type", ""),
+                      softcap=getattr(text, "final_logit_softcapping", None) is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The PPO plan: what the loop does and the estimate assumes (one function, so the two cannot drift apart)
+# ---------------------------------------------------------------------------------------------------------
+
+# Float32 bytes of one [chunk, vocab] log-softmax slice (ppo.math.token_logprobs): 64 MiB is 130 positions of a
+# 128k vocabulary, and the whole response of a tiny model's batch in one chunk.
+LOGPROB_CHUNK_BYTES = 64 * 2 ** 20
+
+
+@dataclass(frozen=True)
+class PPOPlan:
+    """How PPO runs a trial's batches (rlhf_ablate/ppo/loop.py) and what :func:`estimate_stage_bytes` models."""
+
+    gradient_checkpointing: bool  # non-reentrant, on the shared base (models/lora.py: wants_gradient_checkpointing)
+    rollout_micro: int            # prompts per generate call and per scoring pass
+    train_micro: int              # rollouts per forward/backward in the PPO epochs
+    prompt_len: int               # query tokens at most (ppo.max_prompt_length; longer prompts lose their start)
+    response_len: int             # ppo.max_new_tokens
+    logprob_chunk: int            # response positions per float32 log-softmax chunk
+
+
+def ppo_plan(p: PPOConfig, params: int, vocab: int) -> PPOPlan:
+    """The PPO plan of ``ppo`` settings for a base of ``params`` parameters (as the config counts them) and a
+    vocabulary of ``vocab``."""
+    return PPOPlan(gradient_checkpointing=wants_gradient_checkpointing(params),
+                   rollout_micro=min(p.rollout_micro_batch_size, p.rollout_batch_size),
+                   train_micro=max(1, p.mini_batch_size // p.grad_accum),
+                   prompt_len=p.max_prompt_length, response_len=p.max_new_tokens,
+                   logprob_chunk=max(1, LOGPROB_CHUNK_BYTES // (4 * vocab)))
 
 
 def model_shape(cfg: ModelConfig) -> ModelShape:
@@ -81,78 +121,184 @@ def param_count(cfg: ModelConfig) -> int:
     return model_shape(cfg).params
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The memory estimate (what the packer in rlhf_ablate/launch/resources.py reads; benchmarks/bench_memory.py
+# measures it against the truth)
+# ---------------------------------------------------------------------------------------------------------
+
 GIB = 1024 ** 3
-CUDA_OVERHEAD_GIB = 0.5   # CUDA context, cuBLAS workspace, allocator
-FRAGMENTATION = 1.15      # PyTorch caching-allocator slack on top of live tensors
+CUDA_OVERHEAD_GIB = 0.5   # CUDA context and cuBLAS workspace: outside torch's allocator, so not in the stage sums
+FRAGMENTATION = 1.15      # PyTorch caching-allocator slack on top of live tensors (GPU only)
+
+# Bytes autograd keeps per token and per decoder layer when LoRA adapters train on a frozen base, for a compute
+# dtype of 4 (fp32) or 2 (bf16/fp16 under autocast) bytes: coefficients of (hidden, intermediate, q_dim, kv_dim),
+# and per attention head per key position (eager attention keeps the [heads, T, T] scores: Gemma-2's attention
+# softcapping has no SDPA kernel). Fitted to exact counts, not guessed: the tensors saved for backward
+# (torch.autograd.graph.saved_tensors_hooks, parameters excluded), two-layer minus one-layer models of each family
+# at hidden 256/512, intermediate 1024/2048, 8/16 heads and T 64/128, in fp32 and under bf16 autocast;
+# tests/test_architectures.py re-counts one width per family and dtype against them. Under bf16 the hidden-size
+# coefficient stays high because the norms compute in fp32 (LlamaRMSNorm upcasts its input).
+ACTIVATION_BYTES: dict[str, dict[int, tuple[float, float, float, float, float]]] = {
+    "llama": {4: (16, 16, 16, 4, 0), 2: (18.7, 8.3, 9.4, 2.4, 0)},   # also qwen2, mistral, kanana (Llama-like)
+    "gemma2": {4: (24, 16, 15, 4, 8), 2: (26.8, 8.3, 7.4, 1.8, 8.1)},
+    "gpt2": {4: (40, 20, 0, 0, 0), 2: (22.7, 10.2, 0, 0, 0)},          # q and kv widths equal hidden: folded in
+}
+# While one layer's backward runs, its gradient temporaries come on top of its saved activations (calibrated by
+# benchmarks/bench_memory.py, see there).
+BACKWARD_TRANSIENT = 0.5
+# TRL 1.16's fused LM head (trl/kernels/chunked_logprob.py) projects tiles of at most 4096 tokens x 32768 vocabulary
+# entries; its CPU fallback keeps about three more float32 tiles alive (z, exp, and their product), a GPU one.
+TRL_TILE_TOKENS, TRL_TILE_VOCAB = 4096, 32768
 
 
-def estimate_trial_memory_gb(trial_cfg: Any) -> float:
-    """Estimated peak GPU memory of one trial, in GiB, used to pack trials on GPUs and refuse impossible ones.
+def _family(shape: ModelShape) -> str:
+    return shape.model_type if shape.model_type in ACTIVATION_BYTES else "llama"
 
-    The stages of a trial run one after another and free their models, so the peak is the largest stage::
 
-        peak = FRAGMENTATION * max(SFT, RM, PPO or DPO) + CUDA_OVERHEAD_GIB
+def _layer_act(shape: ModelShape, w: int, T: int) -> float:
+    """Saved activation bytes of one decoder layer, per token, at sequence length T."""
+    c_h, c_i, c_q, c_kv, c_att = ACTIVATION_BYTES[_family(shape)][4 if w == 4 else 2]
+    return (c_h * shape.hidden + c_i * shape.intermediate + c_q * shape.q_dim + c_kv * shape.kv_dim
+            + c_att * shape.heads * T + w * T)  # w * T: the per-layer copy of the padding mask
 
-    with, for P parameters of which Q sit in quantizable Linear layers, compute-dtype width w (4 fp32, 2 bf16/fp16):
 
-    - weights W:  4-bit: Q * (0.5 + scales) + (P - Q) * w, scales = 4/64 bytes per weight (fp32 absmax per
-      64-block) or ~1/64 with double quantization; unquantized: P * w.
-    - LoRA of rank r: r * sum(in + out) over target layers trainable parameters, each 16 bytes (fp32 weight,
-      gradient and two Adam moments). A full fine-tune (r = 0): 4 * w bytes per parameter (weight, gradient,
-      two Adam moments, in the parameter dtype).
-    - activations for batch b and length s (Korthikanti et al. 2022, "Reducing Activation Recomputation",
-      eq. 1, scaled from 16-bit to w): b * s * h * L * (34 + 5 * heads * s / h) * w / 2; with gradient
-      checkpointing (models >= GRADIENT_CHECKPOINTING_MIN_PARAMS) only the layer inputs b * s * h * L * w plus one
-      layer's activations are kept.
-    - LM logits: b * s * V * 4 bytes * 3 (fp32 logits, log-softmax, gradient); not for the reward model.
+def _train_act(shape: ModelShape, w: int, b: int, T: int, gc: bool) -> float:
+    """Activations of a training forward/backward of b sequences of T tokens. Checkpointing keeps each layer's input
+    (b T h w) and recomputes one layer at a time; without it every layer keeps its activations. Either way one layer's
+    backward temporaries come on top, and the embedding output and final norm keep two more hidden-size tensors."""
+    tokens = b * T
+    layer = _layer_act(shape, w, T)
+    kept = shape.layers * shape.hidden * w + layer if gc else shape.layers * layer
+    return tokens * (kept + BACKWARD_TRANSIENT * layer + 2 * shape.hidden * w)
 
-    Stages: SFT = W + LoRA(sft) + act(sft.batch_size) + logits. RM = W + LoRA(rm) + act(2 * rm.batch_size) (chosen
-    and rejected). PPO with LoRA: ONE shared base W, policy and value adapters trained (2 * LoRA(ppo)), the reward
-    adapter frozen, policy and value forward/backward on ppo.mini_batch_size, logits, and the rollout KV cache
-    rollout_batch_size * s * L * 2 * kv_dim * w. PPO with rank 0: separate copies, policy and value trained
-    (2 * full) plus reference and reward weights (2 * W). DPO: W + LoRA(dpo) + act(2 * batch) + logits (LoRA's
-    reference is the base with adapters off; rank 0 adds a reference copy W). s = model.max_length throughout.
+
+def _fwd_transient(shape: ModelShape, w: int, b: int, T: int) -> float:
+    """Peak of a no-grad forward over b x T tokens: one layer's live intermediates (MLP gate, up and their product,
+    the residual and normed streams, q, k, v and the attention output), plus eager attention's scores (in the compute
+    dtype, their softmax in fp32 and its cast back)."""
+    att = shape.heads * T * (2 * w + 4) if _family(shape) == "gemma2" else 0
+    return b * T * (w * (3 * shape.intermediate + 3 * shape.hidden + 2 * shape.q_dim + 2 * shape.kv_dim) + att)
+
+
+def _weights(shape: ModelShape, quantized: bool, double_quant: bool, w: int) -> float:
+    """4-bit: Q * (0.5 + scales) + (P - Q) * w, scales = 4/64 bytes per weight (fp32 absmax per 64-block) or about
+    1/64 with double quantization; the embeddings, LM head and norms stay in the compute dtype (nothing upcast,
+    models/lora.py: freeze_for_kbit_training). Unquantized: P * w."""
+    if not quantized:
+        return shape.params * w
+    scales = (1 / 64 + 4 / (64 * 256)) if double_quant else 4 / 64
+    return shape.quantizable * (0.5 + scales) + (shape.params - shape.quantizable) * w
+
+
+def estimate_stage_bytes(trial_cfg: Any, device: str = "cuda") -> dict[str, dict[str, float]]:
+    """Peak memory of each stage of a trial, in bytes, by component, with ``peak`` their sum (PPO: the resident part
+    plus its largest phase). ``device="cuda"`` is what a GPU trial allocates through torch (``auto`` = bf16);
+    ``device="cpu"`` what the same trial holds on a CPU (``auto`` = fp32, TRL's CPU head fallback): the benchmark
+    compares that against the process's peak resident memory.
+
+    Stages run one after another and free their models, so a trial's peak is its largest stage. The settings come
+    from the same places the stages read them: ``model.max_length`` and the stage batch sizes for the TRL stages,
+    :func:`ppo_plan` for PPO (micro-batches, checkpointing, prompt and response lengths, log-prob chunks), and
+    models/lora.py: wants_gradient_checkpointing for every stage.
     """
     cfg = trial_cfg
     shape = model_shape(cfg.model)
-    w = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.compute_dtype]
-    P, Q = shape.params, shape.quantizable
-    s = cfg.model.max_length
-    if cfg.model.quantization != "none":
-        scales = (1 / 64 + 4 / (64 * 256)) if cfg.model.double_quant else 4 / 64
-        weights = Q * (0.5 + scales) + (P - Q) * w
-    else:
-        weights = P * w
+    w = {"float32": 4, "bfloat16": 2, "float16": 2}[compute_dtype(cfg.model, device)]
+    quantized = cfg.model.quantization != "none"
+    P, V, h, s = shape.params, shape.vocab, shape.hidden, cfg.model.max_length
     gc = wants_gradient_checkpointing(P)
+    cpu = device == "cpu"
 
-    def trainable(rank: int) -> float:
-        return rank * shape.lora_dims * 16 if rank > 0 else P * 4 * w
+    def weights(q: bool) -> float:
+        return _weights(shape, q, cfg.model.double_quant, w)
 
-    def act(b: int) -> float:
-        per_layer = b * s * shape.hidden * (34 + 5 * shape.heads * s / shape.hidden) * w / 2
-        if gc:
-            return b * s * shape.hidden * shape.layers * w + per_layer
-        return per_layer * shape.layers
+    def dequant(q: bool) -> float:  # bitsandbytes dequantizes a whole weight for each 4-bit matmul
+        return shape.largest_linear * w if q else 0.0
 
-    def logits(b: int) -> float:
-        return b * s * shape.vocab * 4 * 3
+    def trl_trainable(rank: int) -> float:
+        # weight, gradient and two AdamW moments, all in the compute dtype: the TRL stages keep trainable weights
+        # there (stages/common.py: restore_trainable_dtype), LoRA or a full fine-tune alike.
+        return (P if rank == 0 else rank * shape.lora_dims) * 4 * w
 
-    stages = {
-        "sft": weights + trainable(cfg.sft.lora_rank) + act(cfg.sft.batch_size) + logits(cfg.sft.batch_size),
-        "rm": weights + trainable(cfg.rm.lora_rank) + act(2 * cfg.rm.batch_size),
-    }
+    def trl_head(tokens: int) -> float:
+        tile = min(tokens, TRL_TILE_TOKENS) * min(V, TRL_TILE_VOCAB)
+        return tokens * h * (w + 4) + tile * (w + (12 if cpu else 0))
+
+    stages: dict[str, dict[str, float]] = {}
+    q = quantized and cfg.sft.lora_rank > 0
+    b = cfg.sft.batch_size
+    stages["sft"] = {"weights": weights(q), "trainable": trl_trainable(cfg.sft.lora_rank),
+                     "activations": _train_act(shape, w, b, s, gc), "lm_head": trl_head(b * s), "dequant": dequant(q)}
+    q = quantized and cfg.rm.lora_rank > 0
+    b = 2 * cfg.rm.batch_size  # chosen and rejected in one batch
+    stages["rm"] = {"weights": weights(q), "trainable": trl_trainable(cfg.rm.lora_rank),
+                    "activations": _train_act(shape, w, b, s, gc), "dequant": dequant(q)}
     if cfg.method == "ppo":
-        p = cfg.ppo
-        kv = p.rollout_batch_size * s * shape.layers * 2 * shape.kv_dim * w
-        common = 2 * act(p.mini_batch_size) + logits(p.mini_batch_size) + kv
-        if p.lora_rank > 0:
-            frozen_rm = cfg.rm.lora_rank * shape.lora_dims * w if cfg.rm.lora_rank > 0 else weights
-            stages["ppo"] = weights + 2 * trainable(p.lora_rank) + frozen_rm + common
-        else:
-            stages["ppo"] = 2 * trainable(0) + 2 * weights + common
+        stages["ppo"] = _ppo_bytes(cfg, shape, w, weights, dequant)
     else:
         d = cfg.dpo
-        ref = weights if d.lora_rank == 0 else 0
-        stages["dpo"] = weights + ref + trainable(d.lora_rank) + act(2 * d.batch_size) + logits(2 * d.batch_size)
-    return FRAGMENTATION * max(stages.values()) / GIB + CUDA_OVERHEAD_GIB
+        q = quantized and d.lora_rank > 0
+        b = 2 * d.batch_size
+        stages["dpo"] = {"weights": weights(q) + (weights(False) if d.lora_rank == 0 else 0),
+                         "trainable": trl_trainable(d.lora_rank), "activations": _train_act(shape, w, b, s, gc),
+                         "lm_head": trl_head(b * s), "dequant": dequant(q)}
+    for st in stages.values():
+        st["peak"] = sum(v for k, v in st.items() if k not in ("peak",) and not k.startswith("phase:"))
+    return stages
 
+
+def _ppo_bytes(cfg: Any, shape: ModelShape, w: int, weights: Any, dequant: Any) -> dict[str, float]:
+    """PPO: the resident part (the shared base, policy and value adapters with AdamW state, the frozen reward adapter,
+    the rollout's tensors) plus the largest of its three phases (rlhf_ablate/ppo/loop.py):
+
+    - generation, ``plan.rollout_micro`` prompts at a time: the KV cache of P + R positions (and one layer's copy as it
+      grows), the prompt's forward, and per step float32 next-token scores, processed scores and probabilities;
+    - scoring, the same micro-batches without grad: a forward over P + R tokens and the response positions' logits
+      in the compute dtype (Gemma-2's softcapping makes one more), reduced in float32 chunks;
+    - the update, ``plan.train_micro`` rollouts per forward/backward: training activations (checkpointed when the plan
+      says so), the response logits and their gradient (with softcapping, its saved tanh and that one's gradient),
+      float32 chunks for log-probs and entropy, and the dequantized weight of a 4-bit matmul.
+    Policy and value never hold graphs at the same time, so the update is one role's pass.
+    """
+    p = cfg.ppo
+    quantized = cfg.model.quantization != "none"
+    plan = ppo_plan(p, shape.params, shape.vocab)
+    h, V, L, R = shape.hidden, shape.vocab, shape.layers, plan.response_len
+    T = plan.prompt_len + R
+    lora_fp32 = p.lora_rank * shape.lora_dims * 4
+    rm_shared = p.lora_rank > 0 and cfg.rm.lora_rank > 0 and cfg.rm.init_from == "sft"
+    out: dict[str, float] = {}
+    if p.lora_rank > 0:
+        q = quantized
+        out["weights"] = weights(q)
+        out["trainable"] = 2 * 4 * lora_fp32  # policy and value: fp32 weight, gradient, two AdamW moments
+        out["reward"] = cfg.rm.lora_rank * shape.lora_dims * 4 if rm_shared else weights(q and cfg.rm.lora_rank > 0)
+    else:
+        q = False
+        out["weights"] = 2 * weights(False)  # the reference and the value model beside the policy
+        out["trainable"] = 2 * shape.params * 3 * w  # policy and value: gradient and two AdamW moments
+        out["reward"] = weights(quantized and cfg.rm.lora_rank > 0)
+    B = p.rollout_batch_size
+    out["rollout"] = B * T * 8 * 2 + B * R * 4 * 8  # ids and mask (int64), ~8 float32 [B, R] tensors
+    b = plan.rollout_micro
+    chunk = min(plan.logprob_chunk, b * R) * V * 4  # one float32 [chunk, V] slice
+    cap = 1 if shape.softcap else 0
+    kv_row = T * 2 * shape.kv_dim * w
+    gen = (b * kv_row * (L + 1) + _fwd_transient(shape, w, b, plan.prompt_len) + b * V * (w + 12))
+    score = _fwd_transient(shape, w, b, T) + b * T * h * w + b * R * V * w * (1 + cap) + 2 * chunk
+    bt = plan.train_micro
+    chunk = min(plan.logprob_chunk, bt * R) * V * 4
+    update = (_train_act(shape, w, bt, T, plan.gradient_checkpointing) + bt * R * V * w * (2 + 2 * cap)
+              + 3 * chunk + dequant(q))
+    out["phase:generation"], out["phase:scoring"], out["phase:update"] = gen, score, update
+    out["largest_phase"] = max(gen, score, update)
+    return out
+
+
+def estimate_trial_memory_gb(trial_cfg: Any) -> float:
+    """Estimated peak GPU memory of one trial, in GiB, used to pack trials on GPUs and refuse impossible ones:
+    ``FRAGMENTATION * max(stage peaks) + CUDA_OVERHEAD_GIB`` (:func:`estimate_stage_bytes` for the stages)."""
+    stages = estimate_stage_bytes(trial_cfg, "cuda")
+    return FRAGMENTATION * max(st["peak"] for st in stages.values()) / GIB + CUDA_OVERHEAD_GIB

@@ -4,6 +4,12 @@ It follows Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO", 
 (temperature 1, KV cache) -> score (reward normalised by the SFT policy's scores, missing-EOS penalty) -> per-token
 KL-penalised rewards -> GAE -> PPO epochs over minibatches -> stats. The math is in rlhf_ablate/ppo/math.py; the
 models behind the four roles are in rlhf_ablate/ppo/roles.py.
+
+Memory (issue 9): generation and the four scoring passes run ``plan.rollout_micro`` prompts at a time; the update runs
+``plan.train_micro`` rollouts per forward/backward and accumulates gradients over a minibatch; log-probs exist only
+for response positions, reduced in float32 chunks; the policy's backward runs before the value's forward, so the
+two graphs are never alive together (and with gradient checkpointing, each adapter's layers are recomputed while
+that adapter is active). The plan comes from rlhf_ablate/models/memory.py, which the memory estimate reads too.
 """
 
 from __future__ import annotations
@@ -15,23 +21,36 @@ from typing import Callable, Optional
 
 import torch
 
-from ..config import TrialConfig
+from ..config import PPOConfig, TrialConfig
 from ..errors import TrialFailed
 from ..files import write_json
+from ..models import compute_dtype, enable_tf32
 from ..runtime import seed_everything
 from . import math as ppo_math
 from .roles import PPOModels
-from .rollout import build_batch, response_logprobs
+from .rollout import build_batch, score_batch
+
+
+def learning_rate(p: PPOConfig, step: int, n_steps: int) -> float:
+    """``ppo.lr_schedule``: constant, or linear decay from the peak at step 1 towards 0 (cleanrl's anneal_lr:
+    ``frac = 1 - (step - 1) / n_steps``)."""
+    if p.lr_schedule == "linear":
+        return p.learning_rate * (1.0 - (step - 1) / n_steps)
+    return p.learning_rate
 
 
 def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
               on_step: Optional[Callable[[dict], None]] = None) -> None:
     p = cfg.ppo
     seed_everything(cfg.seed)
+    enable_tf32()
     roles = PPOModels(cfg, sft_dir, rm_dir)
     tok = roles.tokenizer
     dev = next(roles.model.parameters()).device
-    optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=p.learning_rate, eps=1e-5)
+    optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=p.learning_rate, eps=1e-5,
+                                  weight_decay=p.weight_decay)
+    # fp16 (never chosen by "auto") needs loss scaling; bf16 and fp32 do not. Disabled, the scaler passes through.
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and compute_dtype(cfg.model) == "float16")
     kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
               else ppo_math.FixedKLController(p.kl_coef))
     prompts = [x.prompt for x in data.ppo_prompts]
@@ -44,87 +63,56 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
     history: list[dict] = []
     t_gen = t_score = t_update = 0.0
     for step in range(1, n_steps + 1):
+        lr = learning_rate(p, step, n_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         # ---- rollout -----------------------------------------------------------------------------------------
         while len(order) < p.rollout_batch_size:
             order += torch.randperm(len(prompts), generator=g).tolist()
         batch_prompts = [prompts[i] for i in order[:p.rollout_batch_size]]
         order = order[p.rollout_batch_size:]
         t0 = time.perf_counter()
-        roles.train(False)
         responses = roles.generate(batch_prompts, p.max_new_tokens, p.temperature)
         b = build_batch(tok, batch_prompts, responses, dev)
         t1 = time.perf_counter()
         # ---- score -------------------------------------------------------------------------------------------
-        with torch.no_grad():
-            old_logprobs = response_logprobs(roles.policy_logits(b["ids"], b["attn"]), b, p.temperature)
-            ref_logprobs = response_logprobs(roles.ref_logits(b["ids"], b["attn"]), b, p.temperature)
-            P, R = b["P"], b["resp"].shape[1]
-            old_values = roles.values(b["ids"], b["attn"])[:, P - 1:P + R - 1]
-            raw_scores = roles.scores(b["ids"], b["attn"])
+        sc = score_batch(roles, b, p.temperature)
+        raw_scores = sc["raw_scores"]
         if normalizer is None:
             # N+ details: normalise the RM by its scores on the initial (SFT) policy's samples, so that one kl_coef
             # means the same thing across reward models of different scale.
             normalizer = ppo_math.RewardNormalizer(raw_scores) if p.reward_norm else None
         scores = normalizer(raw_scores) if normalizer is not None else raw_scores
-        scores = ppo_math.missing_eos_penalty(scores, b["has_eos"], p.missing_eos_penalty)
+        # A response that stopped at the template's next-turn header ended its turn: no missing-EOS penalty.
+        scores = ppo_math.missing_eos_penalty(scores, b["has_eos"] | b["stopped"], p.missing_eos_penalty)
         mask = b["rmask"]
-        rewards, kl = ppo_math.per_token_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value,
-                                                 p.kl_estimator)
-        if p.whiten_rewards:
-            rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = ppo_math.compute_gae(rewards, old_values, mask, p.gamma, p.lam)
-        advantages = ppo_math.masked_whiten(advantages, mask)
+        rewards, kl = ppo_math.per_token_rewards(scores, sc["old_logprobs"], sc["ref_logprobs"], mask,
+                                                 kl_ctl.value, p.kl_estimator)
         t2 = time.perf_counter()
-        # ---- PPO epochs over minibatches ---------------------------------------------------------------------
-        roles.train(True)
-        stats: dict[str, list[float]] = {k: [] for k in ("policy/clipfrac", "policy/approx_kl", "val/clipfrac",
-                                                         "loss/policy", "loss/value", "objective/entropy")}
-        n = p.rollout_batch_size
-        micro = max(1, p.mini_batch_size // p.grad_accum)
-        for _epoch in range(p.ppo_epochs):
-            perm = torch.randperm(n, generator=g)
-            for start in range(0, n, p.mini_batch_size):
-                mb = perm[start:start + p.mini_batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                for ms in range(0, len(mb), micro):
-                    idx = mb[ms:ms + micro].to(dev)
-                    sub = {"P": P, "resp": b["resp"][idx]}
-                    ids, attn, m = b["ids"][idx], b["attn"][idx], mask[idx]
-                    logits = roles.policy_logits(ids, attn)
-                    new_logprobs = response_logprobs(logits, sub, p.temperature)
-                    pg_loss, pg_stats = ppo_math.policy_loss(new_logprobs, old_logprobs[idx], advantages[idx], m,
-                                                             p.cliprange)
-                    new_values = roles.values(ids, attn)[:, P - 1:P + R - 1]
-                    vf_loss, vf_clipfrac = ppo_math.value_loss(new_values, old_values[idx], returns[idx], m,
-                                                               p.cliprange_value)
-                    loss = (pg_loss + p.vf_coef * vf_loss) * len(idx) / len(mb)
-                    if not torch.isfinite(loss):
-                        raise TrialFailed(f"ppo: loss became {loss.item()} at step {step} (policy {pg_loss.item()}, "
-                                          f"value {vf_loss.item()}); lower ppo.learning_rate or raise ppo.kl_coef")
-                    loss.backward()
-                    with torch.no_grad():
-                        ent = ppo_math.entropy_from_logits(logits[:, P - 1:P + R - 1] / p.temperature)
-                        stats["objective/entropy"].append(ppo_math.masked_mean(ent, m).item())
-                    stats["policy/clipfrac"].append(float(pg_stats["clipfrac"]))
-                    stats["policy/approx_kl"].append(float(pg_stats["approx_kl"]))
-                    stats["val/clipfrac"].append(float(vf_clipfrac))
-                    stats["loss/policy"].append(pg_loss.item())
-                    stats["loss/value"].append(vf_loss.item())
-                torch.nn.utils.clip_grad_norm_(roles.trainable_parameters(), p.max_grad_norm)
-                optimizer.step()
+        # ---- PPO epochs over minibatches (skipped when the rollout has almost no response tokens) --------------
+        stats: list[dict] = []
+        if mask.sum() >= 2:
+            if p.whiten_rewards:
+                rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = ppo_math.compute_gae(rewards, sc["old_values"], mask, p.gamma, p.lam)
+            advantages = ppo_math.masked_whiten(advantages, mask)
+            stats = ppo_update(roles, optimizer, b, sc, advantages, returns, p, g, step, scaler)
         t3 = time.perf_counter()
         # ---- stats -------------------------------------------------------------------------------------------
         mean_kl = kl.sum(1).mean().item()
-        row = {"step": step, "episodes": step * p.rollout_batch_size,
+        row = {"step": step, "episodes": step * p.rollout_batch_size, "lr": lr,
                "objective/kl": mean_kl,
                "objective/scores": raw_scores.mean().item(),
                "objective/scores_normalized": scores.mean().item(),
+               "objective/non_score_reward": (-kl_ctl.value * kl.sum(1)).mean().item(),
                "objective/rlhf_reward": (scores - kl_ctl.value * kl.sum(1)).mean().item(),
                "objective/kl_coef": float(kl_ctl.value),
                "objective/eos_frac": b["has_eos"].float().mean().item(),
+               "objective/stopped_frac": b["stopped"].float().mean().item(),
+               "objective/empty_frac": (mask.sum(1) == 0).float().mean().item(),
                "objective/response_len": mask.sum(1).float().mean().item(),
                "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2}
-        row.update({k: sum(v) / len(v) for k, v in stats.items() if v})
+        row.update(summarize(stats))
         history.append(row)
         if on_step is not None:
             on_step({"stage": "ppo", "step": step, "steps": n_steps,
@@ -139,8 +127,91 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
     write_json(out / "history.json", history)
     write_json(out / "ppo_info.json", {"kind": "adapter" if roles.shared else "model", "shared_base": roles.shared,
                                        "reward_shared": roles.reward_shared,
+                                       "value_from_reward": roles.value_from_reward,
+                                       "gradient_checkpointing": roles.plan.gradient_checkpointing,
                                        "reward_norm": normalizer.state() if normalizer is not None else None})
     last = history[-1]
     write_json(out / "metrics.json", {
         "ppo/objective/kl": last["objective/kl"], "ppo/objective/scores": last["objective/scores"],
         "ppo/steps": n_steps, "ppo/time_generate": t_gen, "ppo/time_score": t_score, "ppo/time_update": t_update})
+
+
+def ppo_update(roles: PPOModels, optimizer: torch.optim.Optimizer, b: dict, sc: dict, advantages: torch.Tensor,
+               returns: torch.Tensor, p: PPOConfig, g: torch.Generator, step: int = 0,
+               scaler: Optional[torch.amp.GradScaler] = None) -> list[dict]:
+    """``ppo.ppo_epochs`` epochs over shuffled minibatches of the rollout, ``roles.plan.train_micro`` rollouts per
+    forward/backward. Returns one stats dict per forward/backward pass, in order (``stats[0]`` is the first micro-batch
+    of the first minibatch of the first epoch, where the ratio must be exactly 1); the minibatch's gradient norm (before
+    clipping) is on its last micro-batch."""
+    scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
+    params = roles.trainable_parameters()
+    mask = b["rmask"]
+    R = b["resp"].shape[1]
+    n = mask.shape[0]
+    micro = roles.plan.train_micro
+    out: list[dict] = []
+    optimizer.zero_grad(set_to_none=True)
+    for epoch in range(p.ppo_epochs):
+        perm = torch.randperm(n, generator=g)
+        for start in range(0, n, p.mini_batch_size):
+            mb = perm[start:start + p.mini_batch_size]
+            stepped = False
+            for ms in range(0, len(mb), micro):
+                idx = mb[ms:ms + micro].to(mask.device)
+                m = mask[idx]
+                if m.sum() == 0:  # only empty responses: nothing to train on
+                    continue
+                ids, attn, resp = b["ids"][idx], b["attn"][idx], b["resp"][idx]
+                weight = len(idx) / len(mb)
+                # Policy forward and backward first, then the value's: never both graphs at once.
+                new_logprobs, entropy = roles.logprobs("policy", ids, attn, resp, p.temperature, with_entropy=True)
+                pg_loss, pg_stats = ppo_math.policy_loss(new_logprobs, sc["old_logprobs"][idx], advantages[idx], m,
+                                                         p.cliprange)
+                _check_finite(pg_loss, "policy", step)
+                scaler.scale(pg_loss * weight).backward()
+                del new_logprobs
+                new_values = roles.values(ids, attn, n_last=R)
+                vf_loss, vf_clipfrac = ppo_math.value_loss(new_values, sc["old_values"][idx], returns[idx], m,
+                                                           p.cliprange_value)
+                _check_finite(vf_loss, "value", step)
+                scaler.scale(vf_loss * (p.vf_coef * weight)).backward()
+                stepped = True
+                out.append({"epoch": epoch, "minibatch": start // p.mini_batch_size,
+                            "policy/clipfrac": float(pg_stats["clipfrac"]),
+                            "policy/approx_kl": float(pg_stats["approx_kl"]),
+                            "ratio_mean": float(pg_stats["ratio_mean"]),
+                            "ratio_min": float(pg_stats["ratio_min"]), "ratio_max": float(pg_stats["ratio_max"]),
+                            "val/clipfrac": float(vf_clipfrac),
+                            "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
+                            "objective/entropy": ppo_math.masked_mean(entropy, m).item()})
+            if not stepped:
+                continue
+            scaler.unscale_(optimizer)
+            out[-1]["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm))
+            scaler.step(optimizer)
+            scaler.update()
+            # Gradients are freed, not zeroed: they would otherwise sit in memory through the next rollout.
+            optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def _check_finite(loss: torch.Tensor, which: str, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise TrialFailed(f"ppo: the {which} loss became {loss.item()} at step {step}; lower ppo.learning_rate or "
+                          f"raise ppo.kl_coef")
+
+
+def summarize(stats: list[dict]) -> dict:
+    """Per-step means of the per-pass stats, and TRL's ``val/ratio`` / ``val/ratio_var`` (mean and variance of the
+    per-pass mean ratios) and the mean gradient norm."""
+    if not stats:
+        return {}
+    keys = ("policy/clipfrac", "policy/approx_kl", "val/clipfrac", "loss/policy", "loss/value", "objective/entropy")
+    row = {k: sum(s[k] for s in stats) / len(stats) for k in keys}
+    ratios = torch.tensor([s["ratio_mean"] for s in stats], dtype=torch.float64)
+    row["val/ratio"] = ratios.mean().item()
+    row["val/ratio_var"] = ratios.var(unbiased=False).item()
+    norms = [s["grad_norm"] for s in stats if "grad_norm" in s]
+    if norms:
+        row["grad_norm"] = sum(norms) / len(norms)
+    return row

@@ -35,6 +35,7 @@ __all__ = [
     "last_valid_index",
     "logprobs_from_logits",
     "entropy_from_logits",
+    "token_logprobs",
     "kl_penalty",
     "per_token_rewards",
     "compute_gae",
@@ -148,6 +149,67 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """``log softmax(logits / temperature)[label]`` and the entropy, over chunks of rows of ``logits [N, V]``.
+
+    Memory (issue 9): the logits stay in their own dtype (bf16 under autocast); only one ``[chunk, V]`` float32
+    slice exists at a time, in the forward and in the backward, which recomputes the softmax of each chunk from the
+    saved logits and its log-normaliser instead of keeping a float32 ``[N, V]`` log-softmax for autograd. The
+    gradient ``[N, V]`` is written in the logits' dtype. The same code computes the rollout's log-probs (no grad) and
+    the update's, so at the first minibatch the two are bitwise equal and the PPO ratio is exactly 1.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, chunk, with_entropy):  # type: ignore[override]
+        n = logits.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        ent = torch.empty(n, dtype=torch.float32, device=logits.device) if with_entropy else None
+        for s in range(0, n, chunk):
+            x = logits[s:s + chunk].float() / temperature
+            lse[s:s + chunk] = torch.logsumexp(x, dim=-1)
+            logp[s:s + chunk] = x.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+            if ent is not None:
+                p = torch.exp(x - lse[s:s + chunk, None])
+                ent[s:s + chunk] = lse[s:s + chunk] - (p * x).sum(-1)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        if ent is None:
+            ent = torch.zeros(0, device=logits.device)
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_ent):  # type: ignore[override]
+        logits, labels, lse = ctx.saved_tensors
+        t, chunk = ctx.temperature, ctx.chunk
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], chunk):
+            g = grad_logp[s:s + chunk, None].float()
+            # d logp / d x = onehot(label) - softmax(x); x = logits / t
+            d = torch.exp(logits[s:s + chunk].float() / t - lse[s:s + chunk, None]).mul_(-g)
+            d.scatter_add_(-1, labels[s:s + chunk, None], g)
+            grad[s:s + chunk] = d.div_(t)
+        return grad, None, None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk: int = 1024,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logprobs, entropy)`` of ``labels [...]`` under ``softmax(logits / temperature)``, ``logits [..., V]``.
+
+    Float32 results whatever the logits' dtype, computed ``chunk`` rows at a time (see ``_ChunkedTokenLogprobs``);
+    differentiable in the log-probs, never in the entropy (a statistic). N+ details: divide by the sampling
+    temperature, so the log-probs are those of the distribution the rollout sampled from.
+    """
+    if chunk < 1:
+        raise ValueError(f"token_logprobs: chunk must be >= 1, got {chunk}")
+    shape = labels.shape
+    flat = logits.reshape(-1, logits.shape[-1])
+    logp, ent = _ChunkedTokenLogprobs.apply(flat, labels.reshape(-1), float(temperature), int(chunk),
+                                            bool(with_entropy))
+    return logp.view(shape), (ent.view(shape) if with_entropy else None)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # KL penalty and per-token rewards
 # ---------------------------------------------------------------------------------------------------------
@@ -188,14 +250,16 @@ def per_token_rewards(
 
     Every valid token gets ``-kl_coef * kl``; the sequence score (``scores [batch]``, already normalised and
     EOS-penalised) is added at the LAST valid token of its row (N+ details: per-token KL penalty, score on the
-    EOS token). ``kl`` is returned so the loop can log ``objective/kl`` as its per-sequence sum.
+    EOS token); a row without valid tokens gets nothing. ``kl`` is returned so the loop can log ``objective/kl`` as its per-sequence sum.
     """
     m = mask.to(logprobs.dtype)
     kl = kl_penalty(logprobs, ref_logprobs, estimator) * m
     rewards = -kl_coef * kl
-    rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards = rewards.clone()
-    rewards[rows, last_valid_index(mask)] += scores.to(rewards.dtype)
+    # An empty response (no valid token) has no token to credit: its score is dropped rather than put on padding.
+    nonempty = mask.bool().any(dim=1)
+    rows = torch.nonzero(nonempty).squeeze(1)
+    rewards[rows, last_valid_index(mask[nonempty])] += scores[nonempty].to(rewards.dtype)
     return rewards, kl
 
 

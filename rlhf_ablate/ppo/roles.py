@@ -4,14 +4,19 @@ Our users' PPO ran out of memory with actor, critic, reference and reward model 
 merged SFT model is loaded once (4-bit when configured) and carries three LoRA adapters:
 
 - ``policy``: trainable, starts at zero (so the policy starts exactly at the SFT model);
-- ``value``: trainable, with its own value head; initialised from the reward adapter and score head when the
-  ranks match (N+ details: initialise the value model from the reward model);
+- ``value``: trainable, with its own value head; initialised from the reward adapter and score head when rank and
+  alpha both match (N+ details: initialise the value model from the reward model);
 - ``reward``: the RM stage's adapter, loaded frozen, with its score head;
 - the reference is the base with adapters disabled, i.e. the SFT model.
 
 Rank 0 (full fine-tune) keeps separate copies (policy, reference, value, reward); it is meant for small models. A
 reward model that was not trained on the SFT base (``rm.init_from=base``, or a full-rank RM) is loaded as its own
 model, since its adapter would not fit this base.
+
+Sampling and training see the same distribution (issue 9): dropout is 0 in every role, for good; log-probs come
+through the model's own forward (``logits_to_keep`` on the response positions), so final-logit softcapping (Gemma-2)
+and any logit scaling apply exactly as in generation; the models stay in train mode so that gradient checkpointing
+(non-reentrant, when the plan asks for it) acts in the update.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from .. import models
 from ..config import TrialConfig
 from ..errors import TrialFailed
 from ..files import read_json
-from ..models import generate, last_token_index, load_rm, position_ids
+from ..models import (autocast, disable_dropout, enable_gradient_checkpointing, freeze_for_kbit_training, generate,
+                      last_token_index, load_rm, logical_param_count, position_ids, ppo_plan)
+from . import math as ppo_math
 
 
 def _body(model: nn.Module) -> nn.Module:
@@ -38,12 +45,9 @@ def _body(model: nn.Module) -> nn.Module:
     return hf.base_model  # transformers: getattr(self, self.base_model_prefix)
 
 
-def _lm_head(model: nn.Module) -> nn.Module:
-    return model.get_output_embeddings()
-
-
 class PPOModels:
-    """The four roles behind one interface. ``shared`` tells whether they sit on one base (counted by tests)."""
+    """The four roles behind one interface. ``shared`` tells whether they sit on one base (counted by tests);
+    ``plan`` is the PPO plan (rlhf_ablate/models/memory.py: ppo_plan) the loop and the memory estimate share."""
 
     def __init__(self, cfg: TrialConfig, sft_dir: Path, rm_dir: Path):
         self.cfg = cfg
@@ -56,15 +60,18 @@ class PPOModels:
         rm_shareable = rm_info["kind"] == "adapter" and cfg.rm.init_from == "sft"
         self.shared = rank > 0
         self.reward_shared = self.shared and rm_shareable
+        self.value_from_reward = False
         hidden_of = lambda m: m.config.get_text_config().hidden_size  # noqa: E731
         self.reward_head: nn.Linear | None = None
 
+        base = models.load_causal_lm(cfg.model, sft_path, quantize=quantized and self.shared)
+        self.plan = ppo_plan(cfg.ppo, logical_param_count(base), base.get_output_embeddings().weight.shape[0])
         if self.shared:
-            from peft import get_peft_model, prepare_model_for_kbit_training
+            from peft import get_peft_model
 
-            base = models.load_causal_lm(cfg.model, sft_path, quantize=quantized)
-            if quantized:
-                base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+            freeze_for_kbit_training(base)
+            if self.plan.gradient_checkpointing:
+                enable_gradient_checkpointing(base)
             lcfg = models.make_lora_config(rank, cfg.ppo.lora_alpha, 0.0, "CAUSAL_LM", base)
             self.model = get_peft_model(base, lcfg, adapter_name="policy")
             self.model.add_adapter("value", lcfg)
@@ -77,15 +84,19 @@ class PPOModels:
                 self.reward_head = nn.Linear(hidden, 1, bias=False)
                 self.reward_head.weight.data.copy_(score_w)
                 self.reward_head.requires_grad_(False)
-                if self._adapter_rank("reward") == rank:  # N+ details: value model initialised from the RM
+                if self._same_adapter_shape("reward", "value"):  # N+ details: value model initialised from the RM
                     self._copy_adapter("reward", "value")
                     self.value_head.weight.data.copy_(score_w)
+                    self.value_from_reward = True
             self.ref_model = None
             self.value_model = None
         else:
-            self.model = models.load_causal_lm(cfg.model, sft_path, quantize=False)
+            self.model = base
             self.ref_model = models.load_causal_lm(cfg.model, sft_path, quantize=False).requires_grad_(False)
             self.value_model = models.load_causal_lm(cfg.model, sft_path, quantize=False)
+            if self.plan.gradient_checkpointing:
+                enable_gradient_checkpointing(self.model)
+                enable_gradient_checkpointing(self.value_model)
             self.value_head = nn.Linear(hidden_of(self.model), 1, bias=True)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
@@ -96,6 +107,13 @@ class PPOModels:
         self.value_head.to(dev)
         if self.reward_head is not None:
             self.reward_head.to(dev)
+        for m in self._all_models():
+            disable_dropout(m)
+        self.train(True)
+
+    def _all_models(self) -> list[nn.Module]:
+        return [m for m in (self.model, self.ref_model, self.value_model, getattr(self, "rm_model", None))
+                if m is not None]
 
     # ---- adapters -----------------------------------------------------------------------------------------
     def _load_reward_adapter(self, adapter_dir: Path) -> torch.Tensor:
@@ -126,8 +144,11 @@ class PPOModels:
                 p.requires_grad_(False)
         return score_w.float()
 
-    def _adapter_rank(self, name: str) -> int:
-        return self.model.peft_config[name].r
+    def _same_adapter_shape(self, a: str, b: str) -> bool:
+        """Copying adapter ``a`` into ``b`` reproduces ``a``'s function only when rank, alpha (the LoRA scale is
+        alpha / rank) and the target modules all match."""
+        ca, cb = self.model.peft_config[a], self.model.peft_config[b]
+        return ca.r == cb.r and ca.lora_alpha == cb.lora_alpha and set(ca.target_modules) == set(cb.target_modules)
 
     def _copy_adapter(self, src: str, dst: str) -> None:
         params = dict(self.model.named_parameters())
@@ -151,28 +172,62 @@ class PPOModels:
         return ps + list(self.value_head.parameters())
 
     # ---- the four roles -------------------------------------------------------------------------------------
-    def _hidden(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return _body(model)(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                            use_cache=False).last_hidden_state
+    def _logits(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: int | torch.Tensor = 0):
+        """Logits through the model's own forward (softcapping, scaling), for the positions in ``keep`` (0: all)."""
+        with autocast(self.cfg.model):
+            return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                         logits_to_keep=keep).logits
 
-    def policy_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _hidden(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with autocast(self.cfg.model):
+            return _body(model)(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                                use_cache=False).last_hidden_state
+
+    def _policy_model(self) -> nn.Module:
         if self.shared:
             self._use("policy")
-        return _lm_head(self.model)(self._hidden(self.model, ids, mask)).float()
+        return self.model
+
+    def policy_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Full ``[B, T, V]`` float32 logits (tests and diagnostics; PPO itself uses :meth:`logprobs`)."""
+        return self._logits(self._policy_model(), ids, mask).float()
 
     @torch.no_grad()
     def ref_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.shared:
             with self.model.disable_adapter():
-                return _lm_head(self.model)(self._hidden(self.model, ids, mask)).float()
-        return _lm_head(self.ref_model)(self._hidden(self.ref_model, ids, mask)).float()
+                return self._logits(self.model, ids, mask).float()
+        return self._logits(self.ref_model, ids, mask).float()
 
-    def values(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def logprobs(self, role: str, ids: torch.Tensor, mask: torch.Tensor, resp: torch.Tensor, temperature: float,
+                 with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropy) of the response tokens ``resp [b, R]``, which fill the last R columns of ``ids``,
+        under the policy or the reference (``role``). Logits are made for the R predicting positions only, and
+        reduced in float32 chunks of ``plan.logprob_chunk`` positions (ppo.math.token_logprobs)."""
+        R = resp.shape[1]
+        T = ids.shape[1]
+        keep = torch.arange(T - R - 1, T - 1, device=ids.device)
+        if role == "policy":
+            logits = self._logits(self._policy_model(), ids, mask, keep)
+        elif role == "ref" and self.shared:
+            with self.model.disable_adapter():
+                logits = self._logits(self.model, ids, mask, keep)
+        elif role == "ref":
+            logits = self._logits(self.ref_model, ids, mask, keep)
+        else:
+            raise ValueError(f"PPOModels.logprobs: role must be 'policy' or 'ref', got {role!r}")
+        return ppo_math.token_logprobs(logits, resp, temperature, self.plan.logprob_chunk, with_entropy)
+
+    def values(self, ids: torch.Tensor, mask: torch.Tensor, n_last: int = 0) -> torch.Tensor:
+        """Value estimates ``[B, T]`` (or of the positions predicting the last ``n_last`` tokens, ``[B, n_last]``)."""
         if self.shared:
             self._use("value")
             h = self._hidden(self.model, ids, mask)
         else:
             h = self._hidden(self.value_model, ids, mask)
+        if n_last:
+            T = ids.shape[1]
+            h = h[:, T - n_last - 1:T - 1]
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     @torch.no_grad()
@@ -186,16 +241,23 @@ class PPOModels:
             out = self.reward_head(h[rows, idx].to(self.reward_head.weight.dtype)).squeeze(-1)
             self._use("policy")
             return out.float()
-        out = self.rm_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+        with autocast(self.cfg.model):
+            out = self.rm_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
         return out.logits.squeeze(-1).float()
 
-    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float) -> list[dict]:
-        if self.shared:
-            self._use("policy")
-        return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=True,
-                        temperature=temperature, batch_size=len(prompts))
+    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float,
+                 return_logprobs: bool = False) -> list[dict]:
+        """Temperature sampling, ``plan.rollout_micro`` prompts per generate call, prompts cut to
+        ``ppo.max_prompt_length`` tokens (rlhf_ablate/models/generation.py)."""
+        model = self._policy_model()
+        with autocast(self.cfg.model):
+            return generate(model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=True,
+                            temperature=temperature, batch_size=self.plan.rollout_micro,
+                            max_prompt_length=self.plan.prompt_len, return_logprobs=return_logprobs)
 
     def train(self, mode: bool = True) -> None:
+        """Train mode for the trained roles (gradient checkpointing acts only in train mode). Dropout is 0 either
+        way (generation.disable_dropout), so sampling, scoring and the update compute the same function."""
         for m in (self.model, self.value_model, self.value_head):
             if m is not None:
                 m.train(mode)
@@ -210,5 +272,3 @@ class PPOModels:
         else:
             self.model.save_pretrained(str(out / "model"), safe_serialization=True)
             self.tokenizer.save_pretrained(str(out / "model"))
-
-

@@ -1,0 +1,242 @@
+"""Measured peak memory of a trial's stages: the truth the memory estimate (rlhf_ablate/models/memory.py) is
+checked against (benchmarks/bench_memory.py) and what ``resources.gpu: probe`` packs by (rlhf_ablate/launch/resources.py).
+
+Each stage (SFT, RM, PPO) runs for real, shortened to a step or two, in a fresh process on data whose every text
+fills the configured lengths (``model.max_length``, ``ppo.max_prompt_length``), so the measurement is the worst case
+the estimate describes. The peak is taken over the stage's training part, from the moment its model is loaded and
+prepared to the moment training ends (the SFT merge that follows runs on the CPU on every device and is not part of a
+GPU's peak), relative to the process before the model was loaded:
+
+- on a GPU: ``torch.cuda.max_memory_allocated`` (reset after loading) minus what was allocated before loading;
+- on the CPU: the process's peak resident memory (``VmHWM``, reset after loading through ``/proc/self/clear_refs``)
+  minus its resident memory before loading, with glibc told to return freed blocks of 64 KiB and more to the system
+  at once (``MALLOC_MMAP_THRESHOLD_``), so that resident memory follows live tensors.
+
+``python -m rlhf_ablate.run.probe STAGE SPEC.json`` is the child process; :func:`measure_stages` runs the children.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+STAGES = ("sft", "rm", "ppo")
+# Korean text long enough to fill any configured length once tokenized (the bundled corpus, repeated).
+_FILL_CHARS = 6000
+
+
+def probe_overrides(cfg: Any) -> dict:
+    """Dotted overrides that shorten a trial to what its peak needs: one or two optimizer steps per TRL stage (the
+    second step holds the AdamW state), and one PPO step whose rollout is one generation/scoring micro-batch and whose
+    update is one minibatch of one forward/backward micro-batch (the phases' sizes stay as configured)."""
+    p = cfg.ppo
+    micro = min(p.rollout_micro_batch_size, p.rollout_batch_size)
+    train_micro = max(1, p.mini_batch_size // p.grad_accum)
+    rollout = max(micro, train_micro)
+    return {"sft.max_steps": 2, "rm.max_steps": 2, "dpo.max_steps": 2, "ppo.total_episodes": rollout,
+            "ppo.rollout_batch_size": rollout, "ppo.rollout_micro_batch_size": micro,
+            "ppo.mini_batch_size": train_micro, "ppo.grad_accum": 1, "ppo.ppo_epochs": 1,
+            "eval.max_new_tokens": 1}
+
+
+def fill_data(cfg: Any, tokenizer: Any) -> Any:
+    """A DataBundle whose every text fills the configured lengths: SFT rows of a short prompt and a completion longer
+    than ``model.max_length`` (TRL truncates them), RM pairs of exactly ``model.max_length`` tokens or just under (TRL's RewardTrainer drops longer
+    ones), PPO prompts longer than ``ppo.max_prompt_length`` (cut to it). Texts are stretches of the bundled Korean
+    corpus."""
+    from ..data import DataBundle, corpus_texts
+    from ..data.prompting import format_prompt, normalize
+    from ..data.records import PromptExample, RankedGroup, SFTExample
+
+    text = " ".join(" ".join(corpus_texts()).split())
+    n = max(cfg.sft.batch_size, cfg.rm.batch_size, cfg.dpo.batch_size) * 3 + cfg.ppo.rollout_batch_size
+
+    def chunk(i: int, chars: int = _FILL_CHARS) -> str:
+        start = (i * 977) % max(1, len(text) - chars)
+        return text[start:start + chars]
+
+    def n_tokens(prompt: str, answer: str) -> int:
+        return len(tokenizer(format_prompt(prompt) + normalize(answer) + tokenizer.eos_token)["input_ids"])
+
+    def fitted(prompt: str, i: int) -> str:
+        lo, hi = 0, _FILL_CHARS  # longest answer whose pair stays within model.max_length (binary search)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if n_tokens(prompt, chunk(i, mid)) <= cfg.model.max_length else (lo, mid - 1)
+        return chunk(i, lo)
+
+    # A short prompt: TRL truncates to max_length and then drops rows whose completion was cut away entirely.
+    sft = [SFTExample(f"s{i}", chunk(i, 40), chunk(i + 1)) for i in range(n)]
+    rm_prompt = [chunk(i, 40) for i in range(n)]
+    groups = [RankedGroup(f"r{i}", rm_prompt[i], (fitted(rm_prompt[i], i + 2), fitted(rm_prompt[i], i + 3)), (1, 2))
+              for i in range(n)]
+    prompts = [PromptExample(f"p{i}", chunk(i + 4), chunk(i + 5, 40)) for i in range(n)]
+    return DataBundle(sft_train=sft, rm_train=groups, rm_eval=groups[:2], ppo_prompts=prompts, eval=prompts[:2],
+                      version="probe", fingerprint="probe")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In the child process
+# ---------------------------------------------------------------------------------------------------------
+
+def _rss_kib(field: str) -> int:
+    m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(m.group(1)) if m else 0
+
+
+class _Meter:
+    def __init__(self, device: str):
+        import torch
+
+        self.cuda = device == "cuda" and torch.cuda.is_available()
+        self.baseline = self.now()
+        self.peak: int | None = None
+
+    def now(self) -> int:
+        import torch
+
+        return torch.cuda.memory_allocated() if self.cuda else _rss_kib("VmRSS") * 1024
+
+    def reset(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (proc(5), "clear_refs")
+
+    def read(self) -> None:
+        import torch
+
+        self.peak = torch.cuda.max_memory_allocated() if self.cuda else _rss_kib("VmHWM") * 1024
+
+
+class _Done(Exception):
+    pass
+
+
+def _child(stage: str, spec: dict) -> dict:
+    import time
+
+    import torch
+
+    from .. import models
+    from ..config import build_trial_config
+
+    cfg = build_trial_config(spec["config"], "<probe>")
+    data = fill_data(cfg, models.load_tokenizer(cfg.model))
+    out = Path(spec["out"])
+    meter = _Meter(spec["device"])
+    t0 = time.perf_counter()
+
+    def start(result: Any) -> Any:
+        meter.reset()
+        return result
+
+    def stop(*_a: Any, **_k: Any) -> Any:
+        meter.read()
+        raise _Done
+
+    prepare = models.prepare_for_training
+    models.prepare_for_training = lambda *a, **k: start(prepare(*a, **k))
+    history: list = []
+    try:
+        if stage == "sft":
+            from ..stages import sft
+
+            merge = models.merge_and_save
+
+            def read_then_merge(*a: Any, **k: Any) -> Any:
+                meter.read()
+                return merge(*a, **k)
+
+            models.merge_and_save = read_then_merge
+            sft.train_sft(cfg, data, out)
+        elif stage == "rm":
+            from ..stages import rm
+
+            rm.evaluate_rm = lambda *a, **k: (meter.read(), ({}, []))[1]
+            rm.train_rm(cfg, data, Path(spec["sft_dir"]), out)
+        elif stage == "ppo":
+            from ..ppo import loop
+
+            class Measured(loop.PPOModels):
+                def __init__(self, *a: Any, **k: Any):
+                    super().__init__(*a, **k)
+                    meter.reset()
+
+                def save_policy(self, out_dir: Path) -> None:
+                    meter.read()
+                    raise _Done
+
+            loop.PPOModels = Measured
+            loop.train_ppo(cfg, data, Path(spec["sft_dir"]), Path(spec["rm_dir"]), out,
+                           on_step=lambda e: history.append({k: v for k, v in e.items() if k.startswith("ppo/")}))
+        else:
+            raise ValueError(f"probe: unknown stage {stage!r}; expected one of {STAGES}")
+    except _Done:
+        pass
+    if meter.peak is None:
+        raise RuntimeError(f"probe: the {stage} stage ended without reaching its measurement point")
+    return {"stage": stage, "device": "cuda" if meter.cuda else "cpu", "baseline_bytes": meter.baseline,
+            "peak_bytes": meter.peak, "measured_bytes": meter.peak - meter.baseline,
+            "seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(), "ppo_history": history}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In the parent
+# ---------------------------------------------------------------------------------------------------------
+
+def child_env() -> dict:
+    """The environment of a measuring child: glibc returns freed blocks of 64 KiB and more to the system at once
+    (mallopt(3), M_MMAP_THRESHOLD; setting it also turns off glibc's dynamic threshold), so resident memory follows
+    live tensors instead of keeping freed ones."""
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "WANDB_MODE": "disabled"}
+
+
+def measure_stage(stage: str, config_dict: dict, work: Path, device: str, *, sft_dir: Path | None = None,
+                  rm_dir: Path | None = None, timeout: float = 3600) -> dict:
+    """Run one stage in a fresh process and return its measurement (see the module docstring). ``config_dict`` is
+    a nested trial config (``TrialConfig.to_dict()``); the stage's artifact goes to ``work/<stage>``."""
+    out = work / stage
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {"config": config_dict, "out": str(out), "device": device,
+            "sft_dir": str(sft_dir) if sft_dir else None, "rm_dir": str(rm_dir) if rm_dir else None}
+    spec_path = work / f"{stage}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "rlhf_ablate.run.probe", stage, str(spec_path)]
+    p = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    (work / f"{stage}.log").write_text(p.stdout + p.stderr)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("PROBE ")]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"probe: measuring the {stage} stage failed (exit {p.returncode}); see "
+                           f"{work / f'{stage}.log'}:\n{(p.stdout + p.stderr)[-2000:]}")
+    return json.loads(lines[-1][len("PROBE "):])
+
+
+def measure_stages(config_dict: dict, work: Path, device: str, stages: tuple[str, ...] = STAGES,
+                   timeout: float = 3600) -> dict[str, dict]:
+    """SFT, then RM on the SFT artifact, then PPO on both, each measured in its own process."""
+    work.mkdir(parents=True, exist_ok=True)
+    res: dict[str, dict] = {}
+    if "sft" in stages or "rm" in stages or "ppo" in stages:
+        res["sft"] = measure_stage("sft", config_dict, work, device, timeout=timeout)
+    if "rm" in stages or "ppo" in stages:
+        res["rm"] = measure_stage("rm", config_dict, work, device, sft_dir=work / "sft", timeout=timeout)
+    if "ppo" in stages:
+        res["ppo"] = measure_stage("ppo", config_dict, work, device, sft_dir=work / "sft", rm_dir=work / "rm",
+                                   timeout=timeout)
+    return {k: v for k, v in res.items() if k in stages}
+
+
+if __name__ == "__main__":
+    _stage, _spec = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
+    print("PROBE " + json.dumps(_child(_stage, _spec)), flush=True)
