@@ -149,7 +149,7 @@ def cut_at_header(tokenizer, ids: list[int], header: str = NEXT_TURN_HEADER) -> 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool,
              temperature: float = 1.0, batch_size: int = 16, max_prompt_length: Optional[int] = None,
-             stop_at_header: bool = True, return_logprobs: bool = False) -> list[dict]:
+             stop_at_header: bool = True, return_logprobs: bool = False, streamer: Any = None) -> list[dict]:
     """Batched generation from raw prompts (formatted here), ``batch_size`` prompts per ``model.generate`` call.
 
     Returns, per prompt: ``query`` (the prompt's token ids as fed to the model), ``ids`` (response ids up to and
