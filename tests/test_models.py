@@ -351,3 +351,26 @@ def test_memory_estimate_orders_what_users_hit(llama1b_dir):
     # A 1B model in 4-bit with LoRA fits a consumer GPU; the tiny built-in fits anywhere.
     assert 1 < q4 < 24
     assert M.estimate_trial_memory_gb(TrialConfig()) < 1.5
+
+
+@pytest.mark.parametrize("family,base,limit_gib", [("llama-3.1-8b", "kakaocorp/kanana-1.5-8b-base", 20.0),
+                                                   ("llama-3.2-1b", "meta-llama/Llama-3.2-1B", 8.0)])
+def test_recommended_gpu_settings_fit_by_the_estimate(tmp_path, family, base, limit_gib):
+    """README, "Real models on a GPU": with sweeps/gpu_recommended.yaml's settings an 8B nf4 PPO trial at rollout
+    64 x (512 + 256) is estimated to need at most 20 GiB (a 24 GB card), Llama-3.2-1B at most 8 GiB. The shapes are
+    the published configs (rlhf_ablate/models/families.py) saved locally: no hub access."""
+    from pathlib import Path
+
+    from rlhf_ablate.config.sweep import expand, load_sweep
+    from rlhf_ablate.models.families import family_config
+
+    path = Path(__file__).resolve().parents[1] / "sweeps" / "gpu_recommended.yaml"
+    assert load_sweep(path).base["model.base_model"] == "kakaocorp/kanana-1.5-8b-base"
+    family_config(family).save_pretrained(tmp_path)
+    trials = expand(load_sweep(path, {"model.base_model": str(tmp_path)}))
+    p = trials[0].config.ppo
+    assert (p.rollout_batch_size, p.max_prompt_length, p.max_new_tokens) == (64, 512, 256)
+    assert trials[0].config.model.quantization == "nf4"
+    for t in trials:
+        gib = M.estimate_trial_memory_gb(t.config)
+        assert 0.5 * limit_gib < gib <= limit_gib, (family, base, gib)

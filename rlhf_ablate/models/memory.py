@@ -237,6 +237,19 @@ def estimate_stage_bytes(trial_cfg: Any, device: str = "cuda") -> dict[str, dict
                     "activations": _train_act(shape, w, b, s, gc), "dequant": dequant(q)}
     if cfg.method == "ppo":
         stages["ppo"] = _ppo_bytes(cfg, shape, w, weights, dequant)
+    elif cfg.method in ("grpo", "rloo"):
+        # TRL owns the policy (rlhf_ablate/stages/online_rl.py): the policy with its adapters, the trial's RM as a
+        # second copy of the base (reward.type rm), batch_size sampled answers of (prompt + max_new_tokens) tokens
+        # trained at once through TRL's fused head, and their generation's KV cache. Not measured by
+        # benchmarks/bench_memory.py, so the packer's margin matters more here.
+        o = getattr(cfg, cfg.method)
+        q = quantized and o.lora_rank > 0
+        b, T = o.batch_size, cfg.ppo.max_prompt_length + o.max_new_tokens
+        rm_copy = weights(quantized and cfg.rm.lora_rank > 0) if cfg.reward.type == "rm" else 0.0
+        ref = weights(False) if o.lora_rank == 0 and o.beta > 0 else 0.0
+        stages[cfg.method] = {"weights": weights(q) + rm_copy + ref, "trainable": trl_trainable(o.lora_rank),
+                              "activations": _train_act(shape, w, b, T, gc), "lm_head": trl_head(b * T),
+                              "kv_cache": b * T * 2 * shape.kv_dim * w * shape.layers, "dequant": dequant(q)}
     else:
         d = cfg.dpo
         q = quantized and d.lora_rank > 0
