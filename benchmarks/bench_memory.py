@@ -6,8 +6,8 @@ Llama-3.1-8B, the shape of Kanana-8B, and Gemma-2-2B; rlhf_ablate/models/familie
 config with a few layers. Every stage runs for real on data that fills the configured lengths, shortened to a step
 or two, in a fresh process (rlhf_ablate/run/probe.py):
 
-- on the CPU the measurement is the process's peak resident memory minus its resident memory before the model was
-  loaded; on a GPU, ``torch.cuda.max_memory_allocated`` minus what was allocated before;
+- on the CPU the measurement is the process's peak anonymous resident memory (file-backed pages, i.e. the
+  memory-mapped checkpoint, left out) minus the same before the model was loaded; on a GPU, ``torch.cuda.max_memory_allocated`` minus what was allocated before;
 - the estimate is computed for the same configuration and the same device (``estimate_stage_bytes(cfg, device)``:
   on the CPU TRL's torch fallback of its fused LM head is modelled; the packer's GPU figure adds the allocator's
   fragmentation factor and the CUDA context, which a measurement of allocated bytes does not see).
@@ -82,7 +82,7 @@ tok.save_pretrained({str(out)!r})
 
 
 def run_shape(family: str, spec: dict, device: str, work: Path) -> list[dict]:
-    from rlhf_ablate.run.probe import measure_stages
+    from rlhf_ablate.run.probe import measure_stages, probe_overrides
 
     rows: dict[int, dict] = {}
     for layers in spec["depths"]:
@@ -90,6 +90,9 @@ def run_shape(family: str, spec: dict, device: str, work: Path) -> list[dict]:
         if not (mdir / "config.json").exists():
             build_model(family, layers, mdir)
         cfg = trial_config_from_overrides({**SETTINGS, **spec["overrides"], "model.base_model": str(mdir)})
+        # Shortened as resources.gpu: probe shortens it (a step or two per stage, the phases' sizes as configured);
+        # the estimate is of the same configuration.
+        cfg = cfg.replace(**probe_overrides(cfg))
         t0 = time.perf_counter()
         measured = measure_stages(cfg.to_dict(), work / f"run-{family}-L{layers}", device)
         est = estimate_stage_bytes(cfg, device)
@@ -105,8 +108,8 @@ def run_shape(family: str, spec: dict, device: str, work: Path) -> list[dict]:
         from rlhf_ablate.models.families import family_config
 
         family_config(family).save_pretrained(full_dir)
-    full_est = estimate_stage_bytes(trial_config_from_overrides(
-        {**SETTINGS, **spec["overrides"], "model.base_model": str(full_dir)}), device)
+    full_cfg = trial_config_from_overrides({**SETTINGS, **spec["overrides"], "model.base_model": str(full_dir)})
+    full_est = estimate_stage_bytes(full_cfg.replace(**probe_overrides(full_cfg)), device)
     out = []
     for st in STAGES:
         m = {L: rows[L]["measured"][st]["measured_bytes"] for L in (lo, hi)}

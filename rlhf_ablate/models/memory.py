@@ -149,7 +149,8 @@ ACTIVATION_BYTES: dict[str, dict[int, tuple[float, float, float, float, float]]]
 # benchmarks/bench_memory.py, see there).
 BACKWARD_TRANSIENT = 0.5
 # TRL 1.16's fused LM head (trl/kernels/chunked_logprob.py) projects tiles of at most 4096 tokens x 32768 vocabulary
-# entries; its CPU fallback keeps about three more float32 tiles alive (z, exp, and their product), a GPU one.
+# entries; its CPU fallback keeps about three more float32 tiles alive (z, exp, and their product), a GPU one, and
+# its backward casts the weight slice of a tile to float32 on the CPU (torch's addmm with out_dtype is CUDA-only).
 TRL_TILE_TOKENS, TRL_TILE_VOCAB = 4096, 32768
 
 
@@ -224,7 +225,9 @@ def estimate_stage_bytes(trial_cfg: Any, device: str = "cuda") -> dict[str, dict
 
     def trl_head(tokens: int) -> float:
         tile = min(tokens, TRL_TILE_TOKENS) * min(V, TRL_TILE_VOCAB)
-        return tokens * h * (w + 4) + tile * (w + (12 if cpu else 0))
+        # On the CPU, the backward's fp32 accumulation (_addmm_fp32) casts each [tile vocabulary, hidden] slice of
+        # the head weight to float32 as well.
+        return tokens * h * (w + 4) + tile * (w + (12 if cpu else 0)) + (min(V, TRL_TILE_VOCAB) * h * 4 if cpu else 0)
 
     stages: dict[str, dict[str, float]] = {}
     q = quantized and cfg.sft.lora_rank > 0

@@ -8,9 +8,10 @@ prepared to the moment training ends (the SFT merge that follows runs on the CPU
 GPU's peak), relative to the process before the model was loaded:
 
 - on a GPU: ``torch.cuda.max_memory_allocated`` (reset after loading) minus what was allocated before loading;
-- on the CPU: the process's peak resident memory (``VmHWM``, reset after loading through ``/proc/self/clear_refs``)
-  minus its resident memory before loading, with glibc told to return freed blocks of 64 KiB and more to the system
-  at once (``MALLOC_MMAP_THRESHOLD_``), so that resident memory follows live tensors.
+- on the CPU: the process's peak anonymous resident memory (``VmHWM``, reset after loading through
+  ``/proc/self/clear_refs``, less the file-backed pages: the memory-mapped safetensors files) minus its anonymous
+  resident memory before loading, with glibc told to return freed blocks of 64 KiB and more to the system at once
+  (``MALLOC_MMAP_THRESHOLD_``), so that resident memory follows live tensors.
 
 ``python -m rlhf_ablate.run.probe STAGE SPEC.json`` is the child process; :func:`measure_stages` runs the children.
 """
@@ -100,7 +101,18 @@ class _Meter:
     def now(self) -> int:
         import torch
 
-        return torch.cuda.memory_allocated() if self.cuda else _rss_kib("VmRSS") * 1024
+        return torch.cuda.memory_allocated() if self.cuda else _rss_kib("RssAnon") * 1024
+
+    def own(self, *modules: Any) -> None:
+        """On the CPU, copy every parameter and buffer into memory of the process's own: weights loaded without a
+        conversion are views of the memory-mapped checkpoint (file-backed pages, which the anonymous measurement
+        leaves out), as a GPU's copies are not."""
+        if self.cuda:
+            return
+        for m in modules:
+            for t in [*m.parameters(), *m.buffers()]:
+                if t.device.type == "cpu":
+                    t.data = t.data.clone()
 
     def reset(self) -> None:
         import gc
@@ -116,7 +128,12 @@ class _Meter:
     def read(self) -> None:
         import torch
 
-        self.peak = torch.cuda.max_memory_allocated() if self.cuda else _rss_kib("VmHWM") * 1024
+        # VmHWM counts file-backed pages too: the safetensors files stay memory-mapped after loading, so each weight
+        # read from disk would count twice (its mapped file pages and its quantized or cast copy). Those pages are
+        # the page cache, which the kernel reclaims at will; the stage's own memory is the anonymous part. They do
+        # not change during training, so the anonymous peak is the peak minus the file-backed pages now.
+        self.peak = (torch.cuda.max_memory_allocated() if self.cuda
+                     else (_rss_kib("VmHWM") - _rss_kib("RssFile") - _rss_kib("RssShmem")) * 1024)
 
 
 class _Done(Exception):
@@ -138,6 +155,7 @@ def _child(stage: str, spec: dict) -> dict:
     t0 = time.perf_counter()
 
     def start(result: Any) -> Any:
+        meter.own(result)
         meter.reset()
         return result
 
@@ -171,6 +189,7 @@ def _child(stage: str, spec: dict) -> dict:
             class Measured(loop.PPOModels):
                 def __init__(self, *a: Any, **k: Any):
                     super().__init__(*a, **k)
+                    meter.own(*self._all_models())
                     meter.reset()
 
                 def save_policy(self, out_dir: Path) -> None:
