@@ -20,7 +20,7 @@ Each shape is measured at two depths; the difference is the per-layer cost, meas
 full-depth figures extrapolate from the deeper one (``measured(L) + (layers - L) * per_layer``). One measurement stays
 under about 3.5 GiB.
 
-    python benchmarks/bench_memory.py --device cpu [--shapes llama-3.2-1b,...] [--out FILE]
+    python benchmarks/bench_memory.py --device cpu [--shapes llama-3.2-1b,...] [--out FILE] [--work DIR [--reuse]]
 
 Writes benchmarks/results/memory.json: one entry per stage and shape, ``ratio`` = estimate / measured at the deeper
 measured depth, and the per-layer and full-depth figures. Imports torch, transformers, peft and bitsandbytes only
@@ -81,7 +81,19 @@ tok.save_pretrained({str(out)!r})
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
 
 
-def run_shape(family: str, spec: dict, device: str, work: Path) -> list[dict]:
+def read_measurements(run: Path) -> dict | None:
+    """The measurements an earlier run left in ``run`` (each stage's log ends with its PROBE line), or None."""
+    found = {}
+    for st in STAGES:
+        log = run / f"{st}.log"
+        lines = [ln for ln in log.read_text().splitlines() if ln.startswith("PROBE ")] if log.exists() else []
+        if not lines:
+            return None
+        found[st] = json.loads(lines[-1][len("PROBE "):])
+    return found
+
+
+def run_shape(family: str, spec: dict, device: str, work: Path, reuse: bool = False) -> list[dict]:
     from rlhf_ablate.run.probe import measure_stages, probe_overrides
 
     rows: dict[int, dict] = {}
@@ -94,7 +106,8 @@ def run_shape(family: str, spec: dict, device: str, work: Path) -> list[dict]:
         # the estimate is of the same configuration.
         cfg = cfg.replace(**probe_overrides(cfg))
         t0 = time.perf_counter()
-        measured = measure_stages(cfg.to_dict(), work / f"run-{family}-L{layers}", device)
+        run = work / f"run-{family}-L{layers}"
+        measured = (read_measurements(run) if reuse else None) or measure_stages(cfg.to_dict(), run, device)
         est = estimate_stage_bytes(cfg, device)
         rows[layers] = {"measured": measured, "estimate": est, "seconds": time.perf_counter() - t0}
         for st in STAGES:
@@ -136,11 +149,13 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--work", type=Path, default=None, help="keep models and logs here (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take the measurements a previous run left in --work, and only recompute the estimates")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_memory-"))
     entries = []
     for family in args.shapes.split(","):
-        entries += run_shape(family, SHAPES[family], args.device, work)
+        entries += run_shape(family, SHAPES[family], args.device, work, args.reuse)
     print(f"\n{'stage':5s} {'shape':13s} {'estimate GiB':>12s} {'measured GiB':>12s} {'ratio':>6s} "
           f"{'per-layer est/meas MiB':>24s} {'full-depth GiB (ratio)':>24s}")
     for r in entries:

@@ -33,6 +33,7 @@ class ModelShape:
     largest_linear: int = 0  # parameters of the largest quantizable matrix (dequantized whole for each 4-bit matmul)
     model_type: str = ""     # picks the activation coefficients (ACTIVATION_BYTES)
     softcap: bool = False    # final-logit softcapping (Gemma-2): one more [tokens, vocab] tensor in the head
+    untied_head: int = 0     # parameters of an LM head not tied to the input embeddings (a reward model has none)
 
 
 def _load_config(cfg: ModelConfig) -> Any:
@@ -59,6 +60,9 @@ def _shape_cached(cfg: ModelConfig) -> ModelShape:
     model.tie_weights()
     params = sum(p.numel() for p in model.parameters())
     out_emb = model.get_output_embeddings()
+    inp_emb = model.get_input_embeddings()
+    untied = (out_emb.weight.numel() if out_emb is not None and inp_emb is not None
+              and out_emb.weight is not inp_emb.weight else 0)
     targets = set(lora_target_modules(model))
     quantizable = lora_dims = largest = 0
     for name, m in model.named_modules():
@@ -77,7 +81,7 @@ def _shape_cached(cfg: ModelConfig) -> ModelShape:
     return ModelShape(params=params, quantizable=quantizable, lora_dims=lora_dims, hidden=hidden, layers=layers,
                       heads=heads, kv_dim=kv_heads * head_dim, vocab=text.vocab_size, intermediate=inter,
                       q_dim=heads * head_dim, largest_linear=largest, model_type=getattr(text, "model_type", ""),
-                      softcap=getattr(text, "final_logit_softcapping", None) is not None)
+                      softcap=getattr(text, "final_logit_softcapping", None) is not None, untied_head=untied)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,6 +219,9 @@ def estimate_stage_bytes(trial_cfg: Any, device: str = "cuda") -> dict[str, dict
     def weights(q: bool) -> float:
         return _weights(shape, q, cfg.model.double_quant, w)
 
+    def rm_weights(q: bool) -> float:  # a sequence-classification model: no LM head, a one-output score head
+        return weights(q) - shape.untied_head * w
+
     def dequant(q: bool) -> float:  # bitsandbytes dequantizes a whole weight for each 4-bit matmul
         return shape.largest_linear * w if q else 0.0
 
@@ -236,10 +243,10 @@ def estimate_stage_bytes(trial_cfg: Any, device: str = "cuda") -> dict[str, dict
                      "activations": _train_act(shape, w, b, s, gc), "lm_head": trl_head(b * s), "dequant": dequant(q)}
     q = quantized and cfg.rm.lora_rank > 0
     b = 2 * cfg.rm.batch_size  # chosen and rejected in one batch
-    stages["rm"] = {"weights": weights(q), "trainable": trl_trainable(cfg.rm.lora_rank),
+    stages["rm"] = {"weights": rm_weights(q), "trainable": trl_trainable(cfg.rm.lora_rank),
                     "activations": _train_act(shape, w, b, s, gc), "dequant": dequant(q)}
     if cfg.method == "ppo":
-        stages["ppo"] = _ppo_bytes(cfg, shape, w, weights, dequant)
+        stages["ppo"] = _ppo_bytes(cfg, shape, w, weights, rm_weights, dequant)
     elif cfg.method in ("grpo", "rloo"):
         # TRL owns the policy (rlhf_ablate/stages/online_rl.py): the policy with its adapters, the trial's RM as a
         # second copy of the base (reward.type rm), batch_size sampled answers of (prompt + max_new_tokens) tokens
@@ -248,7 +255,7 @@ def estimate_stage_bytes(trial_cfg: Any, device: str = "cuda") -> dict[str, dict
         o = getattr(cfg, cfg.method)
         q = quantized and o.lora_rank > 0
         b, T = o.batch_size, cfg.ppo.max_prompt_length + o.max_new_tokens
-        rm_copy = weights(quantized and cfg.rm.lora_rank > 0) if cfg.reward.type == "rm" else 0.0
+        rm_copy = rm_weights(quantized and cfg.rm.lora_rank > 0) if cfg.reward.type == "rm" else 0.0
         ref = weights(False) if o.lora_rank == 0 and o.beta > 0 else 0.0
         stages[cfg.method] = {"weights": weights(q) + rm_copy + ref, "trainable": trl_trainable(o.lora_rank),
                               "activations": _train_act(shape, w, b, T, gc), "lm_head": trl_head(b * T),
@@ -265,7 +272,7 @@ def estimate_stage_bytes(trial_cfg: Any, device: str = "cuda") -> dict[str, dict
     return stages
 
 
-def _ppo_bytes(cfg: Any, shape: ModelShape, w: int, weights: Any, dequant: Any) -> dict[str, float]:
+def _ppo_bytes(cfg: Any, shape: ModelShape, w: int, weights: Any, rm_weights: Any, dequant: Any) -> dict[str, float]:
     """PPO: the resident part (the shared base, policy and value adapters with AdamW state, the frozen reward adapter,
     the rollout's tensors) plus the largest of its three phases (rlhf_ablate/ppo/loop.py):
 
@@ -290,12 +297,12 @@ def _ppo_bytes(cfg: Any, shape: ModelShape, w: int, weights: Any, dequant: Any) 
         q = quantized
         out["weights"] = weights(q)
         out["trainable"] = 2 * 4 * lora_fp32  # policy and value: fp32 weight, gradient, two AdamW moments
-        out["reward"] = cfg.rm.lora_rank * shape.lora_dims * 4 if rm_shared else weights(q and cfg.rm.lora_rank > 0)
+        out["reward"] = cfg.rm.lora_rank * shape.lora_dims * 4 if rm_shared else rm_weights(q and cfg.rm.lora_rank > 0)
     else:
         q = False
         out["weights"] = 2 * weights(False)  # the reference and the value model beside the policy
         out["trainable"] = 2 * shape.params * 3 * w  # policy and value: gradient and two AdamW moments
-        out["reward"] = weights(quantized and cfg.rm.lora_rank > 0)
+        out["reward"] = rm_weights(quantized and cfg.rm.lora_rank > 0)
     B = p.rollout_batch_size
     out["rollout"] = B * T * 8 * 2 + B * R * 4 * 8  # ids and mask (int64), ~8 float32 [B, R] tensors
     b = plan.rollout_micro
