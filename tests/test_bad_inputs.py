@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,10 +368,12 @@ def test_unreachable_hub_fails_within_seconds_even_when_the_connection_hangs(mon
     from rlhf_ablate.models.loading import check_base
 
     calls = []
+    release = threading.Event()  # set at the end, so the probe's thread ends with the test and not in a later one
 
     def hang(*a, **k):
         calls.append(a)
-        time.sleep(60)
+        release.wait(60)
+        raise OSError("connection released by the test")
 
     # Online as far as every spelling goes: huggingface_hub reads HF_HUB_OFFLINE once, at its import, so a test
     # earlier in this process that imported it under HF_HUB_OFFLINE=1 leaves constants.HF_HUB_OFFLINE True.
@@ -389,6 +392,7 @@ def test_unreachable_hub_fails_within_seconds_even_when_the_connection_hangs(mon
     with pytest.raises(ModelError):  # one probe per process, whatever the number of model configs
         check_base(ModelConfig(base_model="acme/other-model-7b"))
     assert len(calls) == 1
+    release.set()
     hub._probe.cache_clear()
 
 
