@@ -42,6 +42,17 @@ def train_args(p, output_dir: Path, seed: int, *, dtype: str | None = None) -> d
                            weight_decay=p.weight_decay, dtype=dtype)
 
 
+def save_trained_policy(model, tok, out: Path, lora_rank: int) -> None:
+    """A TRL-trained policy as the artifact models/artifacts.py loads back: its LoRA adapter in ``out/adapter`` (the
+    base is the SFT model), or with ``lora_rank`` 0 the whole model in ``out/model``; the tokenizer beside it."""
+    if lora_rank > 0:
+        model.save_pretrained(str(out / "adapter"), selected_adapters=["default"])
+        tok.save_pretrained(str(out / "adapter"))
+    else:
+        model.save_pretrained(str(out / "model"), safe_serialization=True)
+        tok.save_pretrained(str(out / "model"))
+
+
 def log_history(trainer) -> list[dict]:
     return [{k: v for k, v in row.items() if isinstance(v, (int, float))} for row in trainer.state.log_history]
 

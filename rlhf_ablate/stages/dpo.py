@@ -11,7 +11,7 @@ from ..config import TrialConfig
 from ..data.prompting import format_prompt, normalize
 from ..files import write_json
 from ..runtime import seed_everything
-from .common import log_history, restore_trainable_dtype, train_args
+from .common import log_history, restore_trainable_dtype, save_trained_policy, train_args
 
 
 def train_dpo(cfg: TrialConfig, data, sft_dir: Path, out: Path) -> None:
@@ -35,12 +35,7 @@ def train_dpo(cfg: TrialConfig, data, sft_dir: Path, out: Path) -> None:
     restore_trainable_dtype(trainer.model, cfg.model.compute_dtype)
     trainer.train()
     history = log_history(trainer)
-    if cfg.dpo.lora_rank > 0:
-        trainer.model.save_pretrained(str(out / "adapter"), selected_adapters=["default"])
-        tok.save_pretrained(str(out / "adapter"))
-    else:
-        trainer.model.save_pretrained(str(out / "model"), safe_serialization=True)
-        tok.save_pretrained(str(out / "model"))
+    save_trained_policy(trainer.model, tok, out, cfg.dpo.lora_rank)
     write_json(out / "history.json", history)
     last = [h for h in history if "loss" in h]
     write_json(out / "metrics.json", {"dpo/train_loss_last": last[-1]["loss"] if last else None,

@@ -26,7 +26,7 @@ from ..errors import TrialFailed
 from ..files import write_json
 from ..metrics.verifiable import verifiable_reward
 from ..runtime import seed_everything
-from .common import log_history, restore_trainable_dtype, train_args
+from .common import log_history, restore_trainable_dtype, save_trained_policy, train_args
 
 METHODS = ("grpo", "rloo")
 
@@ -101,12 +101,7 @@ def train_online_rl(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Pa
     restore_trainable_dtype(trainer.model, cfg.model.compute_dtype)
     trainer.train()
     history = log_history(trainer)
-    if o.lora_rank > 0:
-        trainer.model.save_pretrained(str(out / "adapter"), selected_adapters=["default"])
-        tok.save_pretrained(str(out / "adapter"))
-    else:
-        trainer.model.save_pretrained(str(out / "model"), safe_serialization=True)
-        tok.save_pretrained(str(out / "model"))
+    save_trained_policy(trainer.model, tok, out, o.lora_rank)
     write_json(out / "history.json", history)
     rewards = [h["reward"] for h in history if "reward" in h]
     write_json(out / "metrics.json", {
