@@ -178,7 +178,6 @@ def torch_dtype(cfg: ModelConfig, device: Optional[str] = None) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[compute_dtype(cfg, device)]
 
 
-
 def enable_tf32() -> None:
     """TF32 matmuls and convolutions on Ampere+ GPUs: fp32 operations left outside autocast (the LoRA and value heads'
     fp32 weights, fp32 log-softmax chunks) run on tensor cores with a 10-bit mantissa, which PyTorch documents as

@@ -29,10 +29,10 @@ def train_dpo(cfg: TrialConfig, data, sft_dir: Path, out: Path) -> None:
     rows = [{"prompt": format_prompt(p.prompt), "chosen": normalize(p.chosen), "rejected": normalize(p.rejected)}
             for g in data.rm_train for p in g.pairs()]
     d = cfg.dpo
-    args = DPOConfig(**train_args(d, out / "trainer", cfg.seed, dtype=models.compute_dtype(cfg.model)),
+    args = DPOConfig(**train_args(d, out / "trainer", cfg.seed, cfg.model),
                      beta=d.beta, max_length=cfg.model.max_length)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
-    restore_trainable_dtype(trainer.model, cfg.model.compute_dtype)
+    restore_trainable_dtype(trainer.model, cfg.model)
     trainer.train()
     history = log_history(trainer)
     save_trained_policy(trainer.model, tok, out, cfg.dpo.lora_rank)

@@ -89,7 +89,7 @@ def train_online_rl(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Pa
     model = models.load_causal_lm(cfg.model, sft_path, quantize=quantized)
     model = models.prepare_for_training(model, o.lora_rank, o.lora_alpha, o.lora_dropout, "CAUSAL_LM", quantized)
     rows = reward_prompts(cfg, data)
-    common = train_args(o, out / "trainer", cfg.seed, dtype=models.compute_dtype(cfg.model))
+    common = train_args(o, out / "trainer", cfg.seed, cfg.model)
     common["remove_unused_columns"] = False  # the reward function reads raw_prompt and reference
     args = TrlConfig(**common, num_generations=o.num_generations, max_completion_length=o.max_new_tokens,
                      temperature=o.temperature, top_p=1.0, top_k=0, beta=o.beta, log_completions=False,
@@ -98,7 +98,7 @@ def train_online_rl(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Pa
     reward_fn = make_reward_fn(cfg, rm_dir, sft_dir)
     trainer = Trainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=Dataset.from_list(rows),
                       processing_class=tok)
-    restore_trainable_dtype(trainer.model, cfg.model.compute_dtype)
+    restore_trainable_dtype(trainer.model, cfg.model)
     trainer.train()
     history = log_history(trainer)
     save_trained_policy(trainer.model, tok, out, o.lora_rank)

@@ -29,11 +29,11 @@ def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path) -> None:
     rows = [{"prompt": format_prompt(p.prompt), "chosen": normalize(p.chosen), "rejected": normalize(p.rejected)}
             for g in data.rm_train for p in g.pairs()]
     r = cfg.rm
-    args = RewardConfig(**train_args(r, out / "trainer", cfg.seed, dtype=models.compute_dtype(cfg.model)),
+    args = RewardConfig(**train_args(r, out / "trainer", cfg.seed, cfg.model),
                         max_length=cfg.model.max_length,
                         center_rewards_coefficient=r.center_rewards_coefficient or None)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
-    restore_trainable_dtype(trainer.model, cfg.model.compute_dtype)
+    restore_trainable_dtype(trainer.model, cfg.model)
     trainer.train()
     trained = trainer.model
     kind = "adapter" if cfg.rm.lora_rank > 0 else "model"

@@ -29,10 +29,10 @@ def train_sft(cfg: TrialConfig, data, out: Path) -> None:
     # missing-EOS penalty relies on.
     rows = [{"prompt": format_prompt(e.prompt), "completion": normalize(e.completion)} for e in data.sft_train]
     s = cfg.sft
-    args = SFTConfig(**train_args(s, out / "trainer", cfg.seed, dtype=models.compute_dtype(cfg.model)),
+    args = SFTConfig(**train_args(s, out / "trainer", cfg.seed, cfg.model),
                      max_length=cfg.model.max_length, completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
-    restore_trainable_dtype(trainer.model, cfg.model.compute_dtype)
+    restore_trainable_dtype(trainer.model, cfg.model)
     trainer.train()
     history = log_history(trainer)
     models.merge_and_save(trainer.model, out / "model", cfg.model)
