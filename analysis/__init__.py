@@ -11,11 +11,15 @@ __all__ = ["write_report", "build_report", "load_run"]
 
 
 def __getattr__(name):
-    if name in ("write_report", "build_report", "Report"):
+    if name in ("write_report", "build_report", "Report", "Run"):
         from . import report
 
         return getattr(report, name)
-    if name in ("load_run", "ReportError"):
+    if name == "load_run":  # the notebook object, with .report()
+        from .report import open_run
+
+        return open_run
+    if name == "ReportError":
         from . import results
 
         return getattr(results, name)

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from rlhf_ablate.run import graph  # noqa: F401 - the metrics of every method, plugins' too (run/graph.py)
         return args.report_handler(args)
     except RlhfAblateError as e:
         msg = textwrap.fill(str(e), width=110, break_long_words=False, break_on_hyphens=False)

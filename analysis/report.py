@@ -186,3 +186,19 @@ def _typed(v: str):
     except ValueError:
         return v
     return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
+
+
+class Run(RunResults):
+    """What a notebook gets (``rlhf_ablate.run_sweep``, ``rlhf_ablate.load_run``, ``analysis.load_run``): the run's
+    results (analysis/results.py: RunResults, ``.to_pandas()``) and ``.report()``."""
+
+    def report(self, out: Optional[Path] = None, **kwargs) -> "Report":
+        """Write the report (tables, plots, report.md) of this run: :func:`write_report`."""
+        return write_report(self.run_dir, out, **kwargs)
+
+
+def open_run(run_dir: str | Path) -> Run:
+    """The results of a run directory with ``.report()`` (analysis/results.py: load_run reads them)."""
+    r = load_run(run_dir)
+    return Run(**{f: getattr(r, f) for f in r.__dataclass_fields__})
+

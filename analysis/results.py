@@ -13,7 +13,8 @@ Ray Tune and SLURM array tasks write the same layout (``run_trial`` writes resul
 depends on which scheduler ran the sweep.
 
 :class:`RunResults` is also what a notebook gets back (``rlhf_ablate.run_sweep`` and ``analysis.load_run``):
-``.to_pandas()`` gives one row per trial, ``.report()`` writes the report.
+``.to_pandas()`` gives one row per trial; analysis/report.py: ``Run`` adds ``.report()``, which writes the report
+(there, so that this module, which the tables read, never imports the report that reads them).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rlhf_ablate.errors import RlhfAblateError
-from rlhf_ablate.run.result import SCHEMA as SCHEMA_VERSION
-from rlhf_ablate.run.result import STATUSES, scan_results
+from rlhf_ablate.rundir import SCHEMA as SCHEMA_VERSION
+from rlhf_ablate.rundir import STATUSES, scan_results
 
 
 class ReportError(RlhfAblateError):
@@ -102,12 +103,6 @@ class RunResults:
                          **{a: t.axes.get(a) for a in axes},
                          **{m: t.metrics.get(m, math.nan) for m in metrics}, "error": err})
         return pd.DataFrame(rows, columns=["trial_id", "index", "seed", "status", *axes, *metrics, "error"])
-
-    def report(self, out: Optional[Path] = None, **kwargs: Any) -> Any:
-        """Write the report (tables, plots, report.md) of this run: ``analysis.report.write_report``."""
-        from .report import write_report
-
-        return write_report(self.run_dir, out, **kwargs)
 
     def __repr__(self) -> str:
         counts = {s: sum(t.status == s for t in self.trials) for s in STATUSES}

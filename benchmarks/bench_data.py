@@ -176,7 +176,7 @@ def bench_recall(n_pairs: int, n_unrelated: int) -> dict:
     for target in (0.8, 0.85, 0.9):
         ps = pairs_at(target, n_pairs, rng, vocab)
         texts = [t for a, b, _ in ps for t in (a, b)]
-        keys = dedup._band_keys(dedup.signatures(texts))
+        keys = dedup.band_keys(dedup.signatures(texts))
         new = sum(bool(np.any(keys[2 * i] == keys[2 * i + 1])) for i in range(len(ps)))
         old = sum(old_is_candidate(old_signature(dedup.shingles(a)), old_signature(dedup.shingles(b)))
                   for a, b, _ in ps)

@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from rlhf_ablate.config import trial_config_from_overrides  # noqa: E402
 from rlhf_ablate.models.families import FAMILIES  # noqa: E402
-from rlhf_ablate.models.memory import GIB, estimate_stage_bytes  # noqa: E402
+from rlhf_ablate.models.memory import GIB  # noqa: E402
+from rlhf_ablate.run.graph import estimate_stage_bytes  # noqa: E402
 
 # The settings every shape runs with: nf4 base, LoRA 8 everywhere, SFT and RM on 2 sequences of 256 tokens (RM:
 # one chosen/rejected pair), PPO rollouts of 4 prompts of 192 + 64 tokens generated and scored 4 at a time, updated

@@ -90,7 +90,7 @@ def write_result(name: str, record: dict, out: Path | None) -> Path:
 
 
 def trial_ok(run_dir: Path) -> int:
-    from rlhf_ablate.run.result import scan_results  # the one reader of result.json
+    from rlhf_ablate.rundir import scan_results  # the one reader of result.json
 
     return sum(1 for _, r in scan_results(run_dir) if r.get("status") == "ok")
 

@@ -39,10 +39,10 @@ def run_sweep(sweep: Union[str, Path, Mapping[str, Any]], *, out: Optional[Union
     defaults to ``$RAY_ADDRESS``). Failed trials do not raise: their rows say ``failed`` and why."""
     import os
 
-    from analysis.results import load_run
+    from analysis.report import open_run as load_run
     from .config.sweep import SWEEP_KEYS, parse_sweep, read_sweep
     from .launch.tune import run_sweep as drive
-    from .run.result import run_dir_for
+    from .rundir import run_dir_for
 
     trial_keys, sweep_keys = _split_overrides(overrides, SWEEP_KEYS)
     if isinstance(sweep, Mapping):
@@ -62,7 +62,7 @@ def run_sweep(sweep: Union[str, Path, Mapping[str, Any]], *, out: Optional[Union
 
 def load_run(run_dir: Union[str, Path]) -> Any:
     """The results of a run directory (``analysis.load_run``): the object :func:`run_sweep` returns."""
-    from analysis.results import load_run as load
+    from analysis.report import open_run as load
 
     return load(run_dir)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RlhfAblateError
-from .run.result import result_path, run_dir_for
+from .rundir import result_path, run_dir_for
 
 MAX_ERROR_LINES = 6
 
@@ -68,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="talk to a trial's model (base, SFT or the aligned policy), as eval generates")
     p.add_argument("run_dir", type=Path, help="the sweep's run directory, e.g. runs/lora_rank")
     p.add_argument("--trial", required=True, help="trial id (or a unique prefix), as in the summary table")
-    p.add_argument("--stage", default=None, choices=["base", "sft", "ppo", "dpo", "grpo", "rloo"],
-                   help="which model (default: the trial's method)")
+    p.add_argument("--stage", default=None,
+                   help="which model: base, sft or a method of the stage graph (rlhf_ablate/run/graph.py: "
+                        "policy_stages; default: the trial's method). A stage the trial does not have is refused "
+                        "with the list of those it has.")
     p.add_argument("--prompt", default=None, help="answer this one prompt and exit (for scripts)")
 
     p = sub.add_parser("report", help="tables, plots and report.md from RUN_DIR/trials/*/result.json")
@@ -84,10 +86,11 @@ def _add_data_parser(subparsers) -> argparse.ArgumentParser:
     for name, help_ in (("stats", "Counts, lengths, length-by-rank, duplicates and the cleaning report."),
                         ("prepare", "Write a cleaned version in KoChatGPT JSONL format plus cleaning_report.json.")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--source", default="ko_sample", help="'ko_sample', a directory of data files, a data file "
-                       "(JSON, Parquet, CSV), a save_to_disk directory or a Hub dataset id.")
+        # Unset options keep data.*'s defaults (rlhf_ablate/config/schema.py: DataConfig, their one home).
+        s.add_argument("--source", default=None, help="'ko_sample' (the default), a directory of data files, a data "
+                       "file (JSON, Parquet, CSV), a save_to_disk directory or a Hub dataset id.")
         s.add_argument("--version", default="v2" if name == "prepare" else "v1", help="v1, v2 or a custom name.")
-        s.add_argument("--format", default="auto", help="auto, kochatgpt, aihub, hf_pref, hh or messages.")
+        s.add_argument("--format", default=None, help="auto (the default), kochatgpt, aihub, hf_pref, hh or messages.")
         s.add_argument("--columns", default=None, metavar="OURS=YOURS,...",
                        help="Map your column names onto ours, e.g. prompt=instruction,completion=output.")
         s.add_argument("--skip-bad-rows", action="store_true", help="Skip and count malformed rows.")
@@ -95,8 +98,10 @@ def _add_data_parser(subparsers) -> argparse.ArgumentParser:
                        help="Comma-separated filters defining --version as a custom version, e.g. nfc,dedup_exact.")
         for kind in ("sft", "rm", "ppo", "eval"):
             s.add_argument(f"--{kind}-file", default=None, help=f"{kind} file relative to --source (or a split).")
-        s.add_argument("--split-seed", type=int, default=0, help="Seed of the stable RM train/eval split.")
-        s.add_argument("--eval-fraction", type=float, default=0.2, help="Fraction of RM groups held out.")
+        s.add_argument("--split-seed", type=int, default=None, help="Seed of the stable RM train/eval split "
+                       "(default: data.split_seed's).")
+        s.add_argument("--eval-fraction", type=float, default=None, help="Fraction of RM groups held out "
+                       "(default: data.eval_fraction's).")
         if name == "stats":
             s.add_argument("--json", action="store_true", help="Print the numbers as JSON.")
         else:
@@ -111,8 +116,10 @@ def _data_config(args: argparse.Namespace) -> Any:
     custom = {}
     if args.filters:
         custom[args.version] = [f.strip() for f in args.filters.split(",") if f.strip()]
-    d = {"source": args.source, "format": args.format, "version": args.version, "custom_versions": custom,
-         "skip_bad_rows": args.skip_bad_rows, "split_seed": args.split_seed, "eval_fraction": args.eval_fraction}
+    given = {"source": args.source, "format": args.format, "split_seed": args.split_seed,
+             "eval_fraction": args.eval_fraction}
+    d = {"version": args.version, "custom_versions": custom, "skip_bad_rows": args.skip_bad_rows,
+         **{k: v for k, v in given.items() if v is not None}}
     if args.columns:
         pairs = [x.split("=", 1) for x in args.columns.split(",") if x.strip()]
         if any(len(p) != 2 for p in pairs):
@@ -220,7 +227,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
                           f"{len(trials)} trials (indices 0..{len(trials) - 1}).")
     trial = trials[args.index]
     run_dir = run_dir_for(spec, args.out)
-    from .run.result import FINISHED, read_result
+    from .rundir import FINISHED, read_result
 
     if (read_result(run_dir, trial.trial_id) or {}).get("status") in FINISHED:
         return 0  # resume, or a requeued SLURM task: nothing to check or rerun
@@ -304,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"sweep": cmd_sweep, "trial": cmd_trial, "slurm": cmd_slurm, "report": cmd_report,
                 "data": cmd_data, "chat": cmd_chat}
     try:
+        if args.command != "data":
+            from .run import graph  # noqa: F401 - every method of the stage graph, plugins' too, is known from here
         return handlers[args.command](args)
     except RlhfAblateError as e:
         return _bad_input(str(e))

@@ -68,6 +68,37 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class StageHooks:
+    """Points a training stage announces, for an observer of the process (the memory probe, rlhf_ablate/run/probe.py):
+    ``model_ready(*models)`` once its models are loaded and prepared, ``trained()`` when training has ended and before
+    anything is saved. The default does nothing. An observer may raise from ``trained`` to end the stage there."""
+
+    def model_ready(self, *models) -> None:  # noqa: D102 - see the class docstring
+        pass
+
+    def trained(self) -> None:  # noqa: D102
+        pass
+
+
+_hooks = StageHooks()
+
+
+def stage_hooks() -> StageHooks:
+    """The observer the stages report to (a no-op unless :func:`observe_stages` installed one)."""
+    return _hooks
+
+
+@contextlib.contextmanager
+def observe_stages(hooks: StageHooks) -> Iterator[StageHooks]:
+    """Install ``hooks`` as the stages' observer inside the block."""
+    global _hooks
+    before, _hooks = _hooks, hooks
+    try:
+        yield hooks
+    finally:
+        _hooks = before
+
+
 class TimeLimitReached(Exception):
     """SLURM's warning signal arrived: the job's time limit is near. Raised in the trial's main thread, recorded as a
     failed trial (reason "time limit"); a later run resumes it from the stage cache."""

@@ -152,7 +152,7 @@ def test_metric_registry_directions_and_stage_lists():
     assert REGISTRY["rm/separation_margin"].rm_scale and REGISTRY["ppo/reward_mean"].rm_scale
     assert not REGISTRY["rm/pairwise_accuracy"].rm_scale and not REGISTRY["rm/margin_standardized"].rm_scale
     # one eval metric set per policy stage; a method is one entry in METHODS
-    assert POLICY_STAGES == ("base", "sft", *METHODS)
+    assert POLICY_STAGES == ["base", "sft", *METHODS]
     for st in POLICY_STAGES:
         assert f"{st}/bleu" in REGISTRY and REGISTRY[f"{st}/bleu"].setting == "bleu_signature"
     assert "sft/kl_to_ref" not in REGISTRY and "dpo/kl_to_ref" in REGISTRY

@@ -420,7 +420,7 @@ def test_a_data_failure_in_a_sweep_trial_leaves_no_tracking_run_or_cache_entry(t
 def test_trial_prints_why_it_failed(tmp_path, monkeypatch, capsys):
     """`trial` exits 1 for a failed trial and names the error class, the stage, the message and the traceback."""
     import rlhf_ablate.run.trial as trial_mod
-    from rlhf_ablate.run.result import new_result, write_result
+    from rlhf_ablate.rundir import new_result, write_result
 
     def failing(spec, trial, run_dir, **kw):
         assert kw["data"] is not None  # the CLI read the data before starting the trial

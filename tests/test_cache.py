@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_ablate.run import cache as cache_mod
-from rlhf_ablate.run.cache import COMPLETE, StageCache, code_version, default_cache_root, read_executions
+from rlhf_ablate.run.cache import COMPLETE, StageCache, code_version, read_executions
+from rlhf_ablate.rundir import default_cache_root
 
 
 def _writer(text: str):

@@ -7,11 +7,15 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TOPS = ("rlhf_ablate", "analysis", "tools", "benchmarks")   # every tree the checks read
 
-# Bottom to top. A module may import modules of its own layer or of lower layers, never of a higher one. Within a
-# layer, packages must not import each other in a circle (checked below).
+# Bottom to top, as docs/architecture.md's "Layers" table lists them. A module may import its own package and lower
+# layers, never a higher one; two packages of one layer never import each other. Every module is assigned here
+# explicitly: an entry names a package (and everything in it) or, for the package roots, exactly one module.
 LAYERS = [
-    ["rlhf_ablate.errors", "rlhf_ablate.files", "rlhf_ablate.runtime", "rlhf_ablate.hub"],
+    ["rlhf_ablate.errors"],
+    ["rlhf_ablate.files"],
+    ["rlhf_ablate.runtime", "rlhf_ablate.hub", "rlhf_ablate.rundir"],
     ["rlhf_ablate.data", "rlhf_ablate.metrics"],
     ["rlhf_ablate.config"],
     ["rlhf_ablate.models"],
@@ -19,23 +23,41 @@ LAYERS = [
     ["rlhf_ablate.stages"],
     ["rlhf_ablate.run"],
     ["analysis"],
-    ["rlhf_ablate.launch", "rlhf_ablate.api"],
-    ["rlhf_ablate.cli", "rlhf_ablate.__main__", "analysis.cli", "analysis.__main__", "rlhf_ablate"],
+    ["rlhf_ablate.launch"],
+    ["rlhf_ablate.api"],
+    ["analysis.cli"],
+    ["rlhf_ablate.cli"],
+    ["rlhf_ablate.__main__", "analysis.__main__", "=rlhf_ablate", "=analysis"],
+    ["tools", "benchmarks"],
 ]
+# At most MAX_LONG modules of the package trees over MAX_LINES lines, none over HARD_MAX (tools/ and benchmarks/ are
+# scripts: their imports are checked, their length is not).
+MAX_LINES, MAX_LONG, HARD_MAX = 450, 2, 600
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _matches(module: str, entry: str) -> bool:
+    if entry.startswith("="):
+        return module == entry[1:]
+    return module == entry or module.startswith(entry + ".")
+
+
+def _entry_of(module: str) -> str | None:
+    found = [(len(e), e) for names in LAYERS for e in names if _matches(module, e)]
+    return max(found)[1] if found else None
 
 
 def _layer_of(module: str) -> int | None:
-    best, rank = -1, None
-    for i, names in enumerate(LAYERS):
-        for n in names:
-            if (module == n or module.startswith(n + ".")) and len(n) > best:
-                best, rank = len(n), i
-    return rank
+    entry = _entry_of(module)
+    return next(i for i, names in enumerate(LAYERS) if entry in names) if entry else None
 
 
 def _modules() -> dict[str, Path]:
     out = {}
-    for top in ("rlhf_ablate", "analysis"):
+    for top in TOPS:
         for f in (ROOT / top).rglob("*.py"):
             parts = list(f.relative_to(ROOT).with_suffix("").parts)
             if parts[-1] == "__init__":
@@ -86,7 +108,7 @@ def _top_level_names(path: Path) -> set[str]:
 
 
 def _own(mod: str) -> bool:
-    return mod.split(".")[0] in ("rlhf_ablate", "analysis")
+    return mod.split(".")[0] in TOPS
 
 
 def test_every_module_has_a_layer():
@@ -112,66 +134,92 @@ def test_every_own_import_resolves():
     assert not broken, "imports that do not resolve:\n" + "\n".join(broken)
 
 
+def _targets(name: str, mod: str, names: list[str], mods: dict) -> list[str]:
+    """The modules an import statement reaches: the named submodules, else the module itself."""
+    subs = [f"{mod}.{n}" for n in names if f"{mod}.{n}" in mods]
+    return [t for t in subs or [mod] if t in mods and t != name and not name.startswith(t + ".")]
+
+
 def test_imports_point_down():
     mods = _modules()
-    upward = []
+    bad = []
     for name, path in mods.items():
-        me = _layer_of(name)
+        me, mine = _layer_of(name), _entry_of(name)
         for mod, names, line in _imports(name, path):
-            submodules = [f"{mod}.{n}" for n in names if f"{mod}.{n}" in mods]
-            for t in submodules or [mod]:
-                if _own(t) and _layer_of(t) is not None and _layer_of(t) > me:
-                    upward.append(f"{path.relative_to(ROOT)}:{line} imports {t} (layer {_layer_of(t)} > {me})")
-    assert not upward, "upward imports:\n" + "\n".join(upward)
+            for t in _targets(name, mod, names, mods):
+                if _layer_of(t) > me:
+                    bad.append(f"{path.relative_to(ROOT)}:{line} imports {t} (layer {_layer_of(t)} > {me})")
+                elif _layer_of(t) == me and _entry_of(t) != mine and _entry_of(t) is not None:
+                    bad.append(f"{path.relative_to(ROOT)}:{line} imports {t}: {_entry_of(t)} and {mine} share a "
+                               f"layer, and packages of one layer never import each other")
+    assert not bad, "imports against the layers:\n" + "\n".join(bad)
 
 
-def test_no_private_names_across_modules():
+def _private_uses(name: str, path: Path, mods: dict) -> list[str]:
+    """Private names (``_x``) of another package used in any form: ``from m import _x``, ``import m._x``, or an
+    attribute ``alias._x`` of a module imported under ``alias``."""
+    def package(m: str) -> str:
+        return m.rsplit(".", 1)[0] if m in mods and not str(mods[m]).endswith("__init__.py") else m
+
+    found = []
+    aliases: dict[str, str] = {}
+    for mod, names, line in _imports(name, path):
+        for n in names:
+            if f"{mod}.{n}" in mods:
+                aliases[n] = f"{mod}.{n}"
+        if not names:
+            aliases[mod.split(".")[0]] = mod.split(".")[0]
+        if not _own(mod):
+            continue
+        for part in mod.split(".")[1:]:
+            if part.startswith("_") and not part.startswith("__"):
+                found.append(f"{_rel(path)}:{line} imports private module {mod}")
+        for n in names:
+            if n.startswith("_") and not n.startswith("__") and package(mod) != package(name):
+                found.append(f"{_rel(path)}:{line} uses {mod}.{n}")
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            chain, v = [node.attr], node.value
+            while isinstance(v, ast.Attribute):
+                chain.append(v.attr)
+                v = v.value
+            if isinstance(v, ast.Name) and v.id in aliases:
+                target = ".".join([aliases[v.id], *reversed(chain[1:])])
+                if _own(target) and package(target) != package(name):
+                    found.append(f"{_rel(path)}:{node.lineno} uses {target}.{node.attr}")
+    return found
+
+
+def test_no_private_names_across_packages():
     mods = _modules()
-    used = []
-    for name, path in mods.items():
-        for mod, names, line in _imports(name, path):
-            if not _own(mod) or mod == name:
-                continue
-            for n in names:
-                if n.startswith("_") and not n.startswith("__"):
-                    # a package's own submodules share its private helpers; other rooms must not
-                    same_package = mod.rsplit(".", 1)[0] == name.rsplit(".", 1)[0]
-                    if not same_package:
-                        used.append(f"{path.relative_to(ROOT)}:{line} uses {mod}.{n}")
+    used = [u for name, path in mods.items() for u in _private_uses(name, path, mods)]
     assert not used, "private names used across packages:\n" + "\n".join(used)
 
 
-def test_no_import_circles_between_packages():
+def test_no_import_circles():
+    """No circle between modules, lazy imports included, in any tree (analysis/ too)."""
     mods = _modules()
-
-    def package(m: str) -> str:
-        parts = m.split(".")
-        return ".".join(parts[:2]) if parts[0] == "rlhf_ablate" and len(parts) > 1 else parts[0]
-
-    graph: dict[str, set[str]] = {}
-    for name, path in mods.items():
-        for mod, names, _ in _imports(name, path):
-            for t in [mod] + [f"{mod}.{n}" for n in names]:
-                if t in mods and package(t) != package(name):
-                    graph.setdefault(package(name), set()).add(package(t))
+    graph = {name: {t for mod, names, _ in _imports(name, path) for t in _targets(name, mod, names, mods)}
+             for name, path in mods.items()}
     seen: dict[str, int] = {}
     cycles = []
 
     def visit(u: str, stack: list[str]) -> None:
         seen[u] = 1
-        for v in graph.get(u, ()):
+        stack.append(u)
+        for v in sorted(graph[u]):
             if seen.get(v) == 1:
                 cycles.append(" -> ".join(stack[stack.index(v):] + [v]))
             elif v not in seen:
-                visit(v, stack + [v])
+                visit(v, stack)
+        stack.pop()
         seen[u] = 2
 
-    for u in list(graph):
+    for u in sorted(graph):
         if u not in seen:
-            visit(u, [u])
-    # the top-level package's __init__ may re-export from anywhere (the notebook API); it is the top layer
-    cycles = [c for c in cycles if not c.startswith("rlhf_ablate ->") and "-> rlhf_ablate ->" not in c]
-    assert not cycles, "import circles between packages:\n" + "\n".join(cycles)
+            visit(u, [])
+    assert not cycles, "import circles:\n" + "\n".join(cycles)
 
 
 def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
@@ -184,10 +232,23 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
     assert _layer_of(found[0][0]) > _layer_of("rlhf_ablate.stages.bad")
 
 
-def test_no_module_over_450_lines_without_a_reason():
-    long = []
-    for path in _modules().values():
-        text = path.read_text(encoding="utf-8")
-        if len(text.splitlines()) > 450 and "one coherent job" not in text[:3000]:
-            long.append(f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines")
-    assert not long, "modules over 450 lines without saying why they are one coherent job:\n" + "\n".join(long)
+def test_long_modules_are_few():
+    lengths = {str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines())
+               for m, p in _modules().items() if m.split(".")[0] in ("rlhf_ablate", "analysis")}
+    long = sorted((n, f) for f, n in lengths.items() if n > MAX_LINES)
+    assert len(long) <= MAX_LONG and all(n <= HARD_MAX for n, _ in long), (
+        f"at most {MAX_LONG} modules over {MAX_LINES} lines and none over {HARD_MAX}: {long}")
+
+
+def test_the_checks_can_fail(tmp_path):
+    # An unassigned module, a same-layer import between packages and a private attribute are each reported.
+    assert _layer_of("rlhf_ablate.newpackage.x") is None
+    assert _layer_of("rlhf_ablate") == len(LAYERS) - 2 and _layer_of("rlhf_ablate.rundir") == 2
+    bad = tmp_path / "rlhf_ablate" / "data" / "bad.py"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("from .. import metrics\nfrom ..models import loading\nx = loading._hub_kwargs\n")
+    mods = {**_modules(), "rlhf_ablate.data.bad": bad}
+    targets = [t for mod, names, _ in _imports("rlhf_ablate.data.bad", bad)
+               for t in _targets("rlhf_ablate.data.bad", mod, names, mods)]
+    assert "rlhf_ablate.metrics" in targets and _layer_of("rlhf_ablate.metrics") == _layer_of("rlhf_ablate.data")
+    assert any("_hub_kwargs" in u for u in _private_uses("rlhf_ablate.data.bad", bad, mods))

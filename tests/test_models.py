@@ -13,6 +13,7 @@ import torch
 
 from rlhf_ablate import models as M
 from rlhf_ablate.models import builtin, memory
+from rlhf_ablate.run.graph import estimate_trial_memory_gb
 from rlhf_ablate.config import BUILTIN_MODELS, ModelConfig, TrialConfig, trial_config_from_overrides
 from rlhf_ablate.errors import ModelError
 from rlhf_ablate.data.prompting import format_example
@@ -336,7 +337,7 @@ def test_param_count_from_config_only(llama1b_dir):
 
 def test_memory_estimate_orders_what_users_hit(llama1b_dir):
     def est(**kw):
-        return M.estimate_trial_memory_gb(trial_config_from_overrides({"model.base_model": llama1b_dir, **kw}))
+        return estimate_trial_memory_gb(trial_config_from_overrides({"model.base_model": llama1b_dir, **kw}))
 
     q4 = est(**{"model.quantization": "nf4", "model.compute_dtype": "bfloat16"})
     bf16 = est(**{"model.quantization": "none", "model.compute_dtype": "bfloat16"})
@@ -350,7 +351,7 @@ def test_memory_estimate_orders_what_users_hit(llama1b_dir):
                   "ppo.rollout_batch_size": 64}) > q4
     # A 1B model in 4-bit with LoRA fits a consumer GPU; the tiny built-in fits anywhere.
     assert 1 < q4 < 24
-    assert M.estimate_trial_memory_gb(TrialConfig()) < 1.5
+    assert estimate_trial_memory_gb(TrialConfig()) < 1.5
 
 
 @pytest.mark.parametrize("family,base,limit_gib", [("llama-3.1-8b", "kakaocorp/kanana-1.5-8b-base", 20.0),
@@ -372,5 +373,5 @@ def test_recommended_gpu_settings_fit_by_the_estimate(tmp_path, family, base, li
     assert (p.rollout_batch_size, p.max_prompt_length, p.max_new_tokens) == (64, 512, 256)
     assert trials[0].config.model.quantization == "nf4"
     for t in trials:
-        gib = M.estimate_trial_memory_gb(t.config)
+        gib = estimate_trial_memory_gb(t.config)
         assert 0.5 * limit_gib < gib <= limit_gib, (family, base, gib)

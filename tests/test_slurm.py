@@ -247,7 +247,7 @@ def test_time_limit_signal_outside_the_trial_is_recorded(tmp_path, monkeypatch):
 
     from rlhf_ablate.launch import slurm as slurm_mod
     from rlhf_ablate.run import trial as trial_mod
-    from rlhf_ablate.run.result import read_result
+    from rlhf_ablate.rundir import read_result
 
     def fake_run_trial_in_sweep(spec, trial, run_dir, *, use_cache=True, on_step=None, data=None):
         os.kill(os.getpid(), signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@...` delivers

@@ -30,7 +30,8 @@ from rlhf_ablate import models
 from rlhf_ablate.run.cache import COMPLETE, StageCache, read_executions
 from rlhf_ablate.config import TrialConfig, all_keys
 from rlhf_ablate.data.prompting import format_prompt, normalize
-from rlhf_ablate.run.trial import read_result, result_path, run_trial, stage_keys
+from rlhf_ablate.run.graph import stage_keys
+from rlhf_ablate.run.trial import read_result, result_path, run_trial
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ablate.run.cache import StageCache, default_cache_root, read_executions
+from rlhf_ablate.run.cache import StageCache, read_executions
+from rlhf_ablate.rundir import default_cache_root
 from rlhf_ablate.config.sweep import expand, parse_sweep
 from rlhf_ablate.launch.tune import run_sweep
-from rlhf_ablate.run.result import FINISHED, read_result
+from rlhf_ablate.rundir import FINISHED, read_result
 
 ROOT = Path(__file__).resolve().parents[1]
 

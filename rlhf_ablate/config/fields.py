@@ -276,3 +276,19 @@ def build_dataclass(cls: type, d: Any, source: str, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def help_table(cls: type) -> str:
+    """Markdown table of every dotted key of dataclass ``cls``, its default and its help text."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    flat = flatten(dataclasses.asdict(cls()))
+
+    def walk(c: type, prefix: str) -> None:
+        for f in dataclasses.fields(c):
+            tp = _resolve(c, f.name)
+            if dataclasses.is_dataclass(tp):
+                walk(tp, prefix + f.name + ".")
+            else:
+                rows.append(f"| `{prefix}{f.name}` | `{flat.get(prefix + f.name)!r}` | {f.metadata.get('help', '')} |")
+
+    walk(cls, "")
+    return "\n".join(rows)
+

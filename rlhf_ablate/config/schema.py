@@ -217,11 +217,21 @@ class EvalConfig:
         None, "Encoder (local path or hub id) for embedding similarity of answers to references; unset = off.")
 
 
+# Each alignment method's own config section (``ppo.*``, ``dpo.*``, ...). The built-in ones are fields of
+# TrialConfig below; a method added through the stage graph (rlhf_ablate/run/graph.py: register_method) adds its
+# section with :func:`register_method_config`. Every rule and list that spans methods reads this table.
+METHOD_CONFIGS: dict[str, type] = {}
+# Sections added after start-up: hashed into a trial id only by trials of that method, so registering a method
+# never moves the ids of the trials that do not use it.
+_EXTENSION_METHODS: set[str] = set()
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     seed: int = _f(0, "Trial seed: sampling, init, data order. Splits use data.split_seed instead.")
-    method: Literal["ppo", "dpo", "grpo", "rloo"] = _f(
-        "ppo", "Alignment stage after SFT: PPO (ours, with the RM), DPO, GRPO or RLOO (TRL's trainers).")
+    method: str = _f(
+        "ppo", "Alignment stage after SFT: PPO (ours, with the RM), DPO, GRPO or RLOO (TRL's trainers), or a method "
+               "added through the stage graph (rlhf_ablate/run/graph.py).")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -243,11 +253,38 @@ class TrialConfig:
 
     @property
     def trial_id(self) -> str:
-        """Stable id: a hash of the full config (defaults included) and CONFIG_VERSION."""
-        return "t" + config_hash({"config_version": CONFIG_VERSION, **self.to_dict()})[:10]
+        """Stable id: a hash of the full config (defaults included) and CONFIG_VERSION. The section of a method
+        registered after start-up counts only for trials of that method."""
+        d = {k: v for k, v in self.to_dict().items() if k not in _EXTENSION_METHODS or k == self.method}
+        return "t" + config_hash({"config_version": CONFIG_VERSION, **d})[:10]
+
+    def method_config(self) -> Any:
+        """The config section of the trial's method (``cfg.ppo`` for PPO)."""
+        return getattr(self, self.method)
 
     def replace(self, **dotted: Any) -> "TrialConfig":
         return build_trial_config(apply_overrides(self.to_dict(), dotted, "<replace>"), "<replace>")
+
+
+METHOD_CONFIGS.update(ppo=PPOConfig, dpo=DPOConfig, grpo=GRPOConfig, rloo=RLOOConfig)
+
+
+def register_method_config(name: str, cls: type) -> None:
+    """Give TrialConfig a section ``name`` of type ``cls`` (a frozen dataclass with the LoRA part, LoraParams), for a
+    method declared in the stage graph. The one TrialConfig class gains the field in place, so every module that
+    imported it sees the section; dotted keys (``name.key``), validation, flat() and the sweep files follow."""
+    if not name.isidentifier() or name in {f.name for f in dataclasses.fields(TrialConfig)}:
+        raise ValueError(f"method {name!r}: not a new identifier (taken: {', '.join(METHOD_CONFIGS)})")
+    if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen and issubclass(cls, LoraParams)):
+        raise ValueError(f"method {name!r}: its config must be a frozen dataclass that includes LoraParams "
+                         f"(lora_rank, lora_alpha), like DPOConfig")
+    grown = dataclasses.make_dataclass("TrialConfig", [(name, cls, field(default_factory=cls))],
+                                       bases=(TrialConfig,), frozen=True)
+    for attr in ("__init__", "__repr__", "__eq__", "__hash__", "__dataclass_fields__", "__match_args__"):
+        setattr(TrialConfig, attr, getattr(grown, attr))
+    TrialConfig.__annotations__[name] = cls
+    METHOD_CONFIGS[name] = cls
+    _EXTENSION_METHODS.add(name)
 
 
 def all_keys() -> list[str]:
@@ -282,7 +319,10 @@ def validate(cfg: TrialConfig, source: str) -> None:
     if not 0 <= cfg.seed <= SEED_MAX:
         bad("seed", f"must lie in [0, 2**32 - 1] (numpy's seed range), got {cfg.seed}.")
 
-    for stage in ("sft", "rm", "ppo", "dpo", "grpo", "rloo"):
+    if cfg.method not in METHOD_CONFIGS:
+        bad("method", f"is {cfg.method!r}, which is not a method.{suggest(cfg.method, list(METHOD_CONFIGS))} "
+            f"Methods: {', '.join(METHOD_CONFIGS)}.")
+    for stage in ("sft", "rm", *METHOD_CONFIGS):
         sc = getattr(cfg, stage)
         if sc.lora_rank < 0:
             bad(f"{stage}.lora_rank", f"must be >= 0 (0 = full fine-tune), got {sc.lora_rank}.")
@@ -378,8 +418,7 @@ def validate(cfg: TrialConfig, source: str) -> None:
 
     # Cross-field: a full fine-tune cannot train on a 4-bit base (bitsandbytes 4-bit weights are frozen).
     if cfg.model.quantization != "none":
-        stages = ["sft", "rm", cfg.method] if cfg.method != "dpo" else ["sft", "rm", "dpo"]
-        full = [s for s in stages if getattr(cfg, s).lora_rank == 0]
+        full = [s for s in ("sft", "rm", cfg.method) if getattr(cfg, s).lora_rank == 0]
         if full:
             keys = ", ".join(f"{s}.lora_rank=0" for s in full)
             raise ConfigError(
@@ -406,16 +445,4 @@ def _validate_columns(columns: dict, source: str) -> None:
 
 def help_table() -> str:
     """Markdown table of every key, its default and help text (used by the README)."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    flat = TrialConfig().flat()
-
-    def walk(cls: type, prefix: str) -> None:
-        for f in dataclasses.fields(cls):
-            tp = _resolve(cls, f.name)
-            if dataclasses.is_dataclass(tp):
-                walk(tp, prefix + f.name + ".")
-            else:
-                rows.append(f"| `{prefix}{f.name}` | `{flat.get(prefix + f.name)!r}` | {f.metadata.get('help', '')} |")
-
-    walk(TrialConfig, "")
-    return "\n".join(rows)
+    return fields.help_table(TrialConfig)

@@ -42,59 +42,7 @@ from ..errors import ConfigError
 from ..metrics.registry import all_metric_names, known_metric
 from .fields import build_dataclass, flatten, read_yaml_file, suggest
 from .schema import SEED_MAX, TrialConfig, all_keys, apply_overrides, build_trial_config
-
-# ---------------------------------------------------------------------------------------------------------
-# Sweep-level sections. They configure how trials run, not what a trial computes, so they are not part of the
-# trial id: moving a sweep from Ray to SLURM, or changing its W&B project, keeps every trial id and cache entry.
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SearchSpec:
-    type: Literal["grid", "optuna"] = "grid"
-    metric: str = "ppo/reward_mean"
-    mode: Literal["max", "min"] = "max"
-    num_samples: int = 8
-    space: dict = field(default_factory=dict)  # dotted key -> {loguniform|uniform|int|choice: [...]}
-    max_concurrent: int = 2
-
-
-@dataclass(frozen=True)
-class SchedulerSpec:
-    type: Literal["none", "asha"] = "none"
-    metric: str = "ppo/objective/scores"
-    mode: Literal["max", "min"] = "max"
-    grace_period: int = 2
-    reduction_factor: int = 2
-    max_t: int = 1000
-
-
-@dataclass(frozen=True)
-class ResourceSpec:
-    gpu: Union[float, str] = "auto"  # "auto": fraction from the memory estimate (0 without GPUs); "probe": measured
-    cpu: int = 1
-    memory_gb: Optional[float] = None  # override the GPU memory estimate of a trial
-
-
-@dataclass(frozen=True)
-class TrackingSpec:
-    wandb: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "rlhf_ablate"
-    entity: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class SlurmSpec:
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    time: str = "04:00:00"
-    max_concurrent: int = 4
-    cpus_per_task: Optional[int] = None
-    gpus_per_task: Optional[int] = None
-    mem: Optional[str] = None
-    extra: list = field(default_factory=list)  # extra "#SBATCH ..." lines, e.g. ["--constraint=a100"]
-    setup: list = field(default_factory=list)  # shell lines run before the trial (module load, conda activate)
+from .sections import ResourceSpec, SchedulerSpec, SearchSpec, SlurmSpec, TrackingSpec
 
 
 SWEEP_KEYS = ("name", "version", "description", "include", "base", "axes", "seeds", "overrides", "search",

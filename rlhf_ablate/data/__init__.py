@@ -45,9 +45,6 @@ class DataBundle:
     fingerprint: str
     report: dict = field(default_factory=dict, compare=False)
 
-    def rm_pairs(self, split: str = "train") -> list[PreferencePair]:
-        return pairs(self.rm_train if split == "train" else self.rm_eval)
-
 
 def read_sources(cfg) -> tuple[dict[str, ReadResult | None], dict[str, str]]:
     """Read the raw (v1) tables of `cfg` (a DataConfig; rlhf_ablate/data/sources.py says where each comes from).

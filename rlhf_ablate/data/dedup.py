@@ -119,7 +119,7 @@ def signatures(texts: list[str], chunk: int = 1 << 20) -> np.ndarray:
     return sig
 
 
-def _band_keys(sig: np.ndarray) -> np.ndarray:
+def band_keys(sig: np.ndarray) -> np.ndarray:
     """One 64-bit key per (text, band): a hash of the band's ROWS values (equal bands give equal keys; unequal
     bands collide with probability 2^-64, and candidates are checked exactly anyway)."""
     n = sig.shape[0]
@@ -133,7 +133,7 @@ def _band_keys(sig: np.ndarray) -> np.ndarray:
 
 def candidate_groups(texts: list[str]) -> Iterator[np.ndarray]:
     """Groups of text indices (ascending) that share a whole LSH band: every candidate pair lies in some group."""
-    keys = _band_keys(signatures(texts)).ravel()
+    keys = band_keys(signatures(texts)).ravel()
     order = np.argsort(keys, kind="stable")
     sk = keys[order]
     cut = np.flatnonzero(sk[1:] != sk[:-1]) + 1
@@ -181,7 +181,7 @@ def near_duplicates(texts: list[str], threshold: float = NEAR_DUP_THRESHOLD) -> 
             uniq.append(i)
     if len(uniq) < 2:
         return dropped
-    band = _band_keys(signatures([texts[i] for i in uniq]))
+    band = band_keys(signatures([texts[i] for i in uniq]))
     # A row none of whose band keys occurs twice has no candidate at all: it is kept without a look (most rows).
     flat = band.ravel()
     srt = np.sort(flat)
@@ -231,6 +231,6 @@ def recall_at(pairs: Iterable[tuple[str, str]]) -> float:
     pairs = list(pairs)
     hits = 0
     for a, b in pairs:
-        keys = _band_keys(signatures([a, b]))
+        keys = band_keys(signatures([a, b]))
         hits += bool(np.any(keys[0] == keys[1]))
     return hits / len(pairs) if pairs else float("nan")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..run.result import FINISHED, read_result, record_failure
+from ..rundir import FINISHED, read_result, record_failure
 
 KEY_METRICS = ("ppo/objective/scores", "ppo/objective/kl")  # live-line metrics when no search metric is set
 
@@ -66,6 +66,8 @@ class LiveLines:
             return f"{self.prefix(trial)} {stage} done {result.get('seconds', 0):.1f}s{hit}"
         if ev == "failed":
             return f"{self.prefix(trial)} {stage} failed: {result.get('error', '')}"[:200]
+        if ev == "repaired":  # the stage cache moved a damaged entry aside (rlhf_ablate/run/cache.py)
+            return f"{self.prefix(trial)} {stage}: damaged cache entry {result.get('reason', '')}; rebuilding"[:300]
         if "step" in result:
             step, steps = int(result["step"]), int(result.get("steps", 0) or 0)
             every = max(1, steps // 10)

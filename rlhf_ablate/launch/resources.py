@@ -1,6 +1,6 @@
 """Per-trial resources: a GPU-memory estimate, packing small trials several to a GPU, refusing impossible ones.
 
-The estimate is :func:`rlhf_ablate.models.estimate_trial_memory_gb`: the peak of the trial's largest stage as the
+The estimate is :func:`rlhf_ablate.run.graph.estimate_trial_memory_gb`: the peak of the trial's largest stage as the
 stages actually run it (weights at 4-bit or full width, LoRA or full fine-tune optimizer state, activations with or
 without checkpointing, the logits of the response positions, PPO's generation KV cache, micro-batches: the formula
 is in rlhf_ablate/models/memory.py), times the allocator's fragmentation, plus the CUDA context.
@@ -92,10 +92,8 @@ def estimate_gb(spec: Any, trial: Any) -> Optional[float]:
         return float(spec.resources.memory_gb)
     if spec.resources.gpu == "probe" and detect_gpus():
         return probe_gb(spec, trial)
-    try:
-        from ..models import estimate_trial_memory_gb
-    except ImportError:  # pragma: no cover - models.py is part of the package
-        return None
+    from ..run.graph import estimate_trial_memory_gb
+
     model = trial.config.model
     if model in _UNREADABLE:  # a hub config that failed once fails again (and each try may retry for a minute)
         return None
@@ -135,7 +133,7 @@ def probe_key(trial_cfg: Any) -> str:
                                                              "rollout_batch_size", "rollout_micro_batch_size",
                                                              "mini_batch_size", "max_prompt_length",
                                                              "max_new_tokens", "init_from")}
-               for s in ("sft", "rm", "ppo", "dpo")}}
+               for s in ("sft", "rm", c["method"])}}
     return config_hash(keep)[:16]
 
 
@@ -148,17 +146,16 @@ def probe_gb(spec: Any, trial: Any) -> float:
 
     from ..files import write_json
     from ..models.memory import CUDA_OVERHEAD_GIB, FRAGMENTATION, GIB
-    from ..run.cache import default_cache_root
-    from ..run.probe import STAGES, measure_stages, probe_overrides
+    from ..rundir import default_cache_root
+    from ..run.probe import measure_stages, probe_overrides
 
     cache = default_cache_root(spec) / "memory_probe.json"
     key = probe_key(trial.config)
     known = json.loads(cache.read_text()) if cache.exists() else {}
     if key not in known:
         cfg = trial.config.replace(**probe_overrides(trial.config))
-        stages = STAGES if cfg.method == "ppo" else ("sft", "rm")
         with tempfile.TemporaryDirectory(prefix="memory_probe-") as work:
-            res = measure_stages(cfg.to_dict(), Path(work), "cuda", stages)
+            res = measure_stages(cfg.to_dict(), Path(work), "cuda")
         known = json.loads(cache.read_text()) if cache.exists() else {}
         known[key] = {"base_model": trial.config.model.base_model,
                       "stages_gib": {k: v["measured_bytes"] / GIB for k, v in res.items()}}

@@ -281,7 +281,7 @@ def array_script(spec: SweepSpec, trials: Sequence[Trial], run_dir: Path, opts: 
     chdir = (chdir or Path.cwd()).resolve()
     logs = run_dir / "slurm" / "logs"
     cmd = [python, "-m", "rlhf_ablate", "trial", str(sweep_path), *overrides]
-    from ..run.cache import default_cache_root
+    from ..rundir import default_cache_root
 
     lines = ["#!/bin/bash",
              f"# Written by `python -m rlhf_ablate slurm` for sweep '{spec.name}' (version {spec.version}): "
@@ -430,10 +430,14 @@ def _record(files: SlurmFiles, record: dict) -> None:
 def run_task(spec: SweepSpec, trial: Trial, run_dir: Path, *, use_cache: bool = True, data: Any = None) -> dict:
     """Run one trial as a SLURM array task does (also what ``trial`` runs by hand): inside a SLURM job, the time-limit
     warning (``--signal=B:USR1``) becomes a recorded failure with the reason "time limit" (module docstring)."""
-    from ..run.result import record_failure
+    from ..config.sweep import expand
+    from ..rundir import read_sweep_json, record_failure, write_sweep_json
     from ..run.trial import run_trial_in_sweep
     from ..runtime import TimeLimitReached, install_time_limit_handler
 
+    if read_sweep_json(run_dir) is None:  # the same run directory layout as a Ray sweep (rlhf_ablate/rundir.py)
+        write_sweep_json(Path(run_dir).resolve(), spec, expand(spec), use_cache=use_cache,
+                         launcher="slurm" if os.environ.get("SLURM_JOB_ID") else "trial")
     if os.environ.get("SLURM_JOB_ID"):
         install_time_limit_handler()
     try:
@@ -455,7 +459,7 @@ def slurm_command(sweep_file: str, overrides: Sequence[str] = (), *, out: Option
     """``python -m rlhf_ablate slurm``: write the array and report scripts, and submit them with ``submit_jobs``."""
     from ..config import parse_cli_overrides
     from ..config.sweep import expand, load_sweep
-    from ..run.result import run_dir_for
+    from ..rundir import run_dir_for, write_sweep_json
 
     overrides = list(overrides or [])
     # Everything is validated before anything is written or submitted.
@@ -474,6 +478,7 @@ def slurm_command(sweep_file: str, overrides: Sequence[str] = (), *, out: Option
     dependency = REPORT_DEPENDENCY
     files = write_scripts(spec, trials, run_dir, opts, sweep_path=Path(sweep_file).resolve(),
                           overrides=overrides, python=sys.executable)
+    write_sweep_json(run_dir, spec, trials, launcher="slurm")
 
     for note in opts.notes:
         print(f"note: {note}", file=sys.stderr)

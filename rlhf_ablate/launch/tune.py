@@ -54,7 +54,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import ConfigError
 from ..files import LockBusy, file_lock, write_json
-from ..run.result import FINISHED, now, read_result, record_failure, scan_results
+from ..rundir import FINISHED, SWEEP_JSON, now, read_result, record_failure, scan_results, write_sweep_json
 from .progress import LiveLines, summary_table
 
 # Seconds a worker waits for a stopped trial's thread to unwind before it stops or takes the next trial (Ray reads
@@ -159,7 +159,7 @@ def _init_ray(address: Optional[str], num_gpus: int) -> None:
     env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TUNE_FUNCTION_THREAD_TIMEOUT_S": str(THREAD_STOP_TIMEOUT_S),
            "PYTHONPATH": os.pathsep.join(
         [_package_root()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    for k in ("WANDB_MODE", "WANDB_DIR", "RLHF_ABLATE_CACHE", "RLHF_ABLATE_CODE_VERSION", "HF_HOME",
+    for k in ("WANDB_MODE", "WANDB_DIR", "RLHF_ABLATE_CACHE", "RLHF_ABLATE_CODE_VERSION", "RLHF_ABLATE_PLUGINS", "HF_HOME",
               "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(k):
             env[k] = os.environ[k]
@@ -198,19 +198,6 @@ def _request(spec: Any, trial: Any, gpus: list) -> dict:
     return {"cpu": spec.resources.cpu, "gpu": 0.0 if isinstance(g, str) else float(g), "estimate_gb": None}
 
 
-def _sweep_json(spec: Any, trials: list, run_dir: Path, use_cache: bool) -> None:
-    from ..run.cache import default_cache_root
-
-    path = run_dir / "sweep.json"
-    prev = json.loads(path.read_text()) if path.exists() else {}
-    write_json(path, {
-        "name": spec.name, "version": spec.version, "path": str(Path(spec.path).resolve()),
-        "description": spec.description, "search": spec.search.type, "scheduler": spec.scheduler.type,
-        "cache_dir": str(default_cache_root(spec)), "use_cache": use_cache,
-        "first_started_at": prev.get("first_started_at") or now(), "last_started_at": now(),
-        "trials": [{"index": t.index, "trial_id": t.trial_id, "seed": t.seed, "axes": t.axes} for t in trials]})
-
-
 def run_sweep(spec: Any, run_dir: Path, *, resume: bool = False, max_concurrent: Optional[int] = None,
               use_cache: bool = True, address: Optional[str] = None, report: bool = True,
               trial_fn: Optional[Callable] = None, stream: Any = None) -> int:
@@ -224,7 +211,7 @@ def run_sweep(spec: Any, run_dir: Path, *, resume: bool = False, max_concurrent:
 
     out = stream or sys.stdout
     run_dir = Path(run_dir).resolve()
-    if resume and not (run_dir / "sweep.json").exists():
+    if resume and not (run_dir / SWEEP_JSON).exists():
         raise ConfigError(f"--resume: {run_dir} holds no sweep to resume (no sweep.json). Run without --resume to "
                           f"start it, or pass the --out directory of the sweep you mean.")
     trials = expand(spec)
@@ -239,7 +226,7 @@ def run_sweep(spec: Any, run_dir: Path, *, resume: bool = False, max_concurrent:
         except LockBusy as e:
             raise ConfigError(f"another sweep driver is already running on {run_dir} ({e.holder}). Wait for it, or "
                               f"stop it; rerunning the same command later continues the sweep.") from None
-        _sweep_json(spec, trials, run_dir, use_cache)
+        write_sweep_json(run_dir, spec, trials, use_cache=use_cache, launcher="ray")
         gpus = [] if address and os.environ.get("RLHF_ABLATE_GPUS") is None else detect_gpus()
         optuna = spec.search.type == "optuna"
         done = {t.trial_id for t in trials if (read_result(run_dir, t.trial_id) or {}).get("status") in FINISHED}

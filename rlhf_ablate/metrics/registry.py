@@ -12,7 +12,8 @@ BLEU is resampled as corpus BLEU (sacrebleu's paired bootstrap does the same), a
 pair-weighted everywhere.
 
 Names follow the one namespace of docs/architecture.md ("Metric names"). Eval metrics exist once per policy stage
-in :data:`POLICY_STAGES`; a new alignment method (grpo, rloo) is one entry in :data:`METHODS`.
+in :data:`POLICY_STAGES`. The alignment methods are registered with :func:`register_method`, which the stage graph
+(rlhf_ablate/run/graph.py) calls once per method: this module owns the metric specs, the graph owns the method list.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ import numpy as np
 from .reward import RM_REDUCERS, rm_unit_stats
 from .text import bleu_from_stats, chrf_from_stats
 
-# Alignment methods after SFT, in the order tables show them. Adding a method (e.g. "grpo", "rloo") is one entry.
-METHODS: tuple[str, ...] = ("ppo", "dpo", "grpo", "rloo")
+# Alignment methods after SFT, in the order tables show them, filled by register_method (called by
+# rlhf_ablate/run/graph.py for each method it declares). Lists that grow in place, so importers see every method.
+METHODS: list[str] = []
 # Every policy whose answers to the held-out prompts are evaluated: the base model, SFT, then each method.
-POLICY_STAGES: tuple[str, ...] = ("base", "sft", *METHODS)
-STAGE_TITLES = {"rm": "reward model", "base": "base model", "sft": "SFT", "ppo": "PPO", "dpo": "DPO",
-                "grpo": "GRPO", "rloo": "RLOO"}
+POLICY_STAGES: list[str] = ["base", "sft"]
+STAGE_TITLES = {"rm": "reward model", "base": "base model", "sft": "SFT"}
 
 
 def stage_title(stage: str) -> str:
@@ -199,61 +200,94 @@ _RM = [
      "prompt changes nothing. Near 0 is best, so it has no arrow.", False, True),
 ]
 
-_REGISTRY: list[MetricSpec] = [
-    MetricSpec(f"rm/{suffix}", label, hib, fmt, scale, definition, "rm", RM_REDUCERS[suffix], None, raw, table)
-    for suffix, label, hib, fmt, scale, definition, raw, table in _RM
-]
-for _stage in POLICY_STAGES:
-    for _suffix, _label, _hib, _fmt, _scale, _def, _reduce, _setting, _raw, _methods_only in _EVAL:
-        if _methods_only and _stage not in METHODS:
-            continue  # SFT is its own reference (KL 0); the base model has no reference policy
-        _REGISTRY.append(MetricSpec(f"{_stage}/{_suffix}", _label, _hib, _fmt, _scale, _def, "eval", _reduce,
-                                    _setting, _raw))
+_REGISTRY: list[MetricSpec] = []   # every spec in registration order (the order of table columns)
+REGISTRY: dict[str, MetricSpec] = {}
+ORDER: dict[str, int] = {}
 
 # The compare stage (rlhf_ablate/stages/compare.py): one number per trial, so tested over seeds like any cell.
 _JUDGE_DEF = ("Win rate (wins + ties / 2) / n of the policy's greedy eval answers against {who}'s, prompt by prompt, "
               "judged as eval.judge says (default: the trial's own RM, which favours the policy it trained; "
               "metric_meta.compare says which judge). Wilson 95% bounds in _ci_low/_ci_high.")
-for _stage in METHODS:
-    for _opp, _who in (("sft", "the SFT model"), ("base", "the base model")):
-        _REGISTRY.append(MetricSpec(f"{_stage}/winrate_vs_{_opp}", f"win vs {_opp.upper() if _opp == 'sft' else _opp}",
-                                    True, ".3f", "0-1", _JUDGE_DEF.format(who=_who)))
-for _stage in POLICY_STAGES:
-    for _name, _hib, _what in (("cosine", True, "cosine similarity"), ("euclidean", False, "Euclidean distance"),
-                               ("pearson", True, "Pearson correlation")):
-        _REGISTRY.append(MetricSpec(f"{_stage}/emb_{_name}", f"emb. {_name}", _hib, ".3f", "",
-                                    f"Mean {_what} of each greedy answer's mean-pooled embedding (eval."
-                                    f"embedding_model) to its reference's.", in_table=True))
 
-REGISTRY: dict[str, MetricSpec] = {m.name: m for m in _REGISTRY}
-ORDER: dict[str, int] = {m.name: i for i, m in enumerate(_REGISTRY)}
-
-# Names a trial reports that are not table metrics: confidence bounds, counts, training losses and PPO's per-step
-# stats (docs/architecture.md, "Metric names"). Known, so config checks accept them; not shown in the tables.
-AUXILIARY_SUFFIXES = {
+# Names a trial reports that are not table metrics: confidence bounds, counts, training losses (docs/architecture.md,
+# "Metric names"). Known, so config checks accept them; not shown in the tables. Methods add theirs on registration.
+AUXILIARY_SUFFIXES: dict[str, tuple[str, ...]] = {
     "rm": ("kendall_tau_ci_low", "kendall_tau_ci_high", "kendall_tau_dropped", "spearman_rho_ci_low",
            "spearman_rho_ci_high", "spearman_rho_dropped", "length_bias_dropped", "n_groups", "n_pairs",
            "n_answers", "train_pairs"),
     "sft": ("train_loss_first", "train_loss_last", "train_examples"),
-    "dpo": ("train_loss_last", "train_pairs"),
-    **{m: tuple(f"{x}_vs_{o}" for o in ("sft", "base") for x in ("judge_win", "judge_tie", "judge_loss", "judge_n"))
-       + tuple(f"winrate_vs_{o}_ci_{b}" for o in ("sft", "base") for b in ("low", "high"))
-       + (("train_reward_first", "train_reward_last", "train_prompts") if m in ("grpo", "rloo") else ())
-       for m in METHODS},
 }
+# What the compare stage reports for every method beside its win rates.
+_COMPARE_AUX = (tuple(f"{x}_vs_{o}" for o in ("sft", "base") for x in ("judge_win", "judge_tie", "judge_loss", "judge_n"))
+                + tuple(f"winrate_vs_{o}_ci_{b}" for o in ("sft", "base") for b in ("low", "high")))
+# Per-step training stats of a method (PPO's rlhf_ablate/ppo/loop.py), named exactly: a misspelled scheduler metric
+# must not pass. Filled by register_method.
+STEP_METRICS: list[str] = []
 TRAINING_STAT_PREFIXES = ("objective/", "policy/", "val/", "loss/", "time/", "time_", "lr", "train_", "steps")
+
+
+def _policy_specs(stage: str, method: bool) -> list[MetricSpec]:
+    """The eval metrics of one policy stage, and for a method its compare-stage win rates; embedding similarity."""
+    out = [MetricSpec(f"{stage}/{suffix}", label, hib, fmt, scale, d, "eval", reduce, setting, raw)
+           for suffix, label, hib, fmt, scale, d, reduce, setting, raw, methods_only in _EVAL
+           if method or not methods_only]  # SFT is its own reference (KL 0); the base model has none
+    if method:
+        out += [MetricSpec(f"{stage}/winrate_vs_{o}", f"win vs {o.upper() if o == 'sft' else o}", True, ".3f", "0-1",
+                           _JUDGE_DEF.format(who=who)) for o, who in (("sft", "the SFT model"), ("base", "the base model"))]
+    out += [MetricSpec(f"{stage}/emb_{n}", f"emb. {n}", hib, ".3f", "", f"Mean {what} of each greedy answer's "
+                       f"mean-pooled embedding (eval.embedding_model) to its reference's.", in_table=True)
+            for n, hib, what in (("cosine", True, "cosine similarity"), ("euclidean", False, "Euclidean distance"),
+                                 ("pearson", True, "Pearson correlation"))]
+    return out
+
+
+def _add(specs: Sequence[MetricSpec]) -> None:
+    for m in specs:
+        _REGISTRY.append(m)
+        REGISTRY[m.name] = m
+        ORDER[m.name] = len(ORDER)
+
+
+def register_method(name: str, title: str, *, auxiliary: Sequence[str] = (), step_metrics: Sequence[str] = ()) -> None:
+    """Declare an alignment method's metrics: its eval metrics and win rates (``<name>/rougeL``, ...), the auxiliary
+    numbers its training stage writes (``auxiliary``: suffixes) and its per-step stats (``step_metrics``: suffixes,
+    reported as ``<name>/<suffix>``). Called by the stage graph (rlhf_ablate/run/graph.py), once per method."""
+    if name in METHODS or name in ("rm", "base", "sft"):
+        raise ValueError(f"metric registry: method {name!r} is registered already")
+    METHODS.append(name)
+    POLICY_STAGES.append(name)
+    STAGE_TITLES[name] = title
+    _add(_policy_specs(name, method=True))
+    AUXILIARY_SUFFIXES[name] = _COMPARE_AUX + tuple(auxiliary)
+    STEP_METRICS.extend(f"{name}/{k}" for k in step_metrics)
+
+
+_add([MetricSpec(f"rm/{suffix}", label, hib, fmt, scale, definition, "rm", RM_REDUCERS[suffix], None, raw, table)
+      for suffix, label, hib, fmt, scale, definition, raw, table in _RM])
+for _stage in POLICY_STAGES:
+    _add(_policy_specs(_stage, method=False))
+
+# The built-in methods' metrics. Their stages are declared in rlhf_ablate/run/graph.py, which refuses to start if
+# the two disagree; a method added from outside registers its metrics through the graph (graph.register_method).
+# PPO's per-step stats (rlhf_ablate/ppo/loop.py) are named exactly, so that a misspelled scheduler metric is refused.
+PPO_STEP_SUFFIXES = (
+    "episodes", "lr", "objective/kl", "objective/entropy", "objective/scores", "objective/scores_normalized",
+    "objective/non_score_reward", "objective/rlhf_reward", "objective/kl_coef", "objective/eos_frac",
+    "objective/stopped_frac", "objective/empty_frac", "objective/response_len", "policy/clipfrac",
+    "policy/approx_kl", "val/clipfrac", "val/ratio", "val/ratio_var", "loss/policy", "loss/value", "grad_norm",
+    "time/generate", "time/score", "time/update")
+_ONLINE_AUX = ("train_reward_first", "train_reward_last", "train_prompts")
+register_method("ppo", "PPO", auxiliary=("steps", "time_generate", "time_score", "time_update"),
+                step_metrics=PPO_STEP_SUFFIXES)
+register_method("dpo", "DPO", auxiliary=("train_loss_last", "train_pairs"))
+register_method("grpo", "GRPO", auxiliary=_ONLINE_AUX)
+register_method("rloo", "RLOO", auxiliary=_ONLINE_AUX)
+BUILTIN_METHODS = tuple(METHODS)
 
 
 def spec_for(name: str) -> MetricSpec:
     """The registered spec, or a neutral one (raw name, no direction) for a metric we do not know."""
     return REGISTRY.get(name) or MetricSpec(name, name, None, ".4g", definition="not in the metric registry")
-
-
-# PPO's per-step stats (rlhf_ablate/ppo/loop.py), the names a scheduler's metric is usually one of.
-PPO_STEP_METRICS = tuple(f"ppo/{k}" for k in (
-    "objective/kl", "objective/entropy", "objective/scores", "objective/scores_normalized", "objective/rlhf_reward",
-    "objective/kl_coef", "objective/eos_frac", "objective/response_len", "policy/clipfrac", "policy/approx_kl",
-    "val/clipfrac", "loss/policy", "loss/value"))
 
 
 def known_metric(name: str) -> bool:
@@ -265,14 +299,14 @@ def known_metric(name: str) -> bool:
     if rest in AUXILIARY_SUFFIXES.get(stage, ()):
         return True
     # Per-step stats are named exactly (a misspelled scheduler metric must not pass); timings and counters by prefix.
-    return name in PPO_STEP_METRICS or (stage in METHODS and rest.startswith(("time/", "time_", "lr", "train_",
-                                                                               "steps")))
+    return name in STEP_METRICS or (stage in METHODS and rest.startswith(("time/", "time_", "lr", "train_",
+                                                                           "steps")))
 
 
 def all_metric_names() -> list[str]:
     """Every registered metric name, the auxiliary ones and PPO's per-step stats (for "did you mean")."""
     return list(dict.fromkeys(list(REGISTRY) + [f"{s}/{x}" for s, xs in AUXILIARY_SUFFIXES.items() for x in xs]
-                              + list(PPO_STEP_METRICS)))
+                              + STEP_METRICS))
 
 
 def stage_specs(stage: str, *, table_only: bool = True) -> list[MetricSpec]:

@@ -16,6 +16,8 @@ Sampling must draw from exactly the distribution that PPO later recomputes (issu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -94,6 +96,46 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> 
             ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
             attn[i, width - len(s):] = 1
     return ids.to(device), attn.to(device)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a policy answers, in one place for every caller (issue 17): PPO's rollouts, eval's greedy answers and its
+    KL sample, chat, and the sampling TRL's GRPO/RLOO trainers are configured with. ``kwargs()`` are
+    :func:`generate`'s keyword arguments."""
+
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float = 1.0
+    max_prompt_length: Optional[int] = None   # prompt tokens kept (the start is cut); None: whole prompts
+    stop_at_header: bool = True               # stop at the template's next-turn header, cut it from the answer
+
+    def kwargs(self) -> dict:
+        return dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, temperature=self.temperature,
+                    max_prompt_length=self.max_prompt_length, stop_at_header=self.stop_at_header)
+
+
+def sampling_for(cfg: Any, purpose: str) -> Sampling:
+    """The sampling of ``purpose`` for trial config ``cfg``:
+
+    - ``rollout``: PPO's temperature sampling (``ppo.max_new_tokens``, ``ppo.temperature``);
+    - ``eval`` (and ``chat``, which answers as eval does): ``eval.max_new_tokens``, greedy unless ``eval.do_sample``;
+    - ``eval_kl``: eval's one temperature-1 sample per prompt that ``kl_to_ref`` is estimated on;
+    - a sampling method's name (``grpo``, ``rloo``): its section's ``max_new_tokens`` and ``temperature``.
+
+    Every one cuts prompts to ``ppo.max_prompt_length`` (the template's answer cue at the end is kept), so no stage
+    sees a longer prompt than the memory estimate assumes."""
+    keep = cfg.ppo.max_prompt_length
+    if purpose == "rollout":
+        return Sampling(cfg.ppo.max_new_tokens, True, cfg.ppo.temperature, keep)
+    if purpose in ("eval", "chat"):
+        return Sampling(cfg.eval.max_new_tokens, cfg.eval.do_sample, 1.0, keep)
+    if purpose == "eval_kl":
+        return Sampling(cfg.eval.max_new_tokens, True, 1.0, keep)
+    section = getattr(cfg, purpose, None)
+    if section is None or not hasattr(section, "temperature"):
+        raise ValueError(f"sampling_for: unknown purpose {purpose!r}")
+    return Sampling(section.max_new_tokens, True, section.temperature, keep)
 
 
 def generation_config(tokenizer, *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,

@@ -311,6 +311,13 @@ def load_seq_cls(cfg: ModelConfig, path: Optional[str] = None, *, quantize: bool
     return model
 
 
+def trains_in_4bit(cfg: ModelConfig, lora_rank: int) -> bool:
+    """The one 4-bit rule of a trained stage: its base is loaded in 4-bit when the model config quantizes and the
+    stage trains LoRA adapters (rank > 0). A full fine-tune (rank 0) trains unquantized weights. Every stage and the
+    memory estimate (models/memory.py) ask this."""
+    return cfg.quantization != "none" and lora_rank > 0
+
+
 def is_quantized(model: Any) -> bool:
     """True when the model (or a peft model's base) holds bitsandbytes 4-bit weights."""
     return any(type(p).__name__ == "Params4bit" for p in model.parameters())

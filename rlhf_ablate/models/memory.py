@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from ..config import BUILTIN_MODELS, ModelConfig, PPOConfig
 from .builtin import _builtin_model_config
-from .loading import _explain_load_errors, _hub_kwargs, compute_dtype, resolve_base
+from .loading import _explain_load_errors, _hub_kwargs, compute_dtype, resolve_base, trains_in_4bit
 from .lora import _is_linear_like, lora_target_modules, wants_gradient_checkpointing
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,79 +197,149 @@ def _weights(shape: ModelShape, quantized: bool, double_quant: bool, w: int) -> 
     return shape.quantizable * (0.5 + scales) + (shape.params - shape.quantizable) * w
 
 
-def estimate_stage_bytes(trial_cfg: Any, device: str = "cuda") -> dict[str, dict[str, float]]:
-    """Peak memory of each stage of a trial, in bytes, by component, with ``peak`` their sum (PPO: the resident part
-    plus its largest phase). ``device="cuda"`` is what a GPU trial allocates through torch (``auto`` = bf16);
-    ``device="cpu"`` what the same trial holds on a CPU (``auto`` = fp32, TRL's CPU head fallback): the benchmark
-    compares that against the process's peak resident memory.
+class Parts:
+    """The terms every stage's estimate is made of, for one trial on one device (``device="cuda"``: what a GPU trial
+    allocates through torch, ``auto`` = bf16; ``device="cpu"``: what the same trial holds on a CPU, ``auto`` = fp32,
+    TRL's CPU head fallback, which benchmarks/bench_memory.py compares against the process's peak).
 
-    Stages run one after another and free their models, so a trial's peak is its largest stage. The settings come
-    from the same places the stages read them: ``model.max_length`` and the stage batch sizes for the TRL stages,
-    :func:`ppo_plan` for PPO (micro-batches, checkpointing, prompt and response lengths, log-prob chunks), and
-    models/lora.py: wants_gradient_checkpointing for every stage.
-    """
-    cfg = trial_cfg
-    shape = model_shape(cfg.model)
-    w = {"float32": 4, "bfloat16": 2, "float16": 2}[compute_dtype(cfg.model, device)]
-    quantized = cfg.model.quantization != "none"
-    P, V, h, s = shape.params, shape.vocab, shape.hidden, cfg.model.max_length
-    gc = wants_gradient_checkpointing(P)
-    cpu = device == "cpu"
+    A stage's estimator (declared with the stage in rlhf_ablate/run/graph.py) returns its components in bytes; the
+    graph adds ``peak`` = their sum (PPO: the resident part plus its largest phase). The settings come from where the
+    stages read them: ``model.max_length`` and the stage batch sizes, :func:`ppo_plan`, the 4-bit rule
+    (models/loading.py: trains_in_4bit) and models/lora.py: wants_gradient_checkpointing."""
 
-    def weights(q: bool) -> float:
-        return _weights(shape, q, cfg.model.double_quant, w)
+    def __init__(self, cfg: Any, device: str = "cuda"):
+        self.cfg = cfg
+        self.shape = model_shape(cfg.model)
+        self.w = {"float32": 4, "bfloat16": 2, "float16": 2}[compute_dtype(cfg.model, device)]
+        self.cpu = device == "cpu"
+        self.gc = wants_gradient_checkpointing(self.shape.params)
 
-    def rm_weights(q: bool) -> float:  # a sequence-classification model: no LM head, a one-output score head
-        return weights(q) - shape.untied_head * w
+    def quantized(self, lora_rank: int) -> bool:
+        return trains_in_4bit(self.cfg.model, lora_rank)
 
-    def dequant(q: bool) -> float:  # bitsandbytes dequantizes a whole weight for each 4-bit matmul
-        return shape.largest_linear * w if q else 0.0
+    def weights(self, q: bool) -> float:
+        return _weights(self.shape, q, self.cfg.model.double_quant, self.w)
 
-    def trl_trainable(rank: int) -> float:
-        # weight, gradient and two AdamW moments, all in the compute dtype: the TRL stages keep trainable weights
-        # there (stages/common.py: restore_trainable_dtype), LoRA or a full fine-tune alike.
-        return (P if rank == 0 else rank * shape.lora_dims) * 4 * w
+    def rm_weights(self, q: bool) -> float:
+        """A sequence-classification model: no LM head, a one-output score head."""
+        return self.weights(q) - self.shape.untied_head * self.w
 
-    def trl_head(tokens: int) -> float:
+    def dequant(self, q: bool) -> float:
+        """bitsandbytes dequantizes a whole weight for each 4-bit matmul."""
+        return self.shape.largest_linear * self.w if q else 0.0
+
+    def trl_trainable(self, rank: int) -> float:
+        """Weight, gradient and two AdamW moments, all in the compute dtype: the TRL stages keep trainable weights
+        there (stages/common.py: restore_trainable_dtype), LoRA or a full fine-tune alike."""
+        return (self.shape.params if rank == 0 else rank * self.shape.lora_dims) * 4 * self.w
+
+    def trl_head(self, tokens: int) -> float:
+        """TRL's fused LM head over ``tokens``. On the CPU, the backward's fp32 accumulation (_addmm_fp32) casts each
+        [tile vocabulary, hidden] slice of the head weight to float32 as well."""
+        V, h, w, cpu = self.shape.vocab, self.shape.hidden, self.w, self.cpu
         tile = min(tokens, TRL_TILE_TOKENS) * min(V, TRL_TILE_VOCAB)
-        # On the CPU, the backward's fp32 accumulation (_addmm_fp32) casts each [tile vocabulary, hidden] slice of
-        # the head weight to float32 as well.
         return tokens * h * (w + 4) + tile * (w + (12 if cpu else 0)) + (min(V, TRL_TILE_VOCAB) * h * 4 if cpu else 0)
 
-    stages: dict[str, dict[str, float]] = {}
-    q = quantized and cfg.sft.lora_rank > 0
-    b = cfg.sft.batch_size
-    stages["sft"] = {"weights": weights(q), "trainable": trl_trainable(cfg.sft.lora_rank),
-                     "activations": _train_act(shape, w, b, s, gc), "lm_head": trl_head(b * s), "dequant": dequant(q)}
-    q = quantized and cfg.rm.lora_rank > 0
-    b = 2 * cfg.rm.batch_size  # chosen and rejected in one batch
-    stages["rm"] = {"weights": rm_weights(q), "trainable": trl_trainable(cfg.rm.lora_rank),
-                    "activations": _train_act(shape, w, b, s, gc), "dequant": dequant(q)}
-    if cfg.method == "ppo":
-        stages["ppo"] = _ppo_bytes(cfg, shape, w, weights, rm_weights, dequant)
-    elif cfg.method in ("grpo", "rloo"):
-        # TRL owns the policy (rlhf_ablate/stages/online_rl.py): the policy with its adapters, the trial's RM as a
-        # second copy of the base (reward.type rm), batch_size sampled answers of (prompt + max_new_tokens) tokens
-        # trained at once through TRL's fused head, and their generation's KV cache. Not measured by
-        # benchmarks/bench_memory.py, so the packer's margin matters more here.
-        o = getattr(cfg, cfg.method)
-        q = quantized and o.lora_rank > 0
-        b, T = o.batch_size, cfg.ppo.max_prompt_length + o.max_new_tokens
-        rm_copy = rm_weights(quantized and cfg.rm.lora_rank > 0) if cfg.reward.type == "rm" else 0.0
-        ref = weights(False) if o.lora_rank == 0 and o.beta > 0 else 0.0
-        stages[cfg.method] = {"weights": weights(q) + rm_copy + ref, "trainable": trl_trainable(o.lora_rank),
-                              "activations": _train_act(shape, w, b, T, gc), "lm_head": trl_head(b * T),
-                              "kv_cache": b * T * 2 * shape.kv_dim * w * shape.layers, "dequant": dequant(q)}
-    else:
-        d = cfg.dpo
-        q = quantized and d.lora_rank > 0
-        b = 2 * d.batch_size
-        stages["dpo"] = {"weights": weights(q) + (weights(False) if d.lora_rank == 0 else 0),
-                         "trainable": trl_trainable(d.lora_rank), "activations": _train_act(shape, w, b, s, gc),
-                         "lm_head": trl_head(b * s), "dequant": dequant(q)}
-    for st in stages.values():
-        st["peak"] = sum(v for k, v in st.items() if k not in ("peak",) and not k.startswith("phase:"))
-    return stages
+    def train_act(self, b: int, T: int, gc: Any = None) -> float:
+        return _train_act(self.shape, self.w, b, T, self.gc if gc is None else gc)
+
+    def fwd(self, b: int, T: int) -> float:
+        return _fwd_transient(self.shape, self.w, b, T)
+
+    def kv_cache(self, b: int, T: int) -> float:
+        return b * T * 2 * self.shape.kv_dim * self.w * self.shape.layers
+
+    def trl_stage(self, section: Any, b: int, T: int, *, head: bool = True, extra_weights: float = 0.0,
+                  seq_cls: bool = False) -> dict[str, float]:
+        """A TRL-trained stage (stages/common.py): its model (4-bit by the rule), trainable state, training
+        activations of ``b`` sequences of ``T`` tokens, TRL's fused head (causal LMs) and a 4-bit dequantized
+        weight."""
+        q = self.quantized(section.lora_rank)
+        out = {"weights": (self.rm_weights(q) if seq_cls else self.weights(q)) + extra_weights,
+               "trainable": self.trl_trainable(section.lora_rank), "activations": self.train_act(b, T)}
+        if head:
+            out["lm_head"] = self.trl_head(b * T)
+        out["dequant"] = self.dequant(q)
+        return out
+
+
+def sft_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
+    return parts.trl_stage(cfg.sft, cfg.sft.batch_size, cfg.model.max_length)
+
+
+def rm_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
+    # chosen and rejected in one batch; a sequence-classification model has no LM head
+    return parts.trl_stage(cfg.rm, 2 * cfg.rm.batch_size, cfg.model.max_length, head=False, seq_cls=True)
+
+
+def dpo_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
+    d = cfg.dpo
+    # a full fine-tune keeps a frozen reference copy beside the policy (TRL reloads it from the SFT path)
+    return parts.trl_stage(d, 2 * d.batch_size, cfg.model.max_length,
+                           extra_weights=parts.weights(False) if d.lora_rank == 0 else 0.0)
+
+
+def online_rl_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
+    """GRPO/RLOO: TRL owns the policy (rlhf_ablate/stages/online_rl.py): the policy with its adapters, the trial's RM
+    as a second copy of the base (reward.type rm), batch_size sampled answers of (prompt + max_new_tokens) tokens
+    trained at once through TRL's fused head, and their generation's KV cache. Not measured by
+    benchmarks/bench_memory.py, so the packer's margin matters more here."""
+    o = getattr(cfg, cfg.method)
+    b, T = o.batch_size, cfg.ppo.max_prompt_length + o.max_new_tokens
+    rm_copy = parts.rm_weights(parts.quantized(cfg.rm.lora_rank)) if cfg.reward.type == "rm" else 0.0
+    ref = parts.weights(False) if o.lora_rank == 0 and o.beta > 0 else 0.0
+    return {**parts.trl_stage(o, b, T, extra_weights=rm_copy + ref), "kv_cache": parts.kv_cache(b, T)}
+
+
+def eval_bytes(cfg: Any, parts: Parts, *, generate: bool = True, rm: bool = True,
+               kl_rank: Optional[int] = None) -> dict[str, float]:
+    """An eval stage (stages/evaluate.py). ``generate``: the policy on its base (4-bit when the model config
+    quantizes) answers greedily, 16 prompts at a time (``generate``'s batch). ``rm``: the trial's RM is loaded beside
+    it and scores the answers. ``kl_rank`` (a method's LoRA rank; None: no KL pass): the KL pass samples and scores
+    ``ppo.rollout_micro_batch_size`` prompts at a time with response-only, chunked log-probs, against a reference
+    that is the base with adapters off, or with a full fine-tune (rank 0) a separate copy."""
+    s = parts.shape
+    p = ppo_plan(cfg.ppo, s.params, s.vocab)
+    P, R = p.prompt_len, cfg.eval.max_new_tokens
+    T = P + R
+    out: dict[str, float] = {}
+    phases = {"generation": 0.0, "scoring": 0.0}
+    if generate:
+        out["weights"] = parts.weights(cfg.model.quantization != "none") + (parts.weights(False) if kl_rank == 0
+                                                                             else 0.0)
+        b = 16
+        phases["generation"] = (b * T * 2 * s.kv_dim * parts.w * (s.layers + 1) + parts.fwd(b, P)
+                                + b * s.vocab * (parts.w + 12))
+    if rm:
+        out["reward"] = parts.rm_weights(parts.quantized(cfg.rm.lora_rank))
+        phases["scoring"] = parts.fwd(16, cfg.model.max_length)
+    if kl_rank is not None:
+        m = p.rollout_micro
+        chunk = min(p.logprob_chunk, m * R) * s.vocab * 4
+        phases["scoring"] = max(phases["scoring"], parts.fwd(m, T) + m * R * s.vocab * parts.w
+                                * (2 if s.softcap else 1) + 2 * chunk)
+    out.update({f"phase:{k}": v for k, v in phases.items()})
+    out["largest_phase"] = max(phases.values())
+    return out
+
+
+def compare_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
+    """The compare stage scores answers with an independent RM (``eval.judge_rm_from``) or not at all (the trial's
+    own RM scores are in the eval records; an API judge runs elsewhere): that RM and a scoring forward of 16."""
+    if not (cfg.eval.judge == "rm" and cfg.eval.judge_rm_from):
+        return {}
+    return {"weights": parts.rm_weights(parts.quantized(cfg.rm.lora_rank)),
+            "activations": parts.fwd(16, cfg.model.max_length)}
+
+
+def ppo_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
+    return _ppo_bytes(cfg, parts.shape, parts.w, parts.weights, parts.rm_weights, parts.dequant)
+
+
+def with_peak(components: dict[str, float]) -> dict[str, float]:
+    """``components`` plus ``peak``: the sum of what is alive at once (``phase:*`` entries are the parts of
+    ``largest_phase``, not added again)."""
+    return {**components, "peak": sum(v for k, v in components.items() if not k.startswith("phase:"))}
 
 
 def _ppo_bytes(cfg: Any, shape: ModelShape, w: int, weights: Any, rm_weights: Any, dequant: Any) -> dict[str, float]:
@@ -318,10 +388,3 @@ def _ppo_bytes(cfg: Any, shape: ModelShape, w: int, weights: Any, rm_weights: An
     out["phase:generation"], out["phase:scoring"], out["phase:update"] = gen, score, update
     out["largest_phase"] = max(gen, score, update)
     return out
-
-
-def estimate_trial_memory_gb(trial_cfg: Any) -> float:
-    """Estimated peak GPU memory of one trial, in GiB, used to pack trials on GPUs and refuse impossible ones:
-    ``FRAGMENTATION * max(stage peaks) + CUDA_OVERHEAD_GIB`` (:func:`estimate_stage_bytes` for the stages)."""
-    stages = estimate_stage_bytes(trial_cfg, "cuda")
-    return FRAGMENTATION * max(st["peak"] for st in stages.values()) / GIB + CUDA_OVERHEAD_GIB

@@ -25,7 +25,7 @@ from ..config import PPOConfig, TrialConfig
 from ..errors import TrialFailed
 from ..files import write_json
 from ..models import compute_dtype, enable_tf32
-from ..runtime import seed_everything
+from ..runtime import seed_everything, stage_hooks
 from . import math as ppo_math
 from .roles import PPOModels
 from .rollout import build_batch, score_batch
@@ -45,6 +45,7 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
     seed_everything(cfg.seed)
     enable_tf32()
     roles = PPOModels(cfg, sft_dir, rm_dir)
+    stage_hooks().model_ready(*roles.all_models())
     tok = roles.tokenizer
     dev = next(roles.model.parameters()).device
     optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=p.learning_rate, eps=1e-5,
@@ -72,7 +73,7 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
         batch_prompts = [prompts[i] for i in order[:p.rollout_batch_size]]
         order = order[p.rollout_batch_size:]
         t0 = time.perf_counter()
-        responses = roles.generate(batch_prompts, p.max_new_tokens, p.temperature)
+        responses = roles.generate(batch_prompts)  # the rollout sampling (models/generation.py: sampling_for)
         b = build_batch(tok, batch_prompts, responses, dev)
         t1 = time.perf_counter()
         # ---- score -------------------------------------------------------------------------------------------
@@ -123,6 +124,7 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
                               f"{p.kl_stop}; raise ppo.kl_coef or lower ppo.learning_rate")
         kl_ctl.update(mean_kl, p.rollout_batch_size)
         t_gen, t_score, t_update = t_gen + t1 - t0, t_score + t2 - t1, t_update + t3 - t2
+    stage_hooks().trained()
     roles.save_policy(out)
     write_json(out / "history.json", history)
     write_json(out / "ppo_info.json", {"kind": "adapter" if roles.shared else "model", "shared_base": roles.shared,

@@ -21,8 +21,10 @@ and any logit scaling apply exactly as in generation; the models stay in train m
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -32,6 +34,7 @@ from ..config import TrialConfig
 from ..errors import TrialFailed
 from ..files import read_json
 from ..models import (autocast, disable_dropout, enable_gradient_checkpointing, freeze_for_kbit_training, generate,
+                      sampling_for,
                       last_token_index, load_rm, logical_param_count, position_ids, ppo_plan)
 from . import math as ppo_math
 
@@ -107,11 +110,11 @@ class PPOModels:
         self.value_head.to(dev)
         if self.reward_head is not None:
             self.reward_head.to(dev)
-        for m in self._all_models():
+        for m in self.all_models():
             disable_dropout(m)
         self.train(True)
 
-    def _all_models(self) -> list[nn.Module]:
+    def all_models(self) -> list[nn.Module]:
         return [m for m in (self.model, self.ref_model, self.value_model, getattr(self, "rm_model", None))
                 if m is not None]
 
@@ -245,15 +248,17 @@ class PPOModels:
             out = self.rm_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
         return out.logits.squeeze(-1).float()
 
-    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float,
+    def generate(self, prompts: list[str], max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
                  return_logprobs: bool = False) -> list[dict]:
-        """Temperature sampling, ``plan.rollout_micro`` prompts per generate call, prompts cut to
-        ``ppo.max_prompt_length`` tokens (rlhf_ablate/models/generation.py)."""
+        """The rollout's sampling (models/generation.py: sampling_for(cfg, "rollout"); ``max_new_tokens`` and
+        ``temperature`` replace its values when given), ``plan.rollout_micro`` prompts per generate call."""
+        s = sampling_for(self.cfg, "rollout")
+        s = dataclasses.replace(s, max_new_tokens=max_new_tokens or s.max_new_tokens,
+                                temperature=s.temperature if temperature is None else temperature)
         model = self._policy_model()
         with autocast(self.cfg.model):
-            return generate(model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=True,
-                            temperature=temperature, batch_size=self.plan.rollout_micro,
-                            max_prompt_length=self.plan.prompt_len, return_logprobs=return_logprobs)
+            return generate(model, self.tokenizer, prompts, **s.kwargs(), batch_size=self.plan.rollout_micro,
+                            return_logprobs=return_logprobs)
 
     def train(self, mode: bool = True) -> None:
         """Train mode for the trained roles (gradient checkpointing acts only in train mode). Dropout is 0 either

@@ -39,6 +39,15 @@ data readers, the model loading or the PPO math invalidates all of them, which i
 ``RLHF_ABLATE_CODE_VERSION`` to pin the version explicitly (for example to reuse artifacts after a pure refactor);
 you then take responsibility for the artifacts matching the code.
 
+Checked on every lookup
+-----------------------
+A finished build records every file of the artifact in its ``COMPLETE`` marker (path, size, and the sha256 of
+files up to :data:`HASH_LIMIT`), after checking that the files the stage promises (rlhf_ablate/run/graph.py) are
+there. A lookup compares the sizes, and the hashes of files up to :data:`VERIFY_HASH_LIMIT` (cheap); a missing,
+truncated or altered entry, as a full or flaky shared file system leaves behind, is moved aside to
+``<root>/<stage>/.damaged-<key>-<time>`` and rebuilt, with a warning that names the entry and why
+(``StageRun.repaired``, in result.json's timings).
+
 Each build (hit or not, cached or not) that actually ran a stage appends one JSON line to
 ``<root>/executions.jsonl`` (stage, key, pid, host, seconds, status: ``ok``, ``failed``, or ``interrupted`` when
 the build was ended from outside: an ASHA stop, Ctrl-C, SLURM's time-limit warning), which benchmarks and tests
@@ -60,19 +69,26 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from ..files import atomic_write_text, canonical_json, config_hash, file_lock, fsync_dir
 
 COMPLETE = "COMPLETE"
 EXECUTIONS_LOG = "executions.jsonl"
 KEY_HEX = 32  # 128 bits of sha256: collisions are not a practical concern for a cache
+HASH_LIMIT = 64 * 2**20         # files up to this size are hashed when an artifact is finished
+VERIFY_HASH_LIMIT = 16 * 2**20  # ... and their hash is checked on a lookup (larger files: their size only)
+log = logging.getLogger("rlhf_ablate.cache")
+
+
+class StageIncomplete(Exception):
+    """A stage's build returned without writing a file it promises."""
 
 # Code (paths relative to the package) that orchestrates trials but does not compute stage artifacts. Editing it
 # must not invalidate the cache. A directory entry covers everything under it. tests/test_cache.py checks that each
 # entry exists, so a move cannot silently turn an exclusion off.
-ORCHESTRATION = frozenset({"launch", "cli.py", "__main__.py", "config/sweep.py", "run/tracking.py",
-                           "run/result.py", "run/cache.py"})
+ORCHESTRATION = frozenset({"launch", "cli.py", "__main__.py", "config/sweep.py", "config/sections.py", "run/tracking.py",
+                           "rundir.py", "run/cache.py"})
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
@@ -100,18 +116,6 @@ def _code_version(package_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
-def default_cache_root(spec: Any = None) -> Path:
-    """``spec.cache_dir`` if the sweep sets it, else ``$RLHF_ABLATE_CACHE/stages``, else
-    ``~/.cache/rlhf_ablate/stages``. Relative ``cache_dir`` values are resolved against the current directory."""
-    cache_dir = getattr(spec, "cache_dir", None) if spec is not None else None
-    if cache_dir:
-        return Path(cache_dir).expanduser().resolve()
-    env = os.environ.get("RLHF_ABLATE_CACHE")
-    if env:
-        return (Path(env).expanduser() / "stages").resolve()
-    return (Path.home() / ".cache" / "rlhf_ablate" / "stages").resolve()
-
-
 @dataclass(frozen=True)
 class StageRun:
     """What :meth:`StageCache.run` returns."""
@@ -122,11 +126,15 @@ class StageRun:
     hit: bool         # True: reused (possibly after waiting on another process's build)
     seconds: float    # build seconds (about 0 on a hit)
     waited: float = 0.0  # seconds spent waiting on the lock held by another builder
+    repaired: Optional[str] = None  # why a damaged entry was moved aside and rebuilt
 
     def timing(self) -> dict:
         """The shape of one entry of result.json ``timings`` (see docs/architecture.md)."""
-        return {"seconds": round(self.seconds, 3), "cache_hit": self.hit, "key": self.key,
-                "waited": round(self.waited, 3)}
+        out = {"seconds": round(self.seconds, 3), "cache_hit": self.hit, "key": self.key, "bucket": self.stage,
+               "waited": round(self.waited, 3)}
+        if self.repaired:
+            out["repaired"] = self.repaired
+        return out
 
 
 class StageCache:
@@ -160,27 +168,36 @@ class StageCache:
         return (self.path(stage, key) / COMPLETE).is_file()
 
     # ---- the one operation -----------------------------------------------------------------------------------
-    def run(self, stage: str, key: str, build: Callable[[Path], None]) -> StageRun:
-        """Return the artifact of ``stage``/``key``, building it with ``build(tmp_dir)`` on a miss.
+    def run(self, stage: str, key: str, build: Callable[[Path], None], promises: Sequence[str] = ()) -> StageRun:
+        """Return the artifact of ``stage``/``key``, building it with ``build(tmp_dir)`` on a miss or when the cached
+        entry is damaged (module docstring, "Checked on every lookup").
 
-        ``build`` must write everything into the directory it is given (which exists and is empty) and return
-        normally; if it raises, nothing is kept and the exception propagates unchanged."""
+        ``build`` must write everything into the directory it is given (which exists and is empty), including the
+        files in ``promises`` (paths relative to it), and return normally; if it raises, nothing is kept and the
+        exception propagates unchanged."""
         _check_name(stage, "stage")
         _check_name(key, "key")
         stage_dir = self.root / stage
         if not self.enabled:
-            return self._build_uncached(stage, key, build)
+            return self._build_uncached(stage, key, build, promises)
 
         final = stage_dir / key
-        if (final / COMPLETE).is_file():  # fast path, no lock: a complete directory never changes
+        if (final / COMPLETE).is_file() and damage(final, promises) is None:  # fast path, no lock
             return StageRun(stage, key, final, hit=True, seconds=0.0)
 
         stage_dir.mkdir(parents=True, exist_ok=True)
         t_wait = time.monotonic()
+        repaired = None
         with file_lock(stage_dir / f"{key}.lock"):
             waited = time.monotonic() - t_wait
-            if (final / COMPLETE).is_file():  # another process built it while we waited
-                return StageRun(stage, key, final, hit=True, seconds=0.0, waited=waited)
+            if (final / COMPLETE).is_file():  # built by another process while we waited, or damaged
+                repaired = damage(final, promises)
+                if repaired is None:
+                    return StageRun(stage, key, final, hit=True, seconds=0.0, waited=waited)
+                aside = stage_dir / f".damaged-{key}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+                os.rename(final, aside)
+                log.warning("stage cache: %s/%s is damaged (%s); moved aside to %s and rebuilt", stage, key,
+                            repaired, aside)
             # We hold the key's lock, so any temporary directory of this key belongs to a dead builder.
             for stale in stage_dir.glob(f".tmp-{key}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -188,18 +205,19 @@ class StageCache:
                 stale.unlink(missing_ok=True)
             if final.exists():  # no COMPLETE marker: cannot come from this code, but never trust it
                 shutil.rmtree(final, ignore_errors=True)
-            seconds = self._build_into(stage_dir, stage, key, final, build)
-        return StageRun(stage, key, final, hit=False, seconds=seconds, waited=waited)
+            seconds = self._build_into(stage_dir, stage, key, final, build, promises)
+        return StageRun(stage, key, final, hit=False, seconds=seconds, waited=waited, repaired=repaired)
 
     # ---- internals -------------------------------------------------------------------------------------------
-    def _build_uncached(self, stage: str, key: str, build: Callable[[Path], None]) -> StageRun:
+    def _build_uncached(self, stage: str, key: str, build: Callable[[Path], None], promises: Sequence[str]) -> StageRun:
         private = self.root / "uncached" / stage
         private.mkdir(parents=True, exist_ok=True)
         final = private / f"{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        seconds = self._build_into(private, stage, key, final, build)
+        seconds = self._build_into(private, stage, key, final, build, promises)
         return StageRun(stage, key, final, hit=False, seconds=seconds)
 
-    def _build_into(self, parent: Path, stage: str, key: str, final: Path, build: Callable[[Path], None]) -> float:
+    def _build_into(self, parent: Path, stage: str, key: str, final: Path, build: Callable[[Path], None],
+                    promises: Sequence[str] = ()) -> float:
         tmp = parent / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         t0 = time.monotonic()
@@ -213,10 +231,14 @@ class StageCache:
                 log.unlink(missing_ok=True)
             if key in self._payloads:  # what the key hashes: the stage's config, upstream keys, data, code
                 (tmp / "config.json").write_text(canonical_json(self._payloads[key]), encoding="utf-8")
+            missing = [f for f in promises if not (tmp / f).is_file()]
+            if missing:
+                raise StageIncomplete(f"stage {stage} finished without writing {', '.join(missing)}, which it "
+                                      f"promises (rlhf_ablate/run/graph.py)")
             seconds = time.monotonic() - t0
             marker = {"stage": stage, "key": key, "seconds": round(seconds, 3), "host": socket.gethostname(),
                       "pid": os.getpid(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      "code_version": code_version()}
+                      "code_version": code_version(), "files": manifest(tmp)}
             atomic_write_text(tmp / COMPLETE, json.dumps(marker))
             fsync_dir(tmp)
             try:
@@ -252,6 +274,47 @@ class StageCache:
 
     def executions(self) -> list[dict]:
         return read_executions(self.root)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest(artifact: Path) -> dict[str, list]:
+    """Every file of an artifact directory: relative path -> [size, sha256 or None above HASH_LIMIT]."""
+    out = {}
+    for p in sorted(artifact.rglob("*")):
+        if p.is_file() and p.name != COMPLETE:
+            size = p.stat().st_size
+            out[p.relative_to(artifact).as_posix()] = [size, _sha256(p) if size <= HASH_LIMIT else None]
+    return out
+
+
+def damage(artifact: Path, promises: Sequence[str] = ()) -> Optional[str]:
+    """Why a complete artifact cannot be served (None: it can): a file of its manifest is missing, has another size,
+    or (up to VERIFY_HASH_LIMIT) another hash; or a promised file is not there."""
+    try:
+        files = json.loads((artifact / COMPLETE).read_text()).get("files")
+    except (OSError, ValueError) as e:
+        return f"unreadable {COMPLETE} marker: {e}"
+    for rel in promises:
+        if not (artifact / rel).is_file():
+            return f"{rel} is missing"
+    for rel, (size, sha) in (files or {}).items():
+        p = artifact / rel
+        try:
+            actual = p.stat().st_size
+        except OSError:
+            return f"{rel} is missing"
+        if actual != size:
+            return f"{rel} has {actual} bytes, {size} were written"
+        if sha is not None and size <= VERIFY_HASH_LIMIT and _sha256(p) != sha:
+            return f"{rel} has changed since it was written (sha256)"
+    return None
 
 
 def read_executions(root: Path | str) -> list[dict]:

@@ -1,8 +1,9 @@
 """``python -m rlhf_ablate chat RUN_DIR --trial ID [--stage STAGE] [--prompt TEXT]``: talk to a trial's model.
 
-The model is the stage's artifact from the stage cache (found through the trial's result.json and the run's
-sweep.json), loaded as eval loads it, and it answers with the prompt template and generation settings of eval
-(rlhf_ablate/models/generation.py), so what you read here is what the tables scored. Tokens stream as they come.
+The model is the stage's artifact from the stage cache (found through the trial's result.json, rlhf_ablate/rundir.py:
+trial_artifacts), loaded as eval loads it, and it answers with the prompt template and sampling of eval
+(rlhf_ablate/models/generation.py: sampling_for), so what you read here is what the tables scored. Tokens stream as
+they come. The stages it can answer with come from the stage graph (rlhf_ablate/run/graph.py: policy_stages).
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from typing import Any, Optional, TextIO
 
 from ..config import TrialConfig, trial_config_from_overrides
 from ..errors import ConfigError
-from ..files import read_json
-from .result import scan_results
-
-STAGES = ("base", "sft", "ppo", "dpo", "grpo", "rloo")
+from ..rundir import scan_results, trial_artifacts
+from .graph import policy_stages
 
 
 def find_trial(run_dir: Path, trial: str) -> dict:
@@ -38,19 +37,8 @@ def _describe(r: dict) -> str:
 
 
 def stage_dirs(run_dir: Path, result: dict) -> dict[str, Path]:
-    """Artifact directory of every finished training stage of the trial that is still in the stage cache."""
-    sweep = Path(run_dir) / "sweep.json"
-    if result.get("cache_dir"):
-        cache = Path(result["cache_dir"])
-    elif sweep.is_file():
-        cache = Path(read_json(sweep)["cache_dir"])
-    else:
-        raise ConfigError(f"{run_dir}: the trial's result.json names no stage cache and there is no sweep.json.")
-    out = {}
-    for stage, t in (result.get("timings") or {}).items():
-        if stage in STAGES and isinstance(t, dict) and "key" in t and (cache / stage / t["key"]).is_dir():
-            out[stage] = cache / stage / t["key"]
-    return out
+    """Artifact directory of every finished policy stage of the trial that is still in the stage cache."""
+    return {k: v for k, v in trial_artifacts(result, Path(run_dir)).items() if k in policy_stages()}
 
 
 def load_stage(run_dir: Path, result: dict, stage: Optional[str]) -> tuple[Any, Any, TrialConfig, str]:
@@ -60,7 +48,7 @@ def load_stage(run_dir: Path, result: dict, stage: Optional[str]) -> tuple[Any, 
     cfg = trial_config_from_overrides(result["config"], f"{run_dir}/trials/{result['trial_id']}/result.json")
     stage = stage or cfg.method
     dirs = stage_dirs(run_dir, result)
-    available = ["base"] + [s for s in STAGES if s in dirs]
+    available = ["base"] + [s for s in policy_stages() if s in dirs]
     if stage not in available:
         raise ConfigError(f"--stage {stage}: trial {result['trial_id']} has no {stage} artifact in the stage "
                           f"cache. Available: {', '.join(available)}.")
@@ -78,14 +66,13 @@ def answer(model: Any, tok: Any, cfg: TrialConfig, prompt: str, stream: TextIO) 
     """Answer ``prompt`` as eval does, writing the tokens to ``stream`` as they are generated."""
     from transformers import TextStreamer
 
-    from ..models import generate
+    from ..models import generate, sampling_for
 
     class _Streamer(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             stream.write(text + ("\n" if stream_end else ""))
             stream.flush()
 
-    e = cfg.eval
-    out = generate(model, tok, [prompt], max_new_tokens=e.max_new_tokens, do_sample=e.do_sample, batch_size=1,
+    out = generate(model, tok, [prompt], **sampling_for(cfg, "chat").kwargs(), batch_size=1,
                    streamer=_Streamer(tok, skip_prompt=True, skip_special_tokens=True))
     return out[0]["text"]

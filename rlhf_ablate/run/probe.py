@@ -1,11 +1,12 @@
 """Measured peak memory of a trial's stages: the truth the memory estimate (rlhf_ablate/models/memory.py) is
 checked against (benchmarks/bench_memory.py) and what ``resources.gpu: probe`` packs by (rlhf_ablate/launch/resources.py).
 
-Each stage (SFT, RM, PPO) runs for real, shortened to a step or two, in a fresh process on data whose every text
+Each training stage of the trial's graph (SFT, RM, the method; rlhf_ablate/run/graph.py) runs for real, shortened to a step or two, in a fresh process on data whose every text
 fills the configured lengths (``model.max_length``, ``ppo.max_prompt_length``), so the measurement is the worst case
 the estimate describes. The peak is taken over the stage's training part, from the moment its model is loaded and
 prepared to the moment training ends (the SFT merge that follows runs on the CPU on every device and is not part of a
-GPU's peak), relative to the process before the model was loaded:
+GPU's peak), relative to the process before the model was loaded. The stage marks those two points itself
+(rlhf_ablate/runtime.py: stage_hooks); the probe observes them, it patches nothing:
 
 - on a GPU: ``torch.cuda.max_memory_allocated`` (reset after loading) minus what was allocated before loading;
 - on the CPU: the process's peak anonymous resident memory (``VmHWM``, reset after loading through
@@ -26,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-STAGES = ("sft", "rm", "ppo")
+from ..runtime import StageHooks, observe_stages
+
 # Korean text long enough to fill any configured length once tokenized (the bundled corpus, repeated).
 _FILL_CHARS = 6000
 
@@ -39,7 +41,10 @@ def probe_overrides(cfg: Any) -> dict:
     micro = min(p.rollout_micro_batch_size, p.rollout_batch_size)
     train_micro = max(1, p.mini_batch_size // p.grad_accum)
     rollout = max(micro, train_micro)
-    return {"sft.max_steps": 2, "rm.max_steps": 2, "dpo.max_steps": 2, "ppo.total_episodes": rollout,
+    from ..config import METHOD_CONFIGS
+
+    trl_steps = {f"{m}.max_steps": 2 for m, c in METHOD_CONFIGS.items() if "max_steps" in c.__dataclass_fields__}
+    return {"sft.max_steps": 2, "rm.max_steps": 2, **trl_steps, "ppo.total_episodes": rollout,
             "ppo.rollout_batch_size": rollout, "ppo.rollout_micro_batch_size": micro,
             "ppo.mini_batch_size": train_micro, "ppo.grad_accum": 1, "ppo.ppo_epochs": 1,
             "eval.max_new_tokens": 1}
@@ -136,8 +141,20 @@ class _Meter:
                      else (_rss_kib("VmHWM") - _rss_kib("RssFile") - _rss_kib("RssShmem")) * 1024)
 
 
-class _Done(Exception):
-    pass
+class _Measuring(StageHooks):
+    """The stage hooks of a measuring child (rlhf_ablate/runtime.py): the peak window opens when the stage's models are
+    loaded and prepared and closes when training ends. The stage then saves its artifact as usual, which the next
+    stage's measurement starts from (an SFT merge runs on the CPU on every device and is outside a GPU's peak)."""
+
+    def __init__(self, meter: _Meter):
+        self.meter = meter
+
+    def model_ready(self, *models: Any) -> None:
+        self.meter.own(*models)
+        self.meter.reset()
+
+    def trained(self) -> None:
+        self.meter.read()
 
 
 def _child(stage: str, spec: dict) -> dict:
@@ -147,62 +164,19 @@ def _child(stage: str, spec: dict) -> dict:
 
     from .. import models
     from ..config import build_trial_config
+    from .graph import Ctx, trial_stages
 
     cfg = build_trial_config(spec["config"], "<probe>")
     data = fill_data(cfg, models.load_tokenizer(cfg.model))
     out = Path(spec["out"])
+    node = {s.name: s for s in trial_stages(cfg)}[stage]
     meter = _Meter(spec["device"])
     t0 = time.perf_counter()
-
-    def start(result: Any) -> Any:
-        meter.own(result)
-        meter.reset()
-        return result
-
-    def stop(*_a: Any, **_k: Any) -> Any:
-        meter.read()
-        raise _Done
-
-    prepare = models.prepare_for_training
-    models.prepare_for_training = lambda *a, **k: start(prepare(*a, **k))
     history: list = []
-    try:
-        if stage == "sft":
-            from ..stages import sft
-
-            merge = models.merge_and_save
-
-            def read_then_merge(*a: Any, **k: Any) -> Any:
-                meter.read()
-                return merge(*a, **k)
-
-            models.merge_and_save = read_then_merge
-            sft.train_sft(cfg, data, out)
-        elif stage == "rm":
-            from ..stages import rm
-
-            rm.evaluate_rm = lambda *a, **k: (meter.read(), ({}, []))[1]
-            rm.train_rm(cfg, data, Path(spec["sft_dir"]), out)
-        elif stage == "ppo":
-            from ..ppo import loop
-
-            class Measured(loop.PPOModels):
-                def __init__(self, *a: Any, **k: Any):
-                    super().__init__(*a, **k)
-                    meter.own(*self._all_models())
-                    meter.reset()
-
-                def save_policy(self, out_dir: Path) -> None:
-                    meter.read()
-                    raise _Done
-
-            loop.PPOModels = Measured
-            loop.train_ppo(cfg, data, Path(spec["sft_dir"]), Path(spec["rm_dir"]), out,
-                           on_step=lambda e: history.append({k: v for k, v in e.items() if k.startswith("ppo/")}))
-        else:
-            raise ValueError(f"probe: unknown stage {stage!r}; expected one of {STAGES}")
-    except _Done:
-        pass
+    ctx = Ctx(cfg, data, dirs={k: Path(v) for k, v in spec["dirs"].items()},
+              on_step=lambda e: history.append({k: v for k, v in e.items() if k.startswith(f"{stage}/")}))
+    with observe_stages(_Measuring(meter)):
+        node.build(ctx, out)
     if meter.peak is None:
         raise RuntimeError(f"probe: the {stage} stage ended without reaching its measurement point")
     return {"stage": stage, "device": "cuda" if meter.cuda else "cpu", "baseline_bytes": meter.baseline,
@@ -221,14 +195,15 @@ def child_env() -> dict:
     return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "WANDB_MODE": "disabled"}
 
 
-def measure_stage(stage: str, config_dict: dict, work: Path, device: str, *, sft_dir: Path | None = None,
-                  rm_dir: Path | None = None, timeout: float = 3600) -> dict:
+def measure_stage(stage: str, config_dict: dict, work: Path, device: str, *, dirs: dict[str, Path] | None = None,
+                  timeout: float = 3600) -> dict:
     """Run one stage in a fresh process and return its measurement (see the module docstring). ``config_dict`` is
-    a nested trial config (``TrialConfig.to_dict()``); the stage's artifact goes to ``work/<stage>``."""
+    a nested trial config (``TrialConfig.to_dict()``); ``dirs`` the artifacts of the stages before it; the stage's
+    artifact goes to ``work/<stage>``."""
     out = work / stage
     out.mkdir(parents=True, exist_ok=True)
     spec = {"config": config_dict, "out": str(out), "device": device,
-            "sft_dir": str(sft_dir) if sft_dir else None, "rm_dir": str(rm_dir) if rm_dir else None}
+            "dirs": {k: str(v) for k, v in (dirs or {}).items()}}
     spec_path = work / f"{stage}.spec.json"
     spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "rlhf_ablate.run.probe", stage, str(spec_path)]
@@ -241,19 +216,28 @@ def measure_stage(stage: str, config_dict: dict, work: Path, device: str, *, sft
     return json.loads(lines[-1][len("PROBE "):])
 
 
-def measure_stages(config_dict: dict, work: Path, device: str, stages: tuple[str, ...] = STAGES,
+def trained_stages(config_dict: dict) -> tuple[str, ...]:
+    """The stages of the trial that train a model, in run order (SFT, RM, the method): what the probe measures."""
+    from ..config import build_trial_config
+    from .graph import trial_stages
+
+    return tuple(s.name for s in trial_stages(build_trial_config(config_dict, "<probe>")) if s.trains)
+
+
+def measure_stages(config_dict: dict, work: Path, device: str, stages: tuple[str, ...] | None = None,
                    timeout: float = 3600) -> dict[str, dict]:
-    """SFT, then RM on the SFT artifact, then PPO on both, each measured in its own process."""
+    """The trial's training stages in run order, each measured in its own process on the artifacts of the ones
+    before it; ``stages`` (default: all of them) are returned, and the stages they build on run too."""
     work.mkdir(parents=True, exist_ok=True)
+    order = trained_stages(config_dict)
+    wanted = set(order if stages is None else stages)
+    last = max((order.index(s) for s in wanted if s in order), default=-1)
     res: dict[str, dict] = {}
-    if "sft" in stages or "rm" in stages or "ppo" in stages:
-        res["sft"] = measure_stage("sft", config_dict, work, device, timeout=timeout)
-    if "rm" in stages or "ppo" in stages:
-        res["rm"] = measure_stage("rm", config_dict, work, device, sft_dir=work / "sft", timeout=timeout)
-    if "ppo" in stages:
-        res["ppo"] = measure_stage("ppo", config_dict, work, device, sft_dir=work / "sft", rm_dir=work / "rm",
-                                   timeout=timeout)
-    return {k: v for k, v in res.items() if k in stages}
+    dirs: dict[str, Path] = {}
+    for name in order[:last + 1]:
+        res[name] = measure_stage(name, config_dict, work, device, dirs=dirs, timeout=timeout)
+        dirs[name] = work / name
+    return {k: v for k, v in res.items() if k in wanted}
 
 
 if __name__ == "__main__":

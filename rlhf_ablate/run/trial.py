@@ -1,5 +1,6 @@
-"""One trial: data(version) -> SFT -> RM -> PPO (or DPO) -> eval, each stage a cached artifact directory,
-then ``RUN_DIR/trials/<trial_id>/result.json`` (docs/architecture.md; rlhf_ablate/run/result.py owns the file).
+"""One trial: data(version), then the stages of its graph (rlhf_ablate/run/graph.py: SFT -> RM -> evals -> the
+method -> its eval -> compare), each a cached artifact directory, then ``RUN_DIR/trials/<trial_id>/result.json``
+(docs/architecture.md; rlhf_ablate/rundir.py owns the file).
 
 The Ray trainable and the SLURM array task are thin shells around :func:`run_trial_in_sweep`. A trial never
 raises for a failure of its own: it records ``status: failed`` with the error class, message and stage, so the
@@ -8,56 +9,17 @@ sweep goes on and the table lists it.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 from ..config import TrialConfig
-from .cache import StageCache, default_cache_root
-from .result import SCHEMA, begin_attempt, error_record, new_result, now, read_result, result_path, versions, write_result
+from .cache import StageCache
+from ..rundir import (SCHEMA, begin_attempt, default_cache_root, error_record, new_result, now, read_result,
+                      result_path, trial_dir, versions, write_result)
 
 OnStep = Callable[[dict], None] | None
-
-
-def stage_keys(cfg: TrialConfig, cache: StageCache, data_fp: str, threads: int = 1) -> dict[str, str]:
-    """Each stage's key hashes its own config, its upstream keys and the data fingerprint (the cache adds the
-    code version). So a kl_coef sweep shares SFT and RM, and a changed SFT setting invalidates everything after.
-    The torch thread count is in every key: it changes the rounding, so the same key always means the same numbers
-    (rlhf_ablate/runtime.py)."""
-    a = dataclasses.asdict
-    common = {"model": a(cfg.model), "seed": cfg.seed, "data": data_fp, "threads": threads}
-    keys = {"sft": cache.key("sft", {**common, "sft": a(cfg.sft)})}
-    keys["rm"] = cache.key("rm", {**common, "rm": a(cfg.rm),
-                                  "upstream": [keys["sft"]] if cfg.rm.init_from == "sft" else []})
-    keys["eval_sft"] = cache.key("eval", {**common, "eval": a(cfg.eval), "policy": "sft",
-                                          "upstream": [keys["sft"], keys["rm"]]})
-    # The base model's answers depend on the model, data and eval settings only (greedy decoding, no seed): one
-    # artifact per model and data; the trial's RM scores them in a small stage of its own.
-    keys["eval_base"] = cache.key("eval", {"model": a(cfg.model), "data": data_fp, "eval": a(cfg.eval),
-                                           "policy": "base"})
-    keys["score_base"] = cache.key("eval", {"policy": "base", "scored_by": keys["rm"],
-                                            "upstream": [keys["eval_base"], keys["rm"], keys["sft"]]})
-    if cfg.method == "ppo":
-        keys["ppo"] = cache.key("ppo", {**common, "ppo": a(cfg.ppo), "upstream": [keys["sft"], keys["rm"]]})
-    elif cfg.method == "dpo":
-        keys["dpo"] = cache.key("dpo", {**common, "dpo": a(cfg.dpo), "upstream": [keys["sft"]]})
-    else:  # grpo, rloo: the RM is upstream only when it gives the reward
-        m = cfg.method
-        keys[m] = cache.key(m, {**common, m: a(getattr(cfg, m)), "reward": a(cfg.reward),
-                                "upstream": [keys["sft"]] + ([keys["rm"]] if cfg.reward.type == "rm" else [])})
-    keys["eval_" + cfg.method] = cache.key("eval", {**common, "eval": a(cfg.eval), "policy": cfg.method,
-                                                    "upstream": [keys[cfg.method], keys["rm"], keys["sft"]]})
-    if wants_compare(cfg):
-        evals = [k for k in ("score_base", "eval_sft", "eval_" + cfg.method) if k in keys]
-        keys["compare"] = cache.key("compare", {**common, "eval": a(cfg.eval), "upstream": [keys[k] for k in evals]})
-    return keys
-
-
-def wants_compare(cfg: TrialConfig) -> bool:
-    """The compare stage (win rates, embedding similarity) runs when it has something to compute."""
-    return cfg.eval.judge != "none" or bool(cfg.eval.embedding_model)
 
 
 def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, sweep_name: str = "",
@@ -70,11 +32,12 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
     it (else it is loaded here)."""
     from ..data import load_data
     from ..files import read_json
-    from ..runtime import set_threads
+    from ..runtime import release_memory, set_threads
+    from .graph import Ctx, stage_keys, trial_stages
 
     set_threads(threads)
     trial_id = trial_id or cfg.trial_id
-    tdir = Path(run_dir) / "trials" / trial_id
+    tdir = trial_dir(run_dir, trial_id)
     tdir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = new_result(trial_id, sweep=sweep_name, index=index, seed=cfg.seed, config=cfg.flat(),
                                         axes=axes or {}, attempt=attempt, threads=threads)
@@ -97,63 +60,32 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
                           "sizes": {k: len(getattr(data, k)) for k in ("sft_train", "rm_train", "rm_eval",
                                                                        "ppo_prompts", "eval")}}
         keys = stage_keys(cfg, cache, data.fingerprint, threads)
-        dirs: dict[str, Path] = {}
-
-        def run(name: str, cache_stage: str, build: Callable[[Path], None]) -> Path:
-            nonlocal stage
-            stage = name
-            emit({"stage": name, "event": "start"})
-            r = cache.run(cache_stage, keys[name], build)
-            result["timings"][name] = r.timing()
-            emit({"stage": name, "event": "end", "cache_hit": r.hit, "seconds": r.seconds})
-            dirs[name] = r.path
-            return r.path
-
-        from ..stages.evaluate import evaluate_policy, generate_base, score_base
-        from ..stages.rm import train_rm
-        from ..stages.sft import train_sft
-
-        run("sft", "sft", lambda out: train_sft(cfg, data, out))
-        run("rm", "rm", lambda out: train_rm(cfg, data, dirs["sft"] if cfg.rm.init_from == "sft" else None, out))
-        run("eval_base", "eval", lambda out: generate_base(cfg, data, out))
-        run("score_base", "eval", lambda out: score_base(cfg, dirs["sft"], dirs["rm"], dirs["eval_base"], out))
-        run("eval_sft", "eval", lambda out: evaluate_policy(cfg, data, "sft", dirs["sft"], dirs["rm"], None, out))
-        if cfg.method == "ppo":
-            from ..stages.ppo import train_ppo
-
-            run("ppo", "ppo", lambda out: train_ppo(cfg, data, dirs["sft"], dirs["rm"], out, on_step=step_cb))
-        elif cfg.method == "dpo":
-            from ..stages.dpo import train_dpo
-
-            run("dpo", "dpo", lambda out: train_dpo(cfg, data, dirs["sft"], out))
-        else:
-            from ..stages.online_rl import train_online_rl
-
-            run(cfg.method, cfg.method, lambda out: train_online_rl(cfg, data, dirs["sft"], dirs["rm"], out))
-        m = cfg.method
-        run("eval_" + m, "eval", lambda out: evaluate_policy(cfg, data, m, dirs["sft"], dirs["rm"], dirs[m], out))
-        if "compare" in keys:
-            from ..stages.compare import compare
-
-            evals = {"base": dirs["score_base"], "sft": dirs["eval_sft"], m: dirs["eval_" + m]}
-            run("compare", "compare", lambda out: compare(cfg, evals, out))
+        ctx = Ctx(cfg, data, on_step=step_cb)
+        stages = trial_stages(cfg)
+        for s in stages:  # run order: each stage after its upstream ones (rlhf_ablate/run/graph.py)
+            stage = s.name
+            emit({"stage": s.name, "event": "start"})
+            r = cache.run(s.bucket, keys[s.name], lambda out, s=s: s.build(ctx, out), s.promises(cfg))
+            release_memory()  # the stage's models are gone: give their memory back before the next one loads
+            result["timings"][s.name] = r.timing()
+            if r.repaired:
+                emit({"stage": s.name, "event": "repaired", "reason": f"{s.bucket}/{r.key}: {r.repaired}"})
+            emit({"stage": s.name, "event": "end", "cache_hit": r.hit, "seconds": r.seconds})
+            ctx.dirs[s.name] = r.path
 
         stage = "collect"
         metrics: dict[str, Any] = {}
-        for name in ("sft", "rm", m, "score_base", "eval_sft", "eval_" + m, "compare"):
-            if name in dirs:
-                metrics.update(read_json(dirs[name] / "metrics.json"))
+        for s in stages:
+            if (ctx.dirs[s.name] / "metrics.json").is_file():
+                metrics.update(read_json(ctx.dirs[s.name] / "metrics.json"))
         result["metrics"] = metrics
-        result["metric_meta"] = read_json(dirs["eval_sft"] / "meta.json")
-        result["records"] = {"rm": read_json(dirs["rm"] / "records.json"),
-                             "base": read_json(dirs["score_base"] / "records.json"),
-                             "sft": read_json(dirs["eval_sft"] / "records.json"),
-                             m: read_json(dirs["eval_" + m] / "records.json")}
-        if "compare" in dirs:
-            result["records"]["judge"] = read_json(dirs["compare"] / "records.json")
-            result["metric_meta"]["compare"] = read_json(dirs["compare"] / "meta.json")
-        result["history"] = {s: read_json(dirs[s] / "history.json") for s in ("sft", "rm", m)
-                             if (dirs[s] / "history.json").exists()}
+        result["metric_meta"] = read_json(ctx.dirs["eval_sft"] / "meta.json")
+        if "compare" in ctx.dirs:
+            result["metric_meta"]["compare"] = read_json(ctx.dirs["compare"] / "meta.json")
+        result["records"] = {s.records_as: read_json(ctx.dirs[s.name] / "records.json") for s in stages
+                             if s.records_as}
+        result["history"] = {s.name: read_json(ctx.dirs[s.name] / "history.json") for s in stages
+                             if s.history and (ctx.dirs[s.name] / "history.json").exists()}
     except Exception as e:  # noqa: BLE001 - a trial failure is recorded, never raised: the sweep goes on
         result["status"] = "failed"
         result["error"] = error_record(type(e).__name__, str(e), stage)
@@ -231,4 +163,4 @@ def run_trial_in_sweep(spec, trial, run_dir: Path, *, use_cache: bool = True, on
         tracker.finish(status)
 
 
-__all__ = ["run_trial", "run_trial_in_sweep", "result_path", "read_result", "stage_keys", "SCHEMA"]
+__all__ = ["run_trial", "run_trial_in_sweep", "result_path", "read_result", "SCHEMA"]

@@ -1,10 +1,47 @@
-"""What the stages share: seeding, thread count, TRL arguments that are right on CPU and GPU, trainer logs."""
+"""The one recipe of a TRL-trained stage (SFT, RM, DPO, GRPO, RLOO): load the stage's model with the 4-bit rule and
+prepare its adapters (:func:`load_for_training`), TRL arguments that are right on CPU and GPU (:func:`train_args`),
+train with the dtype fix and the stage hooks (:func:`fit`), save the adapter or the whole model
+(:func:`save_trained`), and remove the trainer's scratch directory (:func:`clean_up`)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
+
+from .. import models
+from ..runtime import stage_hooks
+
+TRAINER_DIR = "trainer"   # TRL's output_dir inside the artifact: scratch, removed before the artifact is complete
+
+
+def load_for_training(cfg, section, path: str, task: str = "CAUSAL_LM"):
+    """(model, tokenizer) of a stage that trains ``section`` (its LoRA part: rank, alpha, dropout) on the model at
+    ``path``: 4-bit when models.trains_in_4bit says so, adapters (or a full fine-tune) prepared as every stage does
+    (models/lora.py: prepare_for_training). ``task``: "CAUSAL_LM" or "SEQ_CLS" (a reward model)."""
+    tok = models.load_tokenizer(cfg.model, path)
+    quantized = models.trains_in_4bit(cfg.model, section.lora_rank)
+    load = models.load_seq_cls if task == "SEQ_CLS" else models.load_causal_lm
+    model = load(cfg.model, path, quantize=quantized)
+    model = models.prepare_for_training(model, section.lora_rank, section.lora_alpha,
+                                        getattr(section, "lora_dropout", 0.0), task, quantized)
+    return model, tok
+
+
+def fit(trainer, cfg) -> list[dict]:
+    """Train: trainable weights back in the compute dtype, the stage hooks around training (the memory probe
+    measures between them, rlhf_ablate/run/probe.py), and the trainer's numeric log rows."""
+    restore_trainable_dtype(trainer.model, cfg.model)
+    hooks = stage_hooks()
+    hooks.model_ready(trainer.model)
+    trainer.train()
+    hooks.trained()
+    return log_history(trainer)
+
+
+def clean_up(out: Path) -> None:
+    shutil.rmtree(out / TRAINER_DIR, ignore_errors=True)
 
 
 def trl_common_args(output_dir: Path, seed: int, *, lr: float, epochs: float, max_steps: int, batch_size: int,
@@ -42,15 +79,22 @@ def train_args(p, output_dir: Path, seed: int, model_cfg) -> dict:
                            warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay)
 
 
-def save_trained_policy(model, tok, out: Path, lora_rank: int) -> None:
-    """A TRL-trained policy as the artifact models/artifacts.py loads back: its LoRA adapter in ``out/adapter`` (the
-    base is the SFT model), or with ``lora_rank`` 0 the whole model in ``out/model``; the tokenizer beside it."""
+def saved_kind(lora_rank: int) -> str:
+    """Where a trained stage keeps its weights: ``adapter`` (LoRA, on its base) or ``model`` (a full fine-tune)."""
+    return "adapter" if lora_rank > 0 else "model"
+
+
+def save_trained(model, tok, out: Path, lora_rank: int) -> str:
+    """A TRL-trained model as the artifact models/artifacts.py loads back: its LoRA adapter in ``out/adapter`` (the
+    base is the SFT model, or the RM's base), or with ``lora_rank`` 0 the whole model in ``out/model``; the tokenizer
+    beside it. Returns the kind."""
+    kind = saved_kind(lora_rank)
     if lora_rank > 0:
-        model.save_pretrained(str(out / "adapter"), selected_adapters=["default"])
-        tok.save_pretrained(str(out / "adapter"))
+        model.save_pretrained(str(out / kind), selected_adapters=["default"])
     else:
-        model.save_pretrained(str(out / "model"), safe_serialization=True)
-        tok.save_pretrained(str(out / "model"))
+        model.save_pretrained(str(out / kind), safe_serialization=True)
+    tok.save_pretrained(str(out / kind))
+    return kind
 
 
 def log_history(trainer) -> list[dict]:

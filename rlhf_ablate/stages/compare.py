@@ -25,6 +25,7 @@ from .. import models
 from ..config import TrialConfig, trial_config_from_overrides
 from ..errors import ConfigError
 from ..files import read_json, write_json
+from ..rundir import artifact_path, cache_root_of, read_result, run_dir_of_trial
 from ..metrics.embedding import similarities
 from ..metrics.winrate import outcome_from_scores, outcome_from_verdicts, summarize_outcomes
 
@@ -37,14 +38,13 @@ def resolve_rm_from(path: str, cfg: TrialConfig) -> tuple[TrialConfig, Path, Opt
     (RUN/trials/<id>, with result.json) or an RM artifact directory of the stage cache (with config.json)."""
     p = Path(path).expanduser().resolve()
     if (p / "result.json").is_file():
-        r = read_json(p / "result.json")
-        sweep_json = p.parent.parent / "sweep.json"
-        if not sweep_json.is_file() or "rm" not in r.get("timings", {}):
-            raise ConfigError(f"eval.judge_rm_from: {p} has no finished RM stage (or its run has no sweep.json).")
-        cache = Path(read_json(sweep_json)["cache_dir"])
+        r = read_result(run_dir_of_trial(p), p.name) or {}
+        if "rm" not in (r.get("timings") or {}):
+            raise ConfigError(f"eval.judge_rm_from: {p} has no finished RM stage.")
+        root = cache_root_of(r, run_dir_of_trial(p))
         keys = {k: v["key"] for k, v in r["timings"].items() if isinstance(v, dict) and "key" in v}
         other = trial_config_from_overrides(r["config"], f"{p}/result.json")
-        rm_dir, sft_dir = cache / "rm" / keys["rm"], cache / "sft" / keys["sft"]
+        rm_dir, sft_dir = artifact_path(root, "rm", keys["rm"]), artifact_path(root, "sft", keys["sft"])
     elif (p / "rm_info.json").is_file() and (p / "config.json").is_file():
         payload = read_json(p / "config.json")["payload"]
         other = trial_config_from_overrides({"model": payload["model"], "rm": payload["rm"]}, f"{p}/config.json")

@@ -24,19 +24,45 @@ from .. import metrics
 from ..config import TrialConfig
 from ..files import read_json, write_json
 from ..metrics.registry import compute_stage_metrics
+from ..ppo.math import token_logprobs
+from ..ppo.rollout import build_batch
 from ..runtime import seed_everything
-from ..models import (eval_mode, generate, load_causal_lm, load_policy, load_rm, load_tokenizer, position_ids,
-                      resolve_base, score_texts, seq_cls_scorer)
-from ..ppo.rollout import build_batch, response_logprobs
+from ..models import (autocast, eval_mode, generate, load_causal_lm, load_policy, load_rm, load_tokenizer,
+                      position_ids, ppo_plan, model_shape, resolve_base, sampling_for, score_texts, seq_cls_scorer)
 
 
-def _ref_logits(policy, ref, ids, attn):
-    if ref is None:
-        return None
-    if ref == "disable_adapter":
-        with policy.disable_adapter():
-            return policy(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits.float()
-    return ref(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits.float()
+def _response_logprobs(model, b: dict, chunk: int, cfg: TrialConfig) -> torch.Tensor:
+    """Log-probs of the response tokens only: logits for the R predicting positions (``logits_to_keep``), reduced in
+    float32 chunks, as PPO scores a rollout (ppo/roles.py: PPOModels.logprobs), never a rows x sequence x vocabulary
+    float32 tensor."""
+    T, R = b["ids"].shape[1], b["resp"].shape[1]
+    keep = torch.arange(T - R - 1, T - 1, device=b["ids"].device)
+    with autocast(cfg.model):
+        logits = model(input_ids=b["ids"], attention_mask=b["attn"], position_ids=position_ids(b["attn"]),
+                       use_cache=False, logits_to_keep=keep).logits
+    return token_logprobs(logits, b["resp"], 1.0, chunk)[0]
+
+
+def kl_to_reference(cfg: TrialConfig, policy, ref, tok, prompts: list[str]) -> list[float]:
+    """KL(policy || reference) per prompt, summed over the tokens of one temperature-1 sample (a KL is an expectation
+    under the policy's own samples). Sampled and scored ``ppo.rollout_micro_batch_size`` prompts at a time with the
+    response-only, chunked log-probs of PPO's scoring, so eval stays inside the memory PPO's plan allows."""
+    plan = ppo_plan(cfg.ppo, model_shape(cfg.model).params, model_shape(cfg.model).vocab)
+    torch.manual_seed(cfg.seed + 1)
+    sampled = generate(policy, tok, prompts, **sampling_for(cfg, "eval_kl").kwargs(), batch_size=plan.rollout_micro)
+    dev = next(policy.parameters()).device
+    kls: list[float] = []
+    with eval_mode(policy), torch.no_grad():
+        for i in range(0, len(prompts), plan.rollout_micro):
+            b = build_batch(tok, prompts[i:i + plan.rollout_micro], sampled[i:i + plan.rollout_micro], dev)
+            lp = _response_logprobs(policy, b, plan.logprob_chunk, cfg)
+            if ref == "disable_adapter":
+                with policy.disable_adapter():
+                    rlp = _response_logprobs(policy, b, plan.logprob_chunk, cfg)
+            else:
+                rlp = _response_logprobs(ref, b, plan.logprob_chunk, cfg)
+            kls.extend(((lp - rlp) * b["rmask"]).sum(1).tolist())
+    return kls
 
 
 def evaluate_policy(cfg: TrialConfig, data, stage: str, sft_dir: Path, rm_dir: Path, policy_dir: Path | None,
@@ -46,26 +72,14 @@ def evaluate_policy(cfg: TrialConfig, data, stage: str, sft_dir: Path, rm_dir: P
     examples = list(data.eval)
     prompts = [e.prompt for e in examples]
     e = cfg.eval
-    greedy = generate(policy, tok, prompts, max_new_tokens=e.max_new_tokens, do_sample=e.do_sample)
+    greedy = generate(policy, tok, prompts, **sampling_for(cfg, "eval").kwargs())
     preds = [g["text"] for g in greedy]
     tm = metrics.text_metrics(preds, [x.reference or "" for x in examples], rouge_tokenizer=e.rouge_tokenizer,
                               bleu_tokenize=e.bleu_tokenize)
     rm_model, rm_tok = load_rm(cfg, rm_dir, sft_dir)
     rewards = score_texts(seq_cls_scorer(rm_model), rm_tok, prompts, preds, cfg.model.max_length)
     del rm_model
-
-    kls = [0.0] * len(prompts)
-    if ref is not None:
-        torch.manual_seed(cfg.seed + 1)
-        sampled = generate(policy, tok, prompts, max_new_tokens=e.max_new_tokens, do_sample=True)
-        dev = next(policy.parameters()).device
-        with eval_mode(policy), torch.no_grad():
-            for i in range(0, len(prompts), 16):
-                b = build_batch(tok, prompts[i:i + 16], sampled[i:i + 16], dev)
-                lp = response_logprobs(policy(input_ids=b["ids"], attention_mask=b["attn"],
-                                              position_ids=position_ids(b["attn"])).logits.float(), b, 1.0)
-                rlp = response_logprobs(_ref_logits(policy, ref, b["ids"], b["attn"]), b, 1.0)
-                kls[i:i + 16] = ((lp - rlp) * b["rmask"]).sum(1).tolist()
+    kls = kl_to_reference(cfg, policy, ref, tok, prompts) if ref is not None else [0.0] * len(prompts)
     records = []
     for x, g, r, rw, kl in zip(examples, greedy, tm.records, rewards, kls):
         records.append({"data_id": x.data_id, "prompt": x.prompt, "reference": x.reference, "generation": g["text"],
@@ -85,8 +99,7 @@ def generate_base(cfg: TrialConfig, data, out: Path) -> None:
     model = load_causal_lm(cfg.model, base, quantize=cfg.model.quantization != "none")
     examples = list(data.eval)
     e = cfg.eval
-    greedy = generate(model, tok, [x.prompt for x in examples], max_new_tokens=e.max_new_tokens,
-                      do_sample=e.do_sample)
+    greedy = generate(model, tok, [x.prompt for x in examples], **sampling_for(cfg, "eval").kwargs())
     tm = metrics.text_metrics([g["text"] for g in greedy], [x.reference or "" for x in examples],
                               rouge_tokenizer=e.rouge_tokenizer, bleu_tokenize=e.bleu_tokenize)
     records = [{"data_id": x.data_id, "prompt": x.prompt, "reference": x.reference, "generation": g["text"], **r,

@@ -16,7 +16,6 @@ frozen copy of the zero-initialised adapter, so the reference is the SFT model, 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from .. import models
@@ -26,7 +25,7 @@ from ..errors import TrialFailed
 from ..files import write_json
 from ..metrics.verifiable import verifiable_reward
 from ..runtime import seed_everything
-from .common import log_history, restore_trainable_dtype, save_trained_policy, train_args
+from .common import TRAINER_DIR, clean_up, fit, load_for_training, save_trained, train_args
 
 METHODS = ("grpo", "rloo")
 
@@ -54,7 +53,7 @@ def make_reward_fn(cfg: TrialConfig, rm_dir: Path, sft_dir: Path):
         r = cfg.reward
 
         def verifiable(prompts, completions, reference, **_):
-            return [verifiable_reward(c, ref, r.match, r.pattern) for c, ref in zip(completions, reference)]
+            return [verifiable_reward(answer_text(c), ref, r.match, r.pattern) for c, ref in zip(completions, reference)]
 
         return verifiable
     rm, rm_tok = models.load_rm(cfg, rm_dir, sft_dir)
@@ -63,10 +62,27 @@ def make_reward_fn(cfg: TrialConfig, rm_dir: Path, sft_dir: Path):
 
     def reward_model(prompts, completions, raw_prompt, **_):
         # The RM scores prompt + answer + EOS through our one template, exactly as in the RM stage and in eval.
-        return models.score_texts(score, rm_tok, list(raw_prompt), [normalize(c) for c in completions],
+        return models.score_texts(score, rm_tok, list(raw_prompt), [answer_text(c) for c in completions],
                                   cfg.model.max_length)
 
     return reward_model
+
+
+def trl_sampling_args(cfg: TrialConfig) -> dict:
+    """TRL's sampling arguments from the one sampling builder (models/generation.py: sampling_for): the method's
+    length cap and temperature, pure temperature sampling (top-k 0, top-p 1) as in PPO's rollouts. TRL calls
+    ``generate`` without a tokenizer, so it cannot stop at the template's next-turn header; the reward function
+    scores each answer up to the header instead (:func:`answer_text`), as eval and PPO cut it."""
+    s = models.sampling_for(cfg, cfg.method)
+    return dict(num_generations=getattr(cfg, cfg.method).num_generations, max_completion_length=s.max_new_tokens,
+                temperature=s.temperature, top_p=1.0, top_k=0)
+
+
+def answer_text(completion: str) -> str:
+    """A sampled completion up to the template's next-turn header (where a model that keeps going starts the next
+    user turn; models/generation.py cuts it the same way), normalised as the RM was trained."""
+    cut = completion.find(models.NEXT_TURN_HEADER)
+    return normalize(completion if cut < 0 else completion[:cut])
 
 
 def train_online_rl(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path) -> None:
@@ -81,31 +97,24 @@ def train_online_rl(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Pa
         from trl import RLOOConfig as TrlConfig, RLOOTrainer as Trainer
     o = getattr(cfg, method)
     seed_everything(cfg.seed)
-    sft_path = str(sft_dir / "model")
-    tok = models.load_tokenizer(cfg.model, sft_path)
-    tok.padding_side = "left"  # decoder-only sampling needs right-aligned prompts
-    quantized = cfg.model.quantization != "none" and o.lora_rank > 0
     # Our loader, not TRL's: it applies the 4-bit fixes of rlhf_ablate/models/loading.py (docs/stack.md).
-    model = models.load_causal_lm(cfg.model, sft_path, quantize=quantized)
-    model = models.prepare_for_training(model, o.lora_rank, o.lora_alpha, o.lora_dropout, "CAUSAL_LM", quantized)
+    model, tok = load_for_training(cfg, o, str(sft_dir / "model"))
+    tok.padding_side = "left"  # decoder-only sampling needs right-aligned prompts
     rows = reward_prompts(cfg, data)
-    common = train_args(o, out / "trainer", cfg.seed, cfg.model)
+    common = train_args(o, out / TRAINER_DIR, cfg.seed, cfg.model)
     common["remove_unused_columns"] = False  # the reward function reads raw_prompt and reference
-    args = TrlConfig(**common, num_generations=o.num_generations, max_completion_length=o.max_new_tokens,
-                     temperature=o.temperature, top_p=1.0, top_k=0, beta=o.beta, log_completions=False,
+    args = TrlConfig(**common, **trl_sampling_args(cfg), beta=o.beta, log_completions=False,
                      # The RM rewards of one prompt's group are compared with each other: no global scaling needed.
                      **({"scale_rewards": "group"} if method == "grpo" else {}))
     reward_fn = make_reward_fn(cfg, rm_dir, sft_dir)
     trainer = Trainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=Dataset.from_list(rows),
                       processing_class=tok)
-    restore_trainable_dtype(trainer.model, cfg.model)
-    trainer.train()
-    history = log_history(trainer)
-    save_trained_policy(trainer.model, tok, out, o.lora_rank)
+    history = fit(trainer, cfg)
+    save_trained(trainer.model, tok, out, o.lora_rank)
     write_json(out / "history.json", history)
     rewards = [h["reward"] for h in history if "reward" in h]
     write_json(out / "metrics.json", {
         f"{method}/train_reward_first": rewards[0] if rewards else None,
         f"{method}/train_reward_last": rewards[-1] if rewards else None,
         f"{method}/train_prompts": len(rows)})
-    shutil.rmtree(out / "trainer", ignore_errors=True)
+    clean_up(out)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import metrics, models
+from .. import metrics
 from ..config import TrialConfig
 from ..data.prompting import format_prompt, normalize
 from ..files import write_json
 from ..runtime import seed_everything
 from ..models import rm_base_path, score_texts, seq_cls_scorer
-from .common import log_history, restore_trainable_dtype, train_args
+from .common import TRAINER_DIR, clean_up, fit, load_for_training, save_trained, train_args
 
 
 def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path) -> None:
@@ -20,35 +20,23 @@ def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path) -> None:
     from trl import RewardConfig, RewardTrainer
 
     seed_everything(cfg.seed)
-    base = rm_base_path(cfg, sft_dir)
-    tok = models.load_tokenizer(cfg.model, base)
-    quantized = cfg.model.quantization != "none" and cfg.rm.lora_rank > 0
-    model = models.load_seq_cls(cfg.model, base, quantize=quantized)
-    model = models.prepare_for_training(model, cfg.rm.lora_rank, cfg.rm.lora_alpha, cfg.rm.lora_dropout,
-                                        "SEQ_CLS", quantized)
+    model, tok = load_for_training(cfg, cfg.rm, rm_base_path(cfg, sft_dir), "SEQ_CLS")
     rows = [{"prompt": format_prompt(p.prompt), "chosen": normalize(p.chosen), "rejected": normalize(p.rejected)}
             for g in data.rm_train for p in g.pairs()]
     r = cfg.rm
-    args = RewardConfig(**train_args(r, out / "trainer", cfg.seed, cfg.model),
+    args = RewardConfig(**train_args(r, out / TRAINER_DIR, cfg.seed, cfg.model),
                         max_length=cfg.model.max_length,
                         center_rewards_coefficient=r.center_rewards_coefficient or None)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
-    restore_trainable_dtype(trainer.model, cfg.model)
-    trainer.train()
-    trained = trainer.model
-    kind = "adapter" if cfg.rm.lora_rank > 0 else "model"
-    trained.save_pretrained(out / kind)
-    tok.save_pretrained(out / kind)
-    write_json(out / "rm_info.json", {"kind": kind, "init_from": cfg.rm.init_from,
-                                      "train_pairs": len(rows)})
-    write_json(out / "history.json", log_history(trainer))
-    m, records = evaluate_rm(cfg, trained, tok, data.rm_eval)
+    history = fit(trainer, cfg)
+    kind = save_trained(trainer.model, tok, out, cfg.rm.lora_rank)
+    write_json(out / "rm_info.json", {"kind": kind, "init_from": cfg.rm.init_from, "train_pairs": len(rows)})
+    write_json(out / "history.json", history)
+    m, records = evaluate_rm(cfg, trainer.model, tok, data.rm_eval)
     m["rm/train_pairs"] = len(rows)
     write_json(out / "metrics.json", m)
     write_json(out / "records.json", records)
-    import shutil
-
-    shutil.rmtree(out / "trainer", ignore_errors=True)
+    clean_up(out)
 
 
 def evaluate_rm(cfg: TrialConfig, model, tok, groups) -> tuple[dict, list[dict]]:

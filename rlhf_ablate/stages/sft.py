@@ -11,7 +11,7 @@ from ..config import TrialConfig
 from ..data.prompting import format_prompt, normalize
 from ..files import write_json
 from ..runtime import seed_everything
-from .common import log_history, restore_trainable_dtype, train_args
+from .common import TRAINER_DIR, clean_up, fit, load_for_training, train_args
 
 
 def train_sft(cfg: TrialConfig, data, out: Path) -> None:
@@ -19,22 +19,14 @@ def train_sft(cfg: TrialConfig, data, out: Path) -> None:
     from trl import SFTConfig, SFTTrainer
 
     seed_everything(cfg.seed)
-    base = models.resolve_base(cfg.model)
-    tok = models.load_tokenizer(cfg.model, base)
-    quantized = cfg.model.quantization != "none" and cfg.sft.lora_rank > 0
-    model = models.load_causal_lm(cfg.model, base, quantize=quantized)
-    model = models.prepare_for_training(model, cfg.sft.lora_rank, cfg.sft.lora_alpha, cfg.sft.lora_dropout,
-                                        "CAUSAL_LM", quantized)
+    model, tok = load_for_training(cfg, cfg.sft, models.resolve_base(cfg.model))
     # EOS is appended by TRL to plain-text completions: the model learns to stop, which PPO's
     # missing-EOS penalty relies on.
     rows = [{"prompt": format_prompt(e.prompt), "completion": normalize(e.completion)} for e in data.sft_train]
-    s = cfg.sft
-    args = SFTConfig(**train_args(s, out / "trainer", cfg.seed, cfg.model),
+    args = SFTConfig(**train_args(cfg.sft, out / TRAINER_DIR, cfg.seed, cfg.model),
                      max_length=cfg.model.max_length, completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
-    restore_trainable_dtype(trainer.model, cfg.model)
-    trainer.train()
-    history = log_history(trainer)
+    history = fit(trainer, cfg)
     models.merge_and_save(trainer.model, out / "model", cfg.model)
     tok.save_pretrained(out / "model")
     losses = [h["loss"] for h in history if "loss" in h]
@@ -42,10 +34,4 @@ def train_sft(cfg: TrialConfig, data, out: Path) -> None:
     write_json(out / "metrics.json", {"sft/train_loss_first": losses[0] if losses else None,
                                       "sft/train_loss_last": losses[-1] if losses else None,
                                       "sft/train_examples": len(rows)})
-    _rm_tree(out / "trainer")
-
-
-def _rm_tree(p: Path) -> None:
-    import shutil
-
-    shutil.rmtree(p, ignore_errors=True)
+    clean_up(out)

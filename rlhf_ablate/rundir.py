@@ -1,4 +1,14 @@
-"""The one owner of ``result.json``: its schema, where it lives, and how it is written, read and scanned.
+"""The one owner of the run directory's layout and of ``result.json``: where trials, results, ``sweep.json`` and
+the stage cache live, and how a result is written, read and scanned (issue 17: every launcher, the trial, compare,
+chat and analysis go through here, so the layout is written down once).
+
+::
+
+    RUN_DIR/
+        sweep.json                     the sweep, its trials and its stage cache (written by every launcher)
+        trials/<trial_id>/result.json  the record of a trial
+        trials/<trial_id>/attempts.jsonl, error.txt
+    <cache root>/<bucket>/<key>/       a stage artifact (rlhf_ablate/run/cache.py builds and checks it)
 
 ``RUN_DIR/trials/<trial_id>/result.json`` is the record of a trial (docs/architecture.md, "result.json"). The trial
 writes it (rlhf_ablate/run/trial.py), the launchers write it for trials that could not (a worker that died, an
@@ -22,7 +32,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from ..files import read_json, write_json
+from .files import read_json, write_json
 
 SCHEMA = 1
 FINISHED = ("ok", "stopped")  # statuses that are never rerun ("stopped": an ASHA early stop)
@@ -35,8 +45,89 @@ def run_dir_for(spec: Any, out: Optional[Path]) -> Path:
     return (Path(out) if out else Path("runs") / spec.name).resolve()
 
 
+SWEEP_JSON = "sweep.json"
+
+
+def trial_dir(run_dir: Path, trial_id: str) -> Path:
+    return Path(run_dir) / "trials" / trial_id
+
+
 def result_path(run_dir: Path, trial_id: str) -> Path:
-    return Path(run_dir) / "trials" / trial_id / "result.json"
+    return trial_dir(run_dir, trial_id) / "result.json"
+
+
+def run_dir_of_trial(tdir: Path) -> Path:
+    """The run directory a trial directory (``RUN_DIR/trials/<id>``) belongs to."""
+    return Path(tdir).parent.parent
+
+
+# ---- the stage cache's place ----------------------------------------------------------------------------------
+
+def default_cache_root(spec: Any = None) -> Path:
+    """``spec.cache_dir`` if the sweep sets it, else ``$RLHF_ABLATE_CACHE/stages``, else
+    ``~/.cache/rlhf_ablate/stages``. Relative ``cache_dir`` values are resolved against the current directory."""
+    cache_dir = getattr(spec, "cache_dir", None) if spec is not None else None
+    if cache_dir:
+        return Path(cache_dir).expanduser().resolve()
+    env = os.environ.get("RLHF_ABLATE_CACHE")
+    if env:
+        return (Path(env).expanduser() / "stages").resolve()
+    return (Path.home() / ".cache" / "rlhf_ablate" / "stages").resolve()
+
+
+def artifact_path(cache_root: Path, bucket: str, key: str) -> Path:
+    """Where the stage cache keeps the artifact of ``bucket``/``key`` (rlhf_ablate/run/cache.py)."""
+    return Path(cache_root) / bucket / key
+
+
+def cache_root_of(result: dict, run_dir: Optional[Path] = None) -> Path:
+    """The stage cache a trial's artifacts live in: its result.json's ``cache_dir`` (every launcher writes it), else
+    the run's sweep.json."""
+    from .errors import ConfigError
+
+    if result.get("cache_dir"):
+        return Path(result["cache_dir"])
+    sweep = read_sweep_json(run_dir) if run_dir is not None else None
+    if sweep and sweep.get("cache_dir"):
+        return Path(sweep["cache_dir"])
+    raise ConfigError(f"{run_dir or 'trial'}: the trial's result.json names no stage cache (cache_dir) and there is "
+                      f"no sweep.json beside it.")
+
+
+def trial_artifacts(result: dict, run_dir: Optional[Path] = None) -> dict[str, Path]:
+    """Stage name -> artifact directory of every stage of the trial whose artifact is still in the stage cache
+    (read from result.json's ``timings``: each stage's cache bucket and key)."""
+    root = cache_root_of(result, run_dir)
+    out = {}
+    for stage, t in (result.get("timings") or {}).items():
+        if isinstance(t, dict) and "key" in t:
+            d = artifact_path(root, t.get("bucket", stage), t["key"])
+            if d.is_dir():
+                out[stage] = d
+    return out
+
+
+# ---- sweep.json ----------------------------------------------------------------------------------------------
+
+def write_sweep_json(run_dir: Path, spec: Any, trials: list, *, use_cache: bool = True, launcher: str = "") -> Path:
+    """``RUN_DIR/sweep.json``: the sweep, its trials and its stage cache. Every launcher (Ray, SLURM, ``trial``,
+    the notebook API) writes it; a rewrite keeps the first start time."""
+    path = Path(run_dir) / SWEEP_JSON
+    prev = read_sweep_json(run_dir) or {}
+    return write_json(path, {
+        "name": spec.name, "version": spec.version, "path": str(Path(spec.path).resolve()),
+        "description": spec.description, "search": spec.search.type, "scheduler": spec.scheduler.type,
+        "cache_dir": str(default_cache_root(spec)), "use_cache": use_cache, "launcher": launcher or prev.get("launcher"),
+        "first_started_at": prev.get("first_started_at") or now(), "last_started_at": now(),
+        "trials": [{"index": t.index, "trial_id": t.trial_id, "seed": t.seed, "axes": t.axes} for t in trials]})
+
+
+def read_sweep_json(run_dir: Path) -> Optional[dict]:
+    try:
+        d = read_json(Path(run_dir) / SWEEP_JSON)
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
 
 
 def read_result(run_dir: Path, trial_id: str) -> dict | None:
@@ -85,7 +176,7 @@ def begin_attempt(run_dir: Path, trial_id: str) -> int:
 
     One ``write`` on an ``O_APPEND`` descriptor per start, so concurrent starts (a requeued SLURM task beside a
     Ray retry) never interleave lines; a start killed before it wrote result.json still counts."""
-    path = Path(run_dir) / "trials" / trial_id / ATTEMPTS
+    path = trial_dir(run_dir, trial_id) / ATTEMPTS
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": now(),
                        "slurm_job": os.environ.get("SLURM_JOB_ID")}) + "\n"
@@ -100,7 +191,7 @@ def begin_attempt(run_dir: Path, trial_id: str) -> int:
 def attempts(run_dir: Path, trial_id: str) -> int:
     """How many times the trial has started in this run directory (0: never)."""
     try:
-        text = (Path(run_dir) / "trials" / trial_id / ATTEMPTS).read_text(errors="replace")
+        text = (trial_dir(run_dir, trial_id) / ATTEMPTS).read_text(errors="replace")
     except OSError:
         return 0
     return sum(1 for line in text.splitlines() if line.strip())
