@@ -252,3 +252,16 @@ def test_the_checks_can_fail(tmp_path):
                for t in _targets("rlhf_ablate.data.bad", mod, names, mods)]
     assert "rlhf_ablate.metrics" in targets and _layer_of("rlhf_ablate.metrics") == _layer_of("rlhf_ablate.data")
     assert any("_hub_kwargs" in u for u in _private_uses("rlhf_ablate.data.bad", bad, mods))
+
+
+def test_the_how_to_section_names_files_that_exist():
+    """docs/architecture.md, "How to add a method, a metric, a launcher or a data format": every file it names."""
+    import re
+
+    doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = doc.split("## How to add a method", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`((?:rlhf_ablate|docs|tests|analysis)/[\w/.]+\.(?:py|md))", section))
+    assert len(named) >= 8, named
+    missing = sorted(f for f in named if not (ROOT / f).is_file())
+    assert not missing, f"the how-to section names files that do not exist: {missing}"
+

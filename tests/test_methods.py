@@ -95,3 +95,21 @@ def test_chat_answers_in_korean_and_lists_what_exists(trials, capsys):
     assert cli_main(["chat", run_dir, "--trial", tid, "--stage", "dpo", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "no dpo artifact" in err and "Available: base, sft, grpo" in err
+
+
+@pytest.mark.parametrize("method", ["ppo", "dpo", "grpo", "rloo"])
+def test_every_name_a_trial_reports_is_known(trials, method):
+    """Every key of a trial's result.json metrics, and every per-step stat PPO reports to Tune and W&B, is a name of
+    the metric registry (known_metric), so a sweep may schedule or search on any of them."""
+    from rlhf_ablate.metrics.registry import known_metric
+
+    steps = {"ppo.total_episodes": 64} if method == "ppo" else {f"{method}.max_steps": 2}
+    r = trials.run(method=method, **steps)
+    assert r["status"] == "ok", r["error"]
+    unknown = [k for k in r["metrics"] if not known_metric(k)]
+    if method == "ppo":
+        rows = r["history"]["ppo"]
+        assert rows and {"objective/kl", "val/ratio", "grad_norm"} <= set(rows[0])
+        unknown += [f"ppo/{k}" for row in rows for k in row if k != "step" and not known_metric(f"ppo/{k}")]
+    assert not unknown, f"{method}: names the registry does not know: {sorted(set(unknown))}"
+

@@ -133,6 +133,18 @@ def _ray_path(sweep: Path, run_dir: Path, env: dict, n: int, cwd: Path) -> subpr
                             cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def _judge_with_rm_from(trial_dir: Path, cfg) -> None:
+    """What the compare stage does with ``eval.judge_rm_from: <trial_dir>``: load that RM and score answers."""
+    from rlhf_ablate import models
+    from rlhf_ablate.stages.compare import resolve_rm_from
+
+    other, rm_dir, sft_dir = resolve_rm_from(str(trial_dir), cfg)
+    rm, tok = models.load_rm(other, rm_dir, sft_dir)
+    scores = models.score_texts(models.seq_cls_scorer(rm), tok, ["김치는 어떻게 만들어요?"] * 2,
+                                ["배추를 소금에 절이고 양념을 버무려 익힙니다.", "몰라요"], other.model.max_length)
+    assert len(scores) == 2 and all(math.isfinite(x) for x in scores)
+
+
 def test_array_job_matches_ray_path(tmp_path):
     why = _cluster_up()
     if why:
@@ -180,6 +192,12 @@ def test_array_job_matches_ray_path(tmp_path):
     # The two tasks shared the SFT and RM stages through the cache: each stage was built once.
     built = [e["stage"] for e in read_executions(tmp_path / "cache_slurm" / "stages")]
     assert built.count("sft") == 1 and built.count("rm") == 1, built
+
+    # The run directory has the Ray path's layout (rlhf_ablate/rundir.py), and eval.judge_rm_from finds a Slurm
+    # trial's RM from its result.json alone (its cache_dir and stage keys), even without sweep.json.
+    assert json.loads((slurm_run / "sweep.json").read_text())["launcher"] == "slurm"
+    (slurm_run / "sweep.json").unlink()
+    _judge_with_rm_from(slurm_run / "trials" / trials[0].trial_id, trials[0].config)
 
     assert ray_rc == 0, (tmp_path / "ray_path.log").read_text()[-3000:]
     ray_results = _results(ray_run)

@@ -328,7 +328,7 @@ def validate(cfg: TrialConfig, source: str) -> None:
             bad(f"{stage}.lora_rank", f"must be >= 0 (0 = full fine-tune), got {sc.lora_rank}.")
         if sc.lora_alpha < 0:
             bad(f"{stage}.lora_alpha", f"must be >= 0 (0 = 2 * rank), got {sc.lora_alpha}.")
-        if sc.learning_rate <= 0:
+        if getattr(sc, "learning_rate", 1.0) <= 0:  # the rules of the shared parts, where a section has them
             bad(f"{stage}.learning_rate", f"must be > 0, got {sc.learning_rate}.")
         for name in ("batch_size", "grad_accum"):
             if getattr(sc, name, 1) < 1:

@@ -74,6 +74,8 @@ def _numeric(d: dict) -> dict:
 def _trainable(config: dict, *, spec: Any, run_dir: str, use_cache: bool, trial_fn: Optional[Callable]) -> None:
     from ray import tune
 
+    from ..run import graph  # noqa: F401 - every method (plugins' too) is known before the trial's config is built
+
     trial = _trial_from_config(spec, config, tune.get_context().get_trial_id() or "")
     if trial_fn is None:
         from ..run.trial import run_trial_in_sweep as trial_fn  # noqa: N813 - the default trial function
