@@ -280,7 +280,35 @@ def cmd_slurm(args: argparse.Namespace) -> int:
                          max_concurrent=args.max_concurrent)
 
 
+# Libraries whose log records chat hides without --verbose (their warnings go through `warnings`, also hidden).
+NOISY_LOGGERS = ("transformers", "peft", "accelerate", "bitsandbytes", "torch", "huggingface_hub", "datasets", "trl",
+                 "kiwipiepy")
+
+
+def quiet_libraries() -> None:
+    """Keep third-party noise out of what chat prints (issue 19): the weight-loading bar and hub download bars,
+    Python warnings (bitsandbytes' missing kernels, peft, torch) and the libraries' log records below ERROR. Only
+    the answer goes to stdout; our own messages and errors are unaffected. ``chat --verbose`` skips this."""
+    import logging
+    import warnings
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is imported
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read when transformers configures its logger
+    os.environ["TQDM_DISABLE"] = "1"  # any other tqdm bar in this process
+    warnings.filterwarnings("ignore")
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
+    if not args.verbose:
+        quiet_libraries()
     from .run.chat import answer, find_trial, load_stage
 
     result = find_trial(args.run_dir, args.trial)
