@@ -49,7 +49,7 @@ def no_run(monkeypatch):
 
 def test_overrides_dotted_and_top_level(no_run, tmp_path):
     with pytest.raises(SystemExit):
-        rlhf_ablate.run_sweep(ROOT / "sweeps" / "kl_coef.yaml", seeds=[7], ppo__kl_coef=0.3, out=tmp_path / "r",
+        rlhf_ablate.run_sweep(ROOT / "rlhf_ablate" / "sweeps" / "kl_coef.yaml", seeds=[7], ppo__kl_coef=0.3, out=tmp_path / "r",
                               **{"sft.max_steps": 3})
     spec = no_run["spec"]
     assert spec.seeds == (7,) and spec.base["ppo.kl_coef"] == 0.3 and spec.base["sft.max_steps"] == 3
@@ -58,7 +58,7 @@ def test_overrides_dotted_and_top_level(no_run, tmp_path):
 
 def test_bad_overrides_are_clear_errors(no_run):
     with pytest.raises(ConfigError, match=r"unknown override 'ppo__kl_coeff'.*ppo.kl_coef"):
-        rlhf_ablate.run_sweep(ROOT / "sweeps" / "kl_coef.yaml", ppo__kl_coeff=0.3)
+        rlhf_ablate.run_sweep(ROOT / "rlhf_ablate" / "sweeps" / "kl_coef.yaml", ppo__kl_coeff=0.3)
     with pytest.raises(ConfigError, match="include"):
         rlhf_ablate.run_sweep({"name": "x", "include": "base.yaml"})
     assert "spec" not in no_run  # nothing started
