@@ -17,12 +17,13 @@ was resolved to; ``sweeps`` lists the bundled ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import json
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import RlhfAblateError
 from .run.result import result_path, run_dir_for
@@ -285,30 +286,57 @@ NOISY_LOGGERS = ("transformers", "peft", "accelerate", "bitsandbytes", "torch", 
                  "kiwipiepy")
 
 
-def quiet_libraries() -> None:
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
     """Keep third-party noise out of what chat prints (issue 19): the weight-loading bar and hub download bars,
     Python warnings (bitsandbytes' missing kernels, peft, torch) and the libraries' log records below ERROR. Only
-    the answer goes to stdout; our own messages and errors are unaffected. ``chat --verbose`` skips this."""
+    the answer goes to stdout; our own messages and errors are unaffected. ``chat --verbose`` skips this. Everything
+    is restored on exit, so an in-process caller (a test, a notebook) keeps its warnings and bars."""
     import logging
     import warnings
 
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is imported
-    os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read when transformers configures its logger
-    os.environ["TQDM_DISABLE"] = "1"  # any other tqdm bar in this process
-    warnings.filterwarnings("ignore")
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from huggingface_hub.utils import disable_progress_bars
+    env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1",  # read when huggingface_hub is imported
+           "TRANSFORMERS_VERBOSITY": "error",  # read when transformers configures its logger
+           "TQDM_DISABLE": "1"}  # any other tqdm bar
+    saved_env = {k: os.environ.get(k) for k in env}
+    loggers = {name: logging.getLogger(name) for name in NOISY_LOGGERS}
+    saved_levels = {name: lg.level for name, lg in loggers.items()}
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
+    hub_bars_off, hf_bars_on, hf_level = (are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled(),
+                                          hf_logging.get_verbosity())
+    os.environ.update(env)
+    for lg in loggers.values():
+        lg.setLevel(logging.ERROR)
     disable_progress_bars()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for name, lg in loggers.items():
+            lg.setLevel(saved_levels[name])
+        if not hub_bars_off:
+            enable_progress_bars()
+        hf_logging.set_verbosity(hf_level)
+        if hf_bars_on:
+            hf_logging.enable_progress_bar()
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    if not args.verbose:
-        quiet_libraries()
+    with contextlib.nullcontext() if args.verbose else quiet_libraries():
+        return _chat(args)
+
+
+def _chat(args: argparse.Namespace) -> int:
     from .run.chat import answer, find_trial, load_stage
 
     result = find_trial(args.run_dir, args.trial)
