@@ -236,7 +236,7 @@ def test_cli_overrides_may_follow_options(tmp_path):
     out = run_cli("sweep", "sweeps/kl_coef.yaml", "--dry-run", "--out", str(tmp_path / "r"), "ppo.total_episodes=64")
     assert out.returncode == 0, out.stderr
     bad = run_cli("sweep", "sweeps/kl_coef.yaml", "--dry-run", "ppo.total_episodez=64")
-    assert bad.returncode == 2 and "Did you mean 'ppo.total_episodes'" in bad.stderr
+    assert bad.returncode == 2 and "Did you mean 'ppo.total_episodes'" in " ".join(bad.stderr.split())
     junk = run_cli("sweep", "sweeps/kl_coef.yaml", "--dry-run", "--bogus")
     assert junk.returncode == 2 and "unrecognized arguments: --bogus" in junk.stderr
 
