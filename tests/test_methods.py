@@ -84,6 +84,7 @@ def test_verifiable_reward_trains_without_the_rm(trials):
 def test_chat_answers_in_korean_and_lists_what_exists(trials, capsys):
     r = trials.run(method="grpo", **{"grpo.max_steps": STEPS})
     run_dir, tid = str(trials.run_dir), r["trial_id"]
+    capsys.readouterr()  # the training's own output
     assert cli_main(["chat", run_dir, "--trial", tid[:7], "--prompt", "김치는 어떻게 만들어요?"]) == 0
     out, err = capsys.readouterr()
     assert sum("\uac00" <= ch <= "\ud7a3" for ch in out) >= 3, out  # Hangul syllables were streamed
