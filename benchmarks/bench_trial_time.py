@@ -3,10 +3,11 @@
     python benchmarks/bench_trial_time.py --before /path/to/old/checkout [--after .] [--repeats 3]
 
 Runs ``python -m rlhf_ablate trial sweeps/kl_coef.yaml --index 1 --no-cache`` (SFT, RM, base/SFT/PPO evals, PPO on
-the built-in tiny Llama and the bundled data) from each checkout, one warm-up each (it builds the built-in model
-into that checkout's own cache), then ``repeats`` timed runs each in the order B A A B B A ..., and prints the
-medians, their ratio and each run's stage seconds. Writes benchmarks/results/trial_time.json. Other load on the
-machine moves both variants alike only when they interleave, which is why they do.
+the built-in tiny Llama and the bundled data) from each checkout (its sweeps/, or its bundled sweep where the
+checkout has none), one warm-up each (it builds the built-in model into that checkout's own cache), then
+``repeats`` timed runs each in the order B A A B B A ..., and prints the medians, their ratio and each run's stage
+seconds. Writes benchmarks/results/trial_time.json. Other load on the machine moves both variants alike only when
+they interleave, which is why they do.
 """
 
 from __future__ import annotations

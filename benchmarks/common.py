@@ -28,10 +28,10 @@ SRC = [ROOT]  # where the measured code is imported from; snapshot() points it a
 
 
 def snapshot(work: Path) -> Path:
-    """Copy the package and sweeps into ``work/src`` and measure that copy, so that edits to the working tree
-    during a long benchmark cannot change (or break) the code between repeats."""
+    """Copy the package (with its bundled sweeps) into ``work/src`` and measure that copy, so that edits to the
+    working tree during a long benchmark cannot change (or break) the code between repeats."""
     src = work / "src"
-    for name in ("rlhf_ablate", "sweeps"):
+    for name in ("rlhf_ablate",):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     SRC[0] = src
     return src
@@ -42,7 +42,8 @@ def write_kl_sweep(dest: Path, cache_dir: Path, name: str = "kl_coef_bench", siz
     the sweep's own stage sizes (the defaults of rlhf_ablate/config/schema.py)."""
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"include": str(SRC[0] / "sweeps" / "kl_coef.yaml"), "name": name, "seeds": [0],
+    kl_coef = SRC[0] / "rlhf_ablate" / "sweeps" / "kl_coef.yaml"
+    path.write_text(yaml.safe_dump({"include": str(kl_coef), "name": name, "seeds": [0],
                                     "base": TINY if size == "tiny" else {}, "cache_dir": str(cache_dir),
                                     "tracking": {"wandb": "disabled"}}))
     return path

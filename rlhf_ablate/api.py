@@ -2,7 +2,7 @@
 
     import rlhf_ablate
 
-    res = rlhf_ablate.run_sweep("sweeps/kl_coef.yaml", seeds=[0], ppo__total_episodes=64)
+    res = rlhf_ablate.run_sweep("kl_coef", seeds=[0], ppo__total_episodes=64)   # a bundled sweep, or a path
     df = res.to_pandas()          # one row per trial: trial_id, index, seed, status, axes, metrics, error
     res.report()                  # tables, plots and report.md under RUN_DIR/report/
 
@@ -28,7 +28,8 @@ def run_sweep(sweep: Union[str, Path, Mapping[str, Any]], *, out: Optional[Union
               **overrides: Any) -> Any:
     """Run (or continue) a sweep and return its :class:`~analysis.results.RunResults`.
 
-    ``sweep``: a sweep file's path, or its content as a dict (the same keys as the YAML). ``overrides``:
+    ``sweep``: a sweep file's path, a sweep's name (``"kl_coef"``: ./sweeps/ first, then the bundled sweeps, as on
+    the command line), or its content as a dict (the same keys as the YAML). ``overrides``:
 
     - dotted trial keys, added to the sweep's ``base`` like ``KEY=VALUE`` on the command line; write the dot as a
       double underscore (``ppo__kl_coef=0.05``) or unpack a dict (``**{"ppo.kl_coef": 0.05}``);
@@ -38,6 +39,7 @@ def run_sweep(sweep: Union[str, Path, Mapping[str, Any]], *, out: Optional[Union
     The other arguments are those of the ``sweep`` command (``out`` = ``--out``, default ``runs/<name>``; ``address``
     defaults to ``$RAY_ADDRESS``). Failed trials do not raise: their rows say ``failed`` and why."""
     import os
+    import sys
 
     from analysis.report import open_run as load_run
     from .config.sweep import SWEEP_KEYS, parse_sweep, read_sweep
@@ -51,7 +53,12 @@ def run_sweep(sweep: Union[str, Path, Mapping[str, Any]], *, out: Optional[Union
                               "pass the file's path, or merge the base into the dict yourself.")
         raw, source = dict(sweep), "<run_sweep dict>"
     else:
-        raw, source = read_sweep(sweep), str(sweep)
+        from .config.sweep_files import resolve_sweep_file
+
+        found = resolve_sweep_file(sweep)  # a path, or a sweep's name: ./sweeps/ first, then the bundled ones
+        if found.note:
+            print(found.note, file=stream or sys.stderr)
+        raw, source = read_sweep(found.path), str(found.path)
     raw.update(sweep_keys)
     spec = parse_sweep(raw, source, trial_keys)
     run_dir = run_dir_for(spec, Path(out) if out is not None else None)

@@ -1,4 +1,4 @@
-"""``python -m rlhf_ablate {sweep,trial,slurm,data,report}``: the only module that knows about argparse.
+"""``python -m rlhf_ablate {sweep,sweeps,trial,slurm,data,report,chat}``: the only module that knows about argparse.
 
 Every command exits 2 with a one-paragraph message on bad input (any RlhfAblateError, an unreadable or unwritable
 path) and writes nothing partial: no traceback, at most MAX_ERROR_LINES lines, the key, file or row named.
@@ -8,17 +8,22 @@ Before any GPU-second is spent, ``sweep --dry-run``, ``sweep`` and ``trial`` run
 (:func:`preflight`): every distinct data source exists and its first rows parse, every distinct base model resolves
 (failing within seconds when the hub cannot be reached). ``trial`` also reads its data in full before it starts
 the tracker, and says why a trial failed: error class, stage, message and the path to the traceback (exit 1).
+
+``sweep``, ``trial`` and ``slurm`` take a path or the name of a sweep (``lora_rank`` or ``lora_rank.yaml``: from
+./sweeps/ first, then the bundled sweeps; rlhf_ablate/config/sweep_files.py) and say on stderr which file a name
+was resolved to; ``sweeps`` lists the bundled ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import json
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import RlhfAblateError
 from .rundir import result_path, run_dir_for
@@ -27,7 +32,8 @@ MAX_ERROR_LINES = 6
 
 
 def _add_sweep_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sweep_file", help="sweep YAML, e.g. sweeps/lora_rank.yaml")
+    p.add_argument("sweep_file", help="sweep YAML path, or a sweep's name (lora_rank or lora_rank.yaml: ./sweeps/ "
+                                      "first, then the bundled sweeps; list them with `sweeps`)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides added to the sweep's base, e.g. model.base_model=meta-llama/Llama-3.2-1B")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<sweep name>)")
@@ -51,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
     p.add_argument("--no-report", action="store_true", help="do not write RUN_DIR/report at the end")
 
+    sub.add_parser("sweeps", help="list the bundled sweeps with their descriptions")
+
     p = sub.add_parser("trial", help="run one trial of a sweep (what a SLURM array task runs)")
     _add_sweep_args(p)
     p.add_argument("--index", type=int, required=True, help="trial index, 0-based, as in `sweep --dry-run`")
@@ -73,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "policy_stages; default: the trial's method). A stage the trial does not have is refused "
                         "with the list of those it has.")
     p.add_argument("--prompt", default=None, help="answer this one prompt and exit (for scripts)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the libraries' warnings, log lines and progress bars (hidden by default)")
 
     p = sub.add_parser("report", help="tables, plots and report.md from RUN_DIR/trials/*/result.json")
     p.add_argument("run_dir", type=Path)
@@ -190,10 +200,29 @@ def preflight(spec: Any, trials: list, rows: int | None = 20) -> list[str]:
     return lines
 
 
+def resolve_sweep_arg(args: argparse.Namespace) -> None:
+    """Turn ``args.sweep_file`` (a path or a sweep's name) into the file it means, and say which one on stderr
+    when that is not the path as typed (rlhf_ablate/config/sweep_files.py)."""
+    from .config.sweep_files import resolve_sweep_file
+
+    found = resolve_sweep_file(args.sweep_file)
+    if found.note:
+        print(found.note, file=sys.stderr)
+    args.sweep_file = str(found.path)
+
+
+def cmd_sweeps(args: argparse.Namespace) -> int:
+    from .config.sweep_files import list_bundled
+
+    print(list_bundled())
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .config import parse_cli_overrides
     from .config.sweep import expand, load_sweep, trial_table
 
+    resolve_sweep_arg(args)
     spec = load_sweep(args.sweep_file, parse_cli_overrides(args.overrides))
     trials = expand(spec)
     checks = preflight(spec, trials, rows=20 if args.dry_run else None)
@@ -220,6 +249,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     from .config.sweep import expand, load_sweep
     from .errors import ConfigError
 
+    resolve_sweep_arg(args)
     spec = load_sweep(args.sweep_file, parse_cli_overrides(args.overrides))
     trials = expand(spec)
     if not 0 <= args.index < len(trials):
@@ -252,12 +282,68 @@ def cmd_trial(args: argparse.Namespace) -> int:
 def cmd_slurm(args: argparse.Namespace) -> int:
     from .launch.slurm import slurm_command
 
+    resolve_sweep_arg(args)
     return slurm_command(args.sweep_file, args.overrides, out=args.out, submit_jobs=args.submit,
                          partition=args.partition, account=args.account, qos=args.qos, time_limit=args.time,
                          max_concurrent=args.max_concurrent)
 
 
+# Libraries whose log records chat hides without --verbose (their warnings go through `warnings`, also hidden).
+NOISY_LOGGERS = ("transformers", "peft", "accelerate", "bitsandbytes", "torch", "huggingface_hub", "datasets", "trl",
+                 "kiwipiepy")
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Keep third-party noise out of what chat prints (issue 19): the weight-loading bar and hub download bars,
+    Python warnings (bitsandbytes' missing kernels, peft, torch) and the libraries' log records below ERROR. Only
+    the answer goes to stdout; our own messages and errors are unaffected. ``chat --verbose`` skips this. Everything
+    is restored on exit, so an in-process caller (a test, a notebook) keeps its warnings and bars."""
+    import logging
+    import warnings
+
+    env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1",  # read when huggingface_hub is imported
+           "TRANSFORMERS_VERBOSITY": "error",  # read when transformers configures its logger
+           "TQDM_DISABLE": "1"}  # any other tqdm bar
+    saved_env = {k: os.environ.get(k) for k in env}
+    loggers = {name: logging.getLogger(name) for name in NOISY_LOGGERS}
+    saved_levels = {name: lg.level for name, lg in loggers.items()}
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_bars_off, hf_bars_on, hf_level = (are_progress_bars_disabled(), hf_logging.is_progress_bar_enabled(),
+                                          hf_logging.get_verbosity())
+    os.environ.update(env)
+    for lg in loggers.values():
+        lg.setLevel(logging.ERROR)
+    disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for name, lg in loggers.items():
+            lg.setLevel(saved_levels[name])
+        if not hub_bars_off:
+            enable_progress_bars()
+        hf_logging.set_verbosity(hf_level)
+        if hf_bars_on:
+            hf_logging.enable_progress_bar()
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
+    with contextlib.nullcontext() if args.verbose else quiet_libraries():
+        return _chat(args)
+
+
+def _chat(args: argparse.Namespace) -> int:
     from .run.chat import answer, find_trial, load_stage
 
     result = find_trial(args.run_dir, args.trial)
@@ -308,8 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"sweep": cmd_sweep, "trial": cmd_trial, "slurm": cmd_slurm, "report": cmd_report,
-                "data": cmd_data, "chat": cmd_chat}
+    handlers = {"sweep": cmd_sweep, "sweeps": cmd_sweeps, "trial": cmd_trial, "slurm": cmd_slurm,
+                "report": cmd_report, "data": cmd_data, "chat": cmd_chat}
     try:
         if args.command != "data":
             from .run import graph  # noqa: F401 - every method of the stage graph, plugins' too, is known from here

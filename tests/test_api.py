@@ -47,10 +47,11 @@ def no_run(monkeypatch):
     return seen
 
 
-def test_overrides_dotted_and_top_level(no_run, tmp_path):
-    with pytest.raises(SystemExit):
-        rlhf_ablate.run_sweep(ROOT / "sweeps" / "kl_coef.yaml", seeds=[7], ppo__kl_coef=0.3, out=tmp_path / "r",
-                              **{"sft.max_steps": 3})
+def test_overrides_dotted_and_top_level(no_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):  # a bundled sweep by name, as on the command line
+        rlhf_ablate.run_sweep("kl_coef", seeds=[7], ppo__kl_coef=0.3, out=tmp_path / "r", **{"sft.max_steps": 3})
+    assert "(bundled sweep; you typed kl_coef)" in capsys.readouterr().err
     spec = no_run["spec"]
     assert spec.seeds == (7,) and spec.base["ppo.kl_coef"] == 0.3 and spec.base["sft.max_steps"] == 3
     assert no_run["run_dir"] == (tmp_path / "r").resolve()
@@ -58,7 +59,7 @@ def test_overrides_dotted_and_top_level(no_run, tmp_path):
 
 def test_bad_overrides_are_clear_errors(no_run):
     with pytest.raises(ConfigError, match=r"unknown override 'ppo__kl_coeff'.*ppo.kl_coef"):
-        rlhf_ablate.run_sweep(ROOT / "sweeps" / "kl_coef.yaml", ppo__kl_coeff=0.3)
+        rlhf_ablate.run_sweep(ROOT / "rlhf_ablate" / "sweeps" / "kl_coef.yaml", ppo__kl_coeff=0.3)
     with pytest.raises(ConfigError, match="include"):
         rlhf_ablate.run_sweep({"name": "x", "include": "base.yaml"})
     assert "spec" not in no_run  # nothing started

@@ -16,7 +16,8 @@ from rlhf_ablate.errors import ConfigError
 from rlhf_ablate.config.sweep import expand, load_sweep, trial_table
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+BUNDLED = ROOT / "rlhf_ablate" / "sweeps"  # the bundled sweeps (package data)
+SWEEPS = sorted(BUNDLED.glob("*.yaml"))
 
 
 def write(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
@@ -106,7 +107,7 @@ def test_cli_override_parsing():
 # ---- sweep files ----------------------------------------------------------------------------------------
 
 EXPECTED_COUNTS = {"lora_rank": 6, "kl_coef": 6, "base_model": 4, "data_version": 4, "dpo_vs_ppo": 4, "method": 8,
-                   "full_grid": 36, "kanana_lora_rank": 6, "gpu_recommended": 9}
+                   "full_grid": 36, "kanana_lora_rank": 6, "gpu_recommended": 9, "smoke": 1}
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
@@ -121,9 +122,9 @@ def test_every_bundled_sweep_expands_with_stable_unique_ids(path):
 
 def test_ids_stable_across_processes():
     code = ("from rlhf_ablate.config.sweep import load_sweep, expand;"
-            "print(','.join(t.trial_id for t in expand(load_sweep('sweeps/kl_coef.yaml'))))")
+            "print(','.join(t.trial_id for t in expand(load_sweep('rlhf_ablate/sweeps/kl_coef.yaml'))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().split(",") == [t.trial_id for t in expand(load_sweep(ROOT / "sweeps/kl_coef.yaml"))]
+    assert out.stdout.strip().split(",") == [t.trial_id for t in expand(load_sweep(BUNDLED / "kl_coef.yaml"))]
 
 
 def test_changed_value_changes_only_the_affected_ids(tmp_path):
@@ -133,7 +134,7 @@ def test_changed_value_changes_only_the_affected_ids(tmp_path):
 
 
 def test_lora_rank_sweep_ties_axes_and_applies_override():
-    trials = expand(load_sweep(ROOT / "sweeps/lora_rank.yaml"))
+    trials = expand(load_sweep(BUNDLED / "lora_rank.yaml"))
     for t in trials:
         c = t.config
         assert c.sft.lora_rank == c.rm.lora_rank == c.ppo.lora_rank == t.axes["lora_rank"]
@@ -220,6 +221,8 @@ def test_cli_dry_run_prints_table_and_starts_nothing(tmp_path):
     out = run_cli("sweep", "sweeps/kl_coef.yaml", "--dry-run", "--out", str(tmp_path / "run"))
     assert out.returncode == 0, out.stderr
     assert "6 trials" in out.stdout and "ppo.kl_coef" in out.stdout and "nothing started" in out.stdout
+    # the README's path: no sweeps/ in the clone any more, so the bundled file is used, and the CLI says so
+    assert f"sweep file: {BUNDLED / 'kl_coef.yaml'} (bundled sweep; you typed sweeps/kl_coef.yaml)" in out.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -233,7 +236,7 @@ def test_cli_overrides_may_follow_options(tmp_path):
     out = run_cli("sweep", "sweeps/kl_coef.yaml", "--dry-run", "--out", str(tmp_path / "r"), "ppo.total_episodes=64")
     assert out.returncode == 0, out.stderr
     bad = run_cli("sweep", "sweeps/kl_coef.yaml", "--dry-run", "ppo.total_episodez=64")
-    assert bad.returncode == 2 and "Did you mean 'ppo.total_episodes'" in bad.stderr
+    assert bad.returncode == 2 and "Did you mean 'ppo.total_episodes'" in " ".join(bad.stderr.split())
     junk = run_cli("sweep", "sweeps/kl_coef.yaml", "--dry-run", "--bogus")
     assert junk.returncode == 2 and "unrecognized arguments: --bogus" in junk.stderr
 
@@ -299,7 +302,7 @@ def test_preflight_checks_data_and_model(tmp_path):
     from rlhf_ablate.cli import preflight
     from rlhf_ablate.errors import DataError, ModelError
 
-    spec = load_sweep(ROOT / "sweeps/data_version.yaml")
+    spec = load_sweep(BUNDLED / "data_version.yaml")
     lines = preflight(spec, expand(spec))
     assert lines[0].startswith("data ko_sample: sft sft.jsonl (kochatgpt); rm rm.jsonl (kochatgpt)")
     assert len([x for x in lines if x.startswith("data ")]) == 1  # v1 and v2 share the source: checked once

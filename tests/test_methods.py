@@ -84,9 +84,13 @@ def test_verifiable_reward_trains_without_the_rm(trials):
 def test_chat_answers_in_korean_and_lists_what_exists(trials, capsys):
     r = trials.run(method="grpo", **{"grpo.max_steps": STEPS})
     run_dir, tid = str(trials.run_dir), r["trial_id"]
+    capsys.readouterr()  # the training's own output
     assert cli_main(["chat", run_dir, "--trial", tid[:7], "--prompt", "김치는 어떻게 만들어요?"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert sum("\uac00" <= ch <= "\ud7a3" for ch in out) >= 3, out  # Hangul syllables were streamed
+    # only the answer: no weight-loading bar, no library warnings (issue 19; tests/test_install.py checks a fresh
+    # process, where the first-import warnings also appear)
+    assert "Loading weights" not in out + err and "it/s]" not in out + err and "Warning" not in out + err, err
     assert cli_main(["chat", run_dir, "--trial", tid, "--stage", "sft", "--prompt", "안녕하세요"]) == 0
     capsys.readouterr()
     assert cli_main(["chat", run_dir, "--trial", "tnope", "--prompt", "x"]) == 2

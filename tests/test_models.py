@@ -357,7 +357,7 @@ def test_memory_estimate_orders_what_users_hit(llama1b_dir):
 @pytest.mark.parametrize("family,base,limit_gib", [("llama-3.1-8b", "kakaocorp/kanana-1.5-8b-base", 20.0),
                                                    ("llama-3.2-1b", "meta-llama/Llama-3.2-1B", 8.0)])
 def test_recommended_gpu_settings_fit_by_the_estimate(tmp_path, family, base, limit_gib):
-    """README, "Real models on a GPU": with sweeps/gpu_recommended.yaml's settings an 8B nf4 PPO trial at rollout
+    """README, "Real models on a GPU": with the bundled gpu_recommended sweep's settings an 8B nf4 PPO trial at rollout
     64 x (512 + 256) is estimated to need at most 20 GiB (a 24 GB card), Llama-3.2-1B at most 8 GiB. The shapes are
     the published configs (rlhf_ablate/models/families.py) saved locally: no hub access."""
     from pathlib import Path
@@ -365,7 +365,7 @@ def test_recommended_gpu_settings_fit_by_the_estimate(tmp_path, family, base, li
     from rlhf_ablate.config.sweep import expand, load_sweep
     from rlhf_ablate.models.families import family_config
 
-    path = Path(__file__).resolve().parents[1] / "sweeps" / "gpu_recommended.yaml"
+    path = Path(__file__).resolve().parents[1] / "rlhf_ablate" / "sweeps" / "gpu_recommended.yaml"
     assert load_sweep(path).base["model.base_model"] == "kakaocorp/kanana-1.5-8b-base"
     family_config(family).save_pretrained(tmp_path)
     trials = expand(load_sweep(path, {"model.base_model": str(tmp_path)}))

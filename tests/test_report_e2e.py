@@ -23,7 +23,7 @@ SHORT = {"sft.epochs": 1.0, "rm.epochs": 1.0, "ppo.total_episodes": 64, "eval.ma
 
 
 def run_sweep_in_process(name: str, out: Path) -> Path:
-    spec = load_sweep(ROOT / "sweeps" / f"{name}.yaml", SHORT)
+    spec = load_sweep(ROOT / "rlhf_ablate" / "sweeps" / f"{name}.yaml", SHORT)
     spec = dataclasses.replace(spec, cache_dir=str(out / "cache"), tracking=TrackingSpec(wandb="disabled"))
     run_dir = out / name
     for trial in expand(spec):

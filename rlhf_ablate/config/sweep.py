@@ -4,7 +4,8 @@ A sweep file (YAML, read with a ``yaml.SafeLoader`` that refuses duplicate keys)
 
     name: kl_coef                # run directory name: runs/<name>
     version: 1                   # bump when you change the file's meaning
-    include: base.yaml           # optional: shared bases, merged first (lm-eval-harness style)
+    include: base.yaml           # optional: shared bases, merged first (lm-eval-harness style); beside this
+                                 # file, else a bundled sweep of that name (config/sweep_files.py)
     base:                        # dotted-key overrides of the TrialConfig defaults
       model.base_model: tiny-llama
     axes:                        # the grid
@@ -43,6 +44,7 @@ from ..metrics.registry import all_metric_names, known_metric
 from .fields import build_dataclass, flatten, read_yaml_file, suggest
 from .schema import SEED_MAX, TrialConfig, all_keys, apply_overrides, build_trial_config
 from .sections import ResourceSpec, SchedulerSpec, SearchSpec, SlurmSpec, TrackingSpec
+from .sweep_files import resolve_include
 
 
 SWEEP_KEYS = ("name", "version", "description", "include", "base", "axes", "seeds", "overrides", "search",
@@ -138,10 +140,10 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     incs = [includes] if isinstance(includes, str) else includes
     if not isinstance(incs, list) or not all(isinstance(i, str) and i.strip() for i in incs):
         raise ConfigError(f"{path}: 'include' must be a file name or a list of file names (relative to the sweep "
-                          f"file), got {includes!r}.")
+                          f"file, or a bundled sweep's name), got {includes!r}.")
     merged: dict = {}
     for inc in incs:
-        p = (path.parent / Path(inc).expanduser()).resolve()
+        p = resolve_include(path, inc)
         if p in chain:
             raise ConfigError(f"{path}: include cycle through {p}.")
         merged = _merge(merged, _read_yaml(p, chain + (path.resolve(),)))

@@ -87,7 +87,7 @@ class StageIncomplete(Exception):
 # Code (paths relative to the package) that orchestrates trials but does not compute stage artifacts. Editing it
 # must not invalidate the cache. A directory entry covers everything under it. tests/test_cache.py checks that each
 # entry exists, so a move cannot silently turn an exclusion off.
-ORCHESTRATION = frozenset({"launch", "cli.py", "__main__.py", "config/sweep.py", "config/sections.py", "run/tracking.py",
+ORCHESTRATION = frozenset({"launch", "cli.py", "__main__.py", "config/sweep.py", "config/sections.py", "config/sweep_files.py", "run/tracking.py",
                            "rundir.py", "run/cache.py"})
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
