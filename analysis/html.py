@@ -190,7 +190,8 @@ def table_html(run: RunResults, t: Table, settings: dict[str, str], formats: Ite
                  '<ul class="notes">' + "".join(f"<li>{md_inline(x)}</li>" for x in texts) + "</ul></div>")
     defs = definitions(t, settings)
     if defs:
-        L.append('<details open><summary>Metrics</summary><ul class="notes">'
+        L.append('<details><summary>Metrics: scales, definitions, tokenizer and signatures</summary>'
+                 '<ul class="notes">'
                  + "".join(f"<li>{md_inline(d)}</li>" for d in defs) + "</ul></details>")
     if t.comparisons:
         L.append('<details open><summary>Best vs runner-up</summary><ul class="notes">'
@@ -407,16 +408,17 @@ def render_html(rep: Any, summary: list[str], formats: Iterable[str] = ("csv", "
     body = "".join(f'<h2 id="{sid}">{esc(h)}</h2>{b}' for sid, h, b in sections)
     toc = "".join(f'<a href="#{sid}">{esc(h)}</a>' for sid, h, _ in sections)
     head_title = f"Ablation report: {title}"
-    text = head_title + body   # the characters the font subset must cover
-    font_css, problem = font_face(html.unescape(re.sub(r"<[^>]+>", " ", text)))
+    page = (f'<nav class="toc">{toc}</nav><main><h1>{esc(head_title)}</h1>'
+            '<p class="muted">절제 실험 보고서: one page that works offline. Click a column header to sort; hover a '
+            "cell for its seeds and per-seed values; the seed links (s0, s1, ...) open each trial.</p>"
+            f'{body}<pre id="selftest-result"></pre></main>')
+    # the font subset covers every character of the page (text and attributes alike)
+    font_css, problem = font_face(html.unescape(page))
     if problem and problem not in rep.problems:
         rep.problems.append(problem)
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             '<meta name="generator" content="rlhf_ablate analysis/html.py">'
-            f"<title>{esc(head_title)}</title><style>{font_css}{CSS}</style><script>{JS}</script></head>\n<body>"
-            f'<nav class="toc">{toc}</nav><main><h1>{esc(head_title)}</h1>'
-            '<p class="muted">절제 실험 보고서: one page, offline. Click a column header to sort; hover a cell for its '
-            "seeds; the seed links open each trial.</p>"
-            f'{body}<pre id="selftest-result"></pre></main></body></html>\n')
+            f"<title>{esc(head_title)}</title><style>{font_css}{CSS}</style><script>{JS}</script></head>\n"
+            f"<body>{page}</body></html>\n")

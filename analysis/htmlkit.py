@@ -161,7 +161,8 @@ CSS = """
 *{box-sizing:border-box}
 body{font-family:"RA Hangul",system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans","DejaVu Sans",Arial,sans-serif;
  color:var(--fg);margin:0;line-height:1.45;font-size:14px}
-main{max-width:1200px;margin:0 auto;padding:16px 24px 64px}
+main{max-width:1500px;margin:0 auto;padding:16px 24px 64px}
+main p,main>ul,ul.notes,.legend,figcaption,blockquote{max-width:1050px}
 nav.toc{position:sticky;top:0;background:#fff;border-bottom:1px solid var(--line);padding:6px 24px;z-index:5;
  font-size:13px;white-space:nowrap;overflow-x:auto}
 nav.toc a{margin-right:14px;color:var(--accent);text-decoration:none}
@@ -257,16 +258,18 @@ function selftest(){
               aria:th.getAttribute("aria-sort")};
   }
   var text=document.body.innerText,chars=[],seen={};
-  for(var i=0;i<text.length&&chars.length<6;i++){var ch=text[i];
+  for(var i=0;i<text.length;i++){var ch=text[i];
     if(ch>="\uac00"&&ch<="\ud7a3"&&!seen[ch]){seen[ch]=1;chars.push(ch);}}
   var fam=getComputedStyle(document.body).fontFamily;
   var none='"RA-no-such-font", monospace';
   document.fonts.load("40px "+fam,chars.join("")).then(function(){
+    // A character drawn like the fallback's (a box: a font without Hangul draws every syllable the same) or
+    // like another syllable is not drawn by a Hangul font.
     var page=chars.map(function(ch){return glyphs(fam,ch);}),bare=chars.map(function(ch){return glyphs(none,ch);});
     var distinct={};page.forEach(function(p){distinct[p.sig]=1;});
-    out.hangul={chars:chars.join(""),font:fam,ink:page.map(function(p){return p.ink;}),
+    out.hangul={chars:chars.length,sample:chars.slice(0,8).join(""),font:fam,
+      boxes:chars.filter(function(ch,i){return page[i].sig===bare[i].sig||page[i].ink===0;}).join(""),
       distinct:Object.keys(distinct).length,
-      differs_from_fallback:page.filter(function(p,i){return p.sig!==bare[i].sig;}).length,
       fallback_distinct:Object.keys(bare.reduce(function(a,b){a[b.sig]=1;return a;},{})).length,
       loaded:document.fonts.check("40px "+fam,chars.join(""))};
     out.requests=performance.getEntriesByType("resource").map(function(e){return e.name;});
