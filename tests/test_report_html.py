@@ -32,7 +32,7 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrom
 # Quiet, fast, and no background traffic of the browser's own (updates, sync, accounts).
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
                   "--disable-background-networking", "--disable-component-update", "--disable-default-apps",
-                  "--hide-scrollbars", "--virtual-time-budget=8000"]
+                  "--hide-scrollbars", "--disable-dev-shm-usage", "--virtual-time-budget=8000"]
 
 
 def chromium() -> str | None:
