@@ -13,6 +13,7 @@ Everything here is deterministic: the same page text gives the same font bytes a
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import math
@@ -50,6 +51,11 @@ def font_face(text: str) -> tuple[str, Optional[str]]:
     chars = hangul_chars(text)
     if not chars:
         return "", None
+    return _font_face(chars)
+
+
+@functools.lru_cache(maxsize=8)
+def _font_face(chars: str) -> tuple[str, Optional[str]]:
     path = nanum_gothic_path()
     if path is None:
         return "", ("No Korean font for report.html: Hangul may show as boxes. pip install koreanize-matplotlib "
