@@ -235,7 +235,10 @@ def history_html(tr: TrialResult) -> str:
             continue
         first = [k for k in FIRST_SERIES if k in series] + sorted(k for k in series if "gold" in k.lower()
                                                                   and k not in FIRST_SERIES)
-        rest = [k for k in sorted(series) if k not in first]
+        if not first:   # a TRL trainer's log: its loss and accuracy first, its epoch counter last
+            first = [k for k in sorted(series, key=lambda k: (not k.endswith("loss"), k))
+                     if any(w in k for w in ("loss", "accuracy", "margin"))][:3]
+        rest = sorted((k for k in series if k not in first), key=lambda k: (k in ("epoch", "learning_rate"), k))
         if not first:
             first, rest = rest[:3], rest[3:]
         charts = "".join(line_chart(f"{stage}: {k}", [(k, series[k])]) for k in first)
@@ -379,7 +382,7 @@ def render_html(rep: Any, summary: list[str], formats: Iterable[str] = ("csv", "
                            and t.col_keys), 0)
     tables = "".join(table_html(run, t, settings, formats, selftest=(i == first_sortable))
                      for i, t in enumerate(rep.tables))
-    toc_tables = " ".join(f'<a href="#{esc(t.slug)}">{esc(t.title)}</a>' for t in rep.tables)
+    toc_tables = " · ".join(f'<a href="#{esc(t.slug)}">{esc(t.title)}</a>' for t in rep.tables)
     sections.append(("tables", "표 Tables", f'<p class="muted">{toc_tables}</p>{tables}'))
     sbs = _side_by_side(run)
     if sbs:

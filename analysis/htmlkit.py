@@ -94,6 +94,8 @@ def inline_svg(svg: str, prefix: str) -> str:
     svg = re.sub(r"^\s*<\?xml[^>]*>\s*", "", svg)
     svg = re.sub(r"<!DOCTYPE[^>]*>\s*", "", svg)
     svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.S)
+    svg = re.sub(r"<!--.*?-->\s*", "", svg, flags=re.S)
+    svg = re.sub(r"\n[ \t]+", "\n", svg)             # indentation: a tenth of the bytes
     svg = re.sub(r'\bid="([^"]+)"', lambda m: f'id="{prefix}-{m.group(1)}"', svg)
     svg = re.sub(r'(xlink:href|href)="#([^"]+)"', lambda m: f'{m.group(1)}="#{prefix}-{m.group(2)}"', svg)
     svg = re.sub(r"url\(#([^)]+)\)", lambda m: f"url(#{prefix}-{m.group(1)})", svg)
@@ -185,12 +187,13 @@ table.sortable thead th::after{content:"\\2195";position:absolute;right:4px;colo
 table.sortable thead th[aria-sort=ascending]::after{content:"\\25B2";color:var(--accent)}
 table.sortable thead th[aria-sort=descending]::after{content:"\\25BC";color:var(--accent)}
 td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
-td.num .n{color:var(--muted);font-size:11px;margin-left:4px}
+td.num .n{color:var(--muted);font-size:10.5px;display:block;line-height:1.1}
 td.num strong{color:#0b3d78}
 td .mark{color:#b35c00;margin-left:2px}
 tr.ref td{color:var(--ref);background:#fbfbfc}
 tbody tr:hover td{background:#eef4fb}
-td.trials a{font-size:11px;margin-right:4px}
+td.trials{white-space:nowrap}td.trials a,td.num .trials a{font-size:11px;margin-right:4px}
+tbody td:first-child{white-space:nowrap}
 ul.notes{margin:4px 0 8px 18px;padding:0;font-size:12.5px;color:#39424e}
 ul.notes li{margin:2px 0}
 .legend{font-size:13px;color:#39424e;background:var(--bg-alt);padding:8px 12px;border-radius:4px}
