@@ -379,7 +379,7 @@ def render_html(rep: Any, summary: list[str], formats: Iterable[str] = ("csv", "
                    + esc(" ".join(x.lstrip("% ").strip() for x in TEX_PREAMBLE_NOTE.splitlines())) + "</p>")
     sections.append(("legend", "How to read the tables", legend))
     first_sortable = next((i for i, t in enumerate(rep.tables) if t.layout == "rows" and len(t.row_keys) > 1
-                           and t.col_keys), 0)
+                           and t.col_keys), None)   # the table #selftest sorts (by its first metric)
     tables = "".join(table_html(run, t, settings, formats, selftest=(i == first_sortable))
                      for i, t in enumerate(rep.tables))
     toc_tables = " · ".join(f'<a href="#{esc(t.slug)}">{esc(t.title)}</a>' for t in rep.tables)

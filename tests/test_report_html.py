@@ -185,3 +185,29 @@ def test_report_html_in_headless_chromium(report, tmp_path):
     run_chromium(exe, page.resolve().as_uri(), f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1800",
                  f"--screenshot={shot}")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+
+
+def test_pivot_one_seed_stopped_and_empty_runs_render(tmp_path):
+    """Two axes (pivot tables, links in each cell), one seed, a stopped trial, and a run without metrics."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    i = 0
+    for rank in (8, 16):
+        for coef in (0.05, 0.2):
+            write_result(tmp_path / "grid", f"g{i}", axes={"lora_rank": rank, "ppo.kl_coef": coef}, seed=0, index=i,
+                         metrics={"ppo/rougeL": float(rng.uniform(0.2, 0.4)), "ppo/kl_to_ref": float(coef)})
+            i += 1
+    write_result(tmp_path / "grid", "gs", axes={"lora_rank": 8, "ppo.kl_coef": 0.2}, seed=1, index=9,
+                 status="stopped", error={"type": "EarlyStopped", "message": "ASHA", "ppo_step": 3})
+    page = write_report(tmp_path / "grid", formats=("html",), plots=False).out_dir / "report.html"
+    text = page.read_text(encoding="utf-8")
+    assert 'id="tbl-lora_rank_x_ppo_kl_coef_ppo_rougel"' in text and "lora_rank \\ ppo.kl_coef" in text
+    assert 'title="lora_rank=8, ppo.kl_coef=0.05 | ppo/rougeL\nseeds 0\nseed 0: ' in text
+    assert 'href="#trial-g0"' in text and "Stopped early" in text and 'id="trial-gs"' in text
+    assert not list(page.parent.glob("*.md"))                    # formats=("html",) writes only the page
+    write_result(tmp_path / "empty", "e0", axes={}, seed=0, status="failed",
+                 error={"type": "TrialFailed", "message": "boom", "stage": "sft"})
+    empty = write_report(tmp_path / "empty", formats=("html",), plots=False).out_dir / "report.html"
+    empty_text = empty.read_text(encoding="utf-8")
+    assert "boom" in empty_text and not re.search(r"<table[^>]*data-selftest=", empty_text)
