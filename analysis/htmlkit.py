@@ -226,7 +226,8 @@ JS = r"""
 (function(){
 "use strict";
 var violations=[];
-document.addEventListener("securitypolicyviolation",function(e){violations.push(e.blockedURI+" "+e.violatedDirective);});
+document.addEventListener("securitypolicyviolation",function(e){
+  violations.push(e.blockedURI+" "+e.violatedDirective);});
 function key(td){if(!td)return null;var s=td.getAttribute("data-sort");if(s===null)s=td.textContent.trim();return s;}
 function sortTable(table,col,dir){
   var tb=table.tBodies[0];if(!tb)return;var rows=Array.prototype.slice.call(tb.rows);
