@@ -273,7 +273,7 @@ def trial_html(run: RunResults, tr: TrialResult) -> str:
                  f'<code>{esc(str(err.get("stage") or "?"))}</code>: {esc(str(err.get("message") or ""))}</div>')
         tb = _error_text(run, tr)
         if tb:
-            L.append(f"<details><summary>error.txt (end)</summary><pre>{esc(tb)}</pre></details>")
+            L.append(f"<details open><summary>error.txt (end)</summary><pre>{esc(tb)}</pre></details>")
         L.append("</div>")
     curves = history_html(tr)
     L.append('<div class="curves">' + (curves or '<p class="muted">No per-step history recorded.</p>') + "</div>")

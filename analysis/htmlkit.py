@@ -210,7 +210,8 @@ svg.chart .frame{fill:none;stroke:var(--line)}svg.chart .zero{stroke:#c4cad3;str
 svg.chart polyline{fill:none;stroke-width:1.6}
 .s0{stroke:#1f5fae;fill:#1f5fae}.s1{stroke:#d9622b;fill:#d9622b}.s2{stroke:#2e8b57;fill:#2e8b57}
 .s3{stroke:#8e44ad;fill:#8e44ad}.s4{stroke:#b8860b;fill:#b8860b}.s5{stroke:#555;fill:#555}
-section.trial{border-top:1px solid var(--line);margin-top:18px}
+section.trial{border-top:1px solid var(--line);margin-top:18px;scroll-margin-top:32px}
+section.trial:target{background:#fffbe6}
 .status-ok{color:#2e7d32}.status-failed{color:#c62828;font-weight:bold}.status-stopped{color:#b35c00}
 .failure{border:1px solid #e3a5a5;background:#fdf3f3;padding:8px 12px;border-radius:4px}
 .failure pre{white-space:pre-wrap;font-size:11.5px;max-height:320px;overflow:auto}
