@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from .htmlkit import CSP, CSS, JS, font_face, inline_svg, line_chart
+from .htmlkit import CSP, CSS, JS, font_face, font_problem, inline_svg, line_chart
 from .identity import check_settings
 from .render import LEGEND, TEX_PREAMBLE_NOTE, cell_parts, count_text, definitions, describe, header, num
 from .results import RunResults, TrialResult
@@ -371,6 +371,9 @@ def render_html(rep: Any, summary: list[str], formats: Iterable[str] = ("csv", "
     title = ", ".join(run.sweeps) or run.run_dir.name
     settings = check_settings(run, [])[1]
     failed, stopped = run.failed_trials, run.stopped_trials
+    problem = font_problem()
+    if problem and problem not in rep.problems:
+        rep.problems.append(problem)
     sections: list[tuple[str, str, str]] = []   # (id, heading, body)
     sections.append(("summary", "Summary", '<ul>' + "".join(f"<li>{md_inline(s)}</li>" for s in summary) + "</ul>"))
     legend = f'<div class="legend">{md_inline(LEGEND)}</div>'
@@ -416,9 +419,7 @@ def render_html(rep: Any, summary: list[str], formats: Iterable[str] = ("csv", "
             "cell for its seeds and per-seed values; the seed links (s0, s1, ...) open each trial.</p>"
             f'{body}<pre id="selftest-result"></pre></main>')
     # the font subset covers every character of the page (text and attributes alike)
-    font_css, problem = font_face(html.unescape(page))
-    if problem and problem not in rep.problems:
-        rep.problems.append(problem)
+    font_css, _ = font_face(html.unescape(page))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'

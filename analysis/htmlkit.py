@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import importlib.util
 import html
 import io
 import math
@@ -43,6 +44,16 @@ def nanum_gothic_path() -> Optional[Path]:
 def hangul_chars(text: str) -> str:
     """The distinct characters of ``text`` that the embedded font is for, sorted (deterministic subset)."""
     return "".join(sorted(set(_HANGUL_RE.findall(text))))
+
+
+def font_problem() -> Optional[str]:
+    """Why the page cannot embed its Hangul font (None when it can)."""
+    if nanum_gothic_path() is None:
+        return ("No Korean font for report.html: Hangul may show as boxes. pip install koreanize-matplotlib "
+                "(a dependency of rlhf_ablate).")
+    if importlib.util.find_spec("fontTools") is None:   # matplotlib depends on fontTools: a broken install
+        return "fontTools is missing (a matplotlib dependency): report.html cannot embed its Hangul font."
+    return None
 
 
 def font_face(text: str) -> tuple[str, Optional[str]]:

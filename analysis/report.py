@@ -168,12 +168,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, formats: It
                 (tmp / f"{t.slug}.csv").write_text(to_csv(t), encoding="utf-8")
             if "tex" in formats:
                 (tmp / f"{t.slug}.tex").write_text(to_latex(t), encoding="utf-8")
+        if "html" in formats:   # the same report as one self-contained page (analysis/html.py); first, so
+            # that a problem it finds (no Korean font) is listed in report.md too
+            (tmp / "report.html").write_text(render_html(rep, summary_lines(rep.run), formats, tmp),
+                                             encoding="utf-8")
         rep.markdown = render_markdown(rep, formats)
         if "md" in formats:
             (tmp / "report.md").write_text(rep.markdown, encoding="utf-8")
-        if "html" in formats:   # the same report as one self-contained page (analysis/html.py)
-            (tmp / "report.html").write_text(render_html(rep, summary_lines(rep.run), formats, tmp),
-                                             encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         old = None
         if out_dir.exists():

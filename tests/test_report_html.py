@@ -211,3 +211,14 @@ def test_pivot_one_seed_stopped_and_empty_runs_render(tmp_path):
     empty = write_report(tmp_path / "empty", formats=("html",), plots=False).out_dir / "report.html"
     empty_text = empty.read_text(encoding="utf-8")
     assert "boom" in empty_text and not re.search(r"<table[^>]*data-selftest=", empty_text)
+
+
+def test_missing_korean_font_is_a_problem_in_both_reports(tmp_path, monkeypatch):
+    from analysis import htmlkit
+
+    monkeypatch.setattr(htmlkit, "nanum_gothic_path", lambda: None)
+    write_result(tmp_path, "k0", axes={"lora_rank": 8}, seed=0, metrics={"rm/kendall_tau": 0.3})
+    rep = write_report(tmp_path, plots=False)
+    page = (rep.out_dir / "report.html").read_text(encoding="utf-8")
+    assert "No Korean font for report.html" in rep.markdown and "No Korean font for report.html" in page
+    assert "@font-face" not in page
