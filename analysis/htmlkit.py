@@ -62,12 +62,11 @@ def font_face(text: str) -> tuple[str, Optional[str]]:
     chars = hangul_chars(text)
     if not chars:
         return "", None
-    return _font_face(chars)
+    return _font_face(chars, nanum_gothic_path())
 
 
 @functools.lru_cache(maxsize=8)
-def _font_face(chars: str) -> tuple[str, Optional[str]]:
-    path = nanum_gothic_path()
+def _font_face(chars: str, path: Optional[Path]) -> tuple[str, Optional[str]]:
     if path is None:
         return "", ("No Korean font for report.html: Hangul may show as boxes. pip install koreanize-matplotlib "
                     "(a dependency of rlhf_ablate).")
