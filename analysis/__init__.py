@@ -1,7 +1,7 @@
 """analysis: trial results (RUN_DIR/trials/*/result.json) -> comparison tables, plots and one report.
 
 Entry points for other modules:
-- ``write_report(run_dir, out=None, formats=("md","csv","tex"), plots=True) -> Report`` (analysis.report)
+- ``write_report(run_dir, out=None, formats=("md","csv","tex","html"), plots=True) -> Report`` (analysis.report)
 - ``build_report(run_dir) -> Report`` (tables only, nothing written)
 - ``main(argv)`` / ``add_report_parser(subparsers)`` (analysis.cli)
 Imports are lazy so ``import analysis`` stays cheap (no scipy or matplotlib until a report is built).

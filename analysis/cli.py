@@ -1,4 +1,4 @@
-"""``python -m analysis report RUN_DIR [--out DIR] [--format md,csv,tex] [--no-plots]``.
+"""``python -m analysis report RUN_DIR [--out DIR] [--format md,csv,tex,html] [--no-plots]``.
 
 Also mounted as ``python -m rlhf_ablate report`` (rlhf_ablate/cli.py calls :func:`main` with ``["report", ...]``,
 or mounts :func:`add_report_parser` and calls :func:`run_from_args`). Errors a user can fix (no run directory,
@@ -22,8 +22,8 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
                                           "between best and runner-up), plots and report.md from a run directory.")
     p.add_argument("run_dir", type=Path, help="the sweep's run directory (holds trials/<trial_id>/result.json)")
     p.add_argument("--out", type=Path, default=None, help="report directory (default: RUN_DIR/report)")
-    p.add_argument("--format", default="md,csv,tex",
-                   help="comma-separated outputs among md, csv, tex (default: all three)")
+    p.add_argument("--format", default="md,csv,tex,html",
+                   help="comma-separated outputs among md, csv, tex, html (default: all four)")
     p.add_argument("--no-plots", action="store_true", help="skip the plots (PNG and SVG)")
     p.set_defaults(report_handler=run_from_args)
     return p

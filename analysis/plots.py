@@ -45,13 +45,20 @@ class Plot:
     svg: str = ""
 
 
-def korean_font() -> Optional[str]:
-    """Register the bundled Hangul font with matplotlib and return its family name (None when not installed)."""
+def korean_font_file() -> Optional[Path]:
+    """NanumGothic.ttf from the koreanize-matplotlib package (None when not installed); report.html embeds a
+    subset of it (analysis/htmlkit.py)."""
     spec = importlib.util.find_spec("koreanize_matplotlib")
     if spec is None or not spec.submodule_search_locations:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / "fonts" / "NanumGothic.ttf"
-    if not path.is_file():
+    return path if path.is_file() else None
+
+
+def korean_font() -> Optional[str]:
+    """Register the bundled Hangul font with matplotlib and return its family name (None when not installed)."""
+    path = korean_font_file()
+    if path is None:
         return None
     from matplotlib import font_manager
 

@@ -1,4 +1,4 @@
-"""RUN_DIR/trials/*/result.json -> RUN_DIR/report/{report.md, <table>.csv, <table>.tex, *.png, *.svg}.
+"""RUN_DIR/trials/*/result.json -> RUN_DIR/report/{report.md, report.html, <table>.csv, <table>.tex, *.png, *.svg}.
 
 The report is written into a temporary directory next to the target and renamed into place, so a reader (or a
 report job on SLURM that is killed) never sees half a report. Nothing in it depends on the time or the machine:
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .html import render_html
 from .plots import Plot, make_plots
 from .render import LEGEND, TEX_PREAMBLE_NOTE, to_csv, to_latex, to_markdown
 from .results import ReportError, RunResults, load_run
@@ -21,7 +22,7 @@ from .sidebyside import side_by_side
 from .identity import check_settings
 from .tables import Table, _sort_key, build_tables, fmt_value
 
-FORMATS = ("md", "csv", "tex")
+FORMATS = ("md", "csv", "tex", "html")
 
 
 @dataclass
@@ -45,6 +46,30 @@ def _md_text(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
+def summary_lines(run: RunResults) -> list[str]:
+    """The summary bullets (markdown inline), shared by report.md and report.html."""
+    ok, failed, stopped = run.ok_trials, run.failed_trials, run.stopped_trials
+    L: list[str] = []
+    L.append(f"Trials: {len(ok)} finished, {len(failed)} failed, "
+             + (f"{len(stopped)} stopped early by the scheduler, " if stopped else "")
+             + f"{len(run.pending)} pending (no result.json yet)"
+             + (f", {len(run.problems)} unreadable or invalid (see Problems)" if run.problems else "") + ".")
+    if run.sweeps:
+        L.append(f"Sweep: {', '.join(run.sweeps)}.")
+    if run.axis_names:
+        for a in run.axis_names:
+            vals = sorted({t.axes.get(a) for t in run.trials}, key=_sort_key)
+            L.append(f"Axis `{a}`: {', '.join(fmt_value(v) for v in vals)}.")
+    else:
+        L.append("No swept axes: one configuration, seeds only.")
+    L.append(f"Seeds: {', '.join(map(str, run.seeds)) or 'unknown'}.")
+    if run.pending or failed or stopped:
+        L.append("This sweep is incomplete: cells show n for the seeds that finished.")
+    if len(run.seeds) == 1:
+        L.append("One seed: every number is one training run, so no difference is tested and nothing is bold.")
+    return L
+
+
 def render_markdown(rep: Report, formats: Iterable[str] = FORMATS) -> str:
     run = rep.run
     ok, failed, stopped = run.ok_trials, run.failed_trials, run.stopped_trials
@@ -53,23 +78,7 @@ def render_markdown(rep: Report, formats: Iterable[str] = FORMATS) -> str:
     L: list[str] = [f"# Ablation report: {title}", ""]
     L.append("## Summary")
     L.append("")
-    L.append(f"- Trials: {len(ok)} finished, {len(failed)} failed, "
-             + (f"{len(stopped)} stopped early by the scheduler, " if stopped else "")
-             + f"{len(run.pending)} pending (no result.json yet)"
-             + (f", {len(run.problems)} unreadable or invalid (see Problems)" if run.problems else "") + ".")
-    if run.sweeps:
-        L.append(f"- Sweep: {', '.join(run.sweeps)}.")
-    if run.axis_names:
-        for a in run.axis_names:
-            vals = sorted({t.axes.get(a) for t in run.trials}, key=_sort_key)
-            L.append(f"- Axis `{a}`: {', '.join(fmt_value(v) for v in vals)}.")
-    else:
-        L.append("- No swept axes: one configuration, seeds only.")
-    L.append(f"- Seeds: {', '.join(map(str, run.seeds)) or 'unknown'}.")
-    if run.pending or failed or stopped:
-        L.append("- This sweep is incomplete: cells show n for the seeds that finished.")
-    if len(run.seeds) == 1:
-        L.append("- One seed: every number is one training run, so no difference is tested and nothing is bold.")
+    L += [f"- {line}" for line in summary_lines(run)]
     L.append("")
     L.append("## How to read the tables")
     L.append("")
@@ -159,6 +168,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, formats: It
                 (tmp / f"{t.slug}.csv").write_text(to_csv(t), encoding="utf-8")
             if "tex" in formats:
                 (tmp / f"{t.slug}.tex").write_text(to_latex(t), encoding="utf-8")
+        if "html" in formats:   # the same report as one self-contained page (analysis/html.py); first, so
+            # that a problem it finds (no Korean font) is listed in report.md too
+            (tmp / "report.html").write_text(render_html(rep, summary_lines(rep.run), formats, tmp),
+                                             encoding="utf-8")
         rep.markdown = render_markdown(rep, formats)
         if "md" in formats:
             (tmp / "report.md").write_text(rep.markdown, encoding="utf-8")

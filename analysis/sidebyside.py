@@ -9,6 +9,7 @@ configuration the answers are those of its lowest finished seed.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Optional
 
 from rlhf_ablate.metrics.registry import POLICY_STAGES, stage_title
@@ -38,8 +39,23 @@ def _quote(s: str) -> list[str]:
     return ["> " + line if line else ">" for line in s.strip().split("\n")]
 
 
-def side_by_side(run: RunResults, n_prompts: int = N_PROMPTS) -> list[str]:
-    """Markdown lines of the section (empty when no trial kept eval records)."""
+@dataclass
+class SideBySide:
+    """What the section shows: the configurations' axes, the seeds used, and per prompt its text, reference and
+    one row per (configuration, stage) answer. Markdown (below) and HTML (analysis/html.py) render the same."""
+    axes: list[str]
+    seeds: list
+    prompts: list[dict]      # {"data_id", "prompt", "reference", "rows": [(axis values, stage, answer, RM score)]}
+
+
+INTRO = ("Fixed held-out prompts (the smallest sha256 of the data_id among the prompts every configuration "
+         "answered; not picked by hand), answered greedily by each stage. Seed {seeds} (the lowest finished seed of "
+         "each configuration). RM score: that configuration's reward model; RM scores compare answers within one "
+         "configuration, not across reward models.")
+
+
+def pick(run: RunResults, n_prompts: int = N_PROMPTS) -> Optional[SideBySide]:
+    """The prompts and answers of the section (None when no trial kept eval records)."""
     axes = run.axis_names
     chosen: list[tuple[tuple, TrialResult]] = []
     for key, g in group_trials(run, axes).items():
@@ -48,7 +64,7 @@ def side_by_side(run: RunResults, n_prompts: int = N_PROMPTS) -> list[str]:
         if ok:
             chosen.append((key, ok[0]))
     if not chosen:
-        return []
+        return None
     per_trial = {t.trial_id: {s: _records(t, s) for s in POLICY_STAGES} for _, t in chosen}
     ids = None
     for recs in per_trial.values():
@@ -56,26 +72,39 @@ def side_by_side(run: RunResults, n_prompts: int = N_PROMPTS) -> list[str]:
         ids = have if ids is None else ids & have
     ids = sorted(ids or (), key=lambda i: hashlib.sha256(i.encode("utf-8")).hexdigest())[:n_prompts]
     if not ids:
-        return []
+        return None
     seeds = sorted({t.seed for _, t in chosen if t.seed is not None})
-    L = ["Fixed held-out prompts (the smallest sha256 of the data_id among the prompts every configuration "
-         f"answered; not picked by hand), answered greedily by each stage. Seed {', '.join(map(str, seeds))} "
-         "(the lowest finished seed of each configuration). RM score: that configuration's reward model; RM scores "
-         "compare answers within one configuration, not across reward models."]
-    for n, data_id in enumerate(ids, 1):
+    prompts = []
+    for data_id in ids:
         first = next(per_trial[t.trial_id][s][data_id] for _, t in chosen for s in POLICY_STAGES
                      if data_id in per_trial[t.trial_id][s])
-        L += ["", f"### Prompt {n} (`{data_id}`)", ""] + _quote(first.get("prompt") or "")
-        L += ["", f"**Reference:** {_text(first.get('reference'))}", ""]
-        L += ["| " + " | ".join([*axes, "stage", "answer", "RM score"]) + " |",
-              "|" + "|".join(["---"] * (len(axes) + 3)) + "|"]
+        rows = []
         for key, t in chosen:
             for stage in POLICY_STAGES:
                 r = per_trial[t.trial_id][stage].get(data_id)
                 if r is None:
                     continue
                 score = r.get("reward")
-                score_txt = f"{score:+.3f}" if isinstance(score, (int, float)) else "—"
-                L.append("| " + " | ".join([*(_text(fmt_value(v)) for v in key), stage_title(stage),
-                                            _text(r.get("generation")), score_txt]) + " |")
+                rows.append((key, stage_title(stage), r.get("generation"),
+                             score if isinstance(score, (int, float)) else None, t.trial_id))
+        prompts.append({"data_id": data_id, "prompt": first.get("prompt") or "", "reference": first.get("reference"),
+                        "rows": rows})
+    return SideBySide(axes, seeds, prompts)
+
+
+def side_by_side(run: RunResults, n_prompts: int = N_PROMPTS) -> list[str]:
+    """Markdown lines of the section (empty when no trial kept eval records)."""
+    sbs = pick(run, n_prompts)
+    if sbs is None:
+        return []
+    L = [INTRO.format(seeds=", ".join(map(str, sbs.seeds)))]
+    for n, p in enumerate(sbs.prompts, 1):
+        L += ["", f"### Prompt {n} (`{p['data_id']}`)", ""] + _quote(p["prompt"])
+        L += ["", f"**Reference:** {_text(p['reference'])}", ""]
+        L += ["| " + " | ".join([*sbs.axes, "stage", "answer", "RM score"]) + " |",
+              "|" + "|".join(["---"] * (len(sbs.axes) + 3)) + "|"]
+        for key, stage, answer, score, _ in p["rows"]:
+            score_txt = f"{score:+.3f}" if score is not None else "—"
+            L.append("| " + " | ".join([*(_text(fmt_value(v)) for v in key), stage, _text(answer), score_txt])
+                     + " |")
     return L

@@ -75,6 +75,8 @@ def test_lora_rank_report_has_rm_sft_and_ppo_tables_with_base_rows(reports):
         assert (rep / png).stat().st_size > 10_000
         assert (rep / png.replace(".png", ".svg")).stat().st_size > 10_000
     assert "No Korean font" not in md
+    page = (rep / "report.html").read_text(encoding="utf-8")   # the same report as one page (test_report_html.py)
+    assert page.count('<table class="sortable" id="tbl-lora_rank_') == 3 and page.count("<figure") == 4
 
 
 def test_kl_coef_table_has_rouge_bleu_reward_kl_with_cis(reports):
