@@ -73,6 +73,22 @@ class Context:
     excluded: dict[str, set[str]] = field(default_factory=dict)   # metric -> trial ids left out (settings)
     settings: dict[str, str] = field(default_factory=dict)        # metric_meta key -> the setting used
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    _units: dict = field(default_factory=dict)   # (trial id, records key) -> unit statistics, computed once
+
+    def units(self, t: TrialResult, key: str, source: str) -> Optional[tuple[dict, np.ndarray]]:
+        """(data_id -> row, unit statistics) of a trial's records (None when it has none usable)."""
+        ck = (t.trial_id, key)
+        if ck not in self._units:
+            recs = t.records.get(key)
+            out = None
+            if isinstance(recs, list):
+                recs = [r for r in recs if isinstance(r, dict)]
+                try:
+                    out = ({str(r.get("data_id")): i for i, r in enumerate(recs)}, unit_stats(source, recs))
+                except Exception:  # noqa: BLE001 - malformed records: no floor (the pooled residuals still hold)
+                    out = None
+            self._units[ck] = out
+        return self._units[ck]
 
     def values(self, g: Group, spec: MetricSpec) -> dict[Hashable, float]:
         """seed -> the trial's value of the metric (what the cell averages and the test pairs)."""
@@ -513,14 +529,14 @@ def _floor(ctx: Context, groups: list[Group], specs: list[MetricSpec], blocks: l
         trials = [g.by_seed().get(s) for g in groups]
         if any(tr is None for tr in trials):
             return 0.0
-        v = _seed_floor(trials, specs)
+        v = _seed_floor(ctx, trials, specs)
         if not math.isfinite(v):
             return 0.0
         out.append(v)
     return float(np.mean(out)) if out else 0.0
 
 
-def _seed_floor(trials: list[TrialResult], specs: list[MetricSpec]) -> float:
+def _seed_floor(ctx: Context, trials: list[TrialResult], specs: list[MetricSpec]) -> float:
     spec = specs[0]
     if _is_winrate(spec):
         opp = spec.suffix[len("winrate_vs_"):]
@@ -539,20 +555,16 @@ def _seed_floor(trials: list[TrialResult], specs: list[MetricSpec]) -> float:
         return jackknife_floor(arrs, _ratio, aligned=True)
     if spec.source is None:
         return math.nan
-    key = "rm" if spec.source == "rm" else None
     per = []
     for tr, sp in zip(trials, specs):
-        recs = tr.records.get(key or sp.stage)
-        if not isinstance(recs, list):
+        got = ctx.units(tr, "rm" if spec.source == "rm" else sp.stage, spec.source)
+        if got is None:
             return math.nan
-        per.append({str(r.get("data_id")): r for r in recs if isinstance(r, dict)})
-    ids = sorted(set.intersection(*(set(p) for p in per)))
+        per.append(got)
+    ids = sorted(set.intersection(*(set(p[0]) for p in per)))
     if len(ids) < 2:
         return math.nan
-    try:
-        arrs = [unit_stats(spec.source, [p[i] for i in ids]) for p in per]
-    except Exception:  # noqa: BLE001 - malformed records: no floor (the pooled residuals still hold)
-        return math.nan
+    arrs = [u[[ix[i] for i in ids]] for ix, u in per]
     return jackknife_floor(arrs, spec.reduce, aligned=True)
 
 
