@@ -28,13 +28,17 @@ from .tables import report_family
 def seed_cost(run) -> tuple[float, int]:
     """(mean seconds of compute per seed over every configuration, seeds measured) from result.json timings."""
     per_seed: dict = defaultdict(float)
-    for t in run.ok_trials:
+    seen: set = set()
+    for t in sorted(run.ok_trials, key=lambda t: t.trial_id):
         for stage, v in (t.timings or {}).items():
             if stage == "total" or not isinstance(v, dict) or v.get("cache_hit"):
                 continue
+            key = (stage, v.get("key") or t.trial_id)   # a stage shared by one seed's trials counts once
             sec = v.get("seconds")
-            if isinstance(sec, (int, float)) and math.isfinite(sec):
-                per_seed[t.seed] += float(sec)
+            if key in seen or not isinstance(sec, (int, float)) or not math.isfinite(sec):
+                continue
+            seen.add(key)
+            per_seed[t.seed] += float(sec)
     vals = [v for v in per_seed.values() if v > 0]
     return (sum(vals) / len(vals) if vals else math.nan), len(vals)
 

@@ -204,7 +204,7 @@ def to_markdown(t: Table, settings: Optional[dict[str, str]] = None) -> str:
     if md:
         lines += ["", md]
     if t.comparisons:
-        lines += ["", "Best vs every other value:"] + [f"- {describe(c)}" for c in t.comparisons]
+        lines += ["", "Best vs runner-up (and every other value):"] + [f"- {describe(c)}" for c in t.comparisons]
     return "\n".join(lines) + "\n"
 
 

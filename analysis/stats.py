@@ -1,5 +1,9 @@
 """Statistics of the tables: mean ± 95% CI over seeds, and the test that decides what is bold.
 
+The tables use :func:`best_vs_rest` (issue 18, at the end of this module): configurations x seeds as a randomized
+complete block design, the best against every other value. :func:`paired_seed_test` below is the per-pair test
+of issue 10, kept for notebooks and as the reference the per-pair fallback reproduces.
+
 Why these choices (issue 10; docs/architecture.md, "Statistics in the tables"):
 - **The seed is the unit of replication.** A trial's number (corpus BLEU, RM accuracy, ...) carries the noise of
   its own training run; prompts are shared by every trial, so resampling prompts says nothing about how much a
@@ -112,8 +116,9 @@ def paired_seed_test(a: Mapping[Hashable, float], b: Mapping[Hashable, float],
     mean = math.fsum(d) / n
     sd = statistics.stdev(d)
     if sd <= 1e-12 * max(1.0, abs(mean)):
-        # Every seed moved by exactly the same amount (deterministic stages): no noise to test against.
-        p = 1.0 if mean == 0 else 0.0
+        # Every seed moved by exactly the same amount (deterministic stages, or a discrete metric by chance): no
+        # noise to test against, which is not evidence of a difference (issue 18), so p = 1, never 0.
+        p = 1.0
         return PairedTest("seed-t", mean, mean, mean, p, n, n)
     se = sd / math.sqrt(n)
     half = t_quantile(n - 1, confidence) * se
@@ -206,7 +211,7 @@ class BestTest:
             out = (f"best vs each of the {self.n_configs - 1} others, paired t per pair (df {self.df:g}): the "
                    f"variances differ between values (Brown-Forsythe p = {self.homogeneity_p:.2g}), so no pooling")
         if self.floor:
-            out += "; variance floored at the metric's own sampling variance over its prompts"
+            out += "; variance floored at the metric's own sampling variance over its units (prompts or ranked groups)"
         return out
 
 
@@ -290,7 +295,9 @@ def best_vs_rest(y: np.ndarray, higher_is_better: bool, floor_var: float = 0.0,
     df_pool = (a - 1) * (s - 1)
     s2 = float((resid ** 2).sum()) / df_pool if np.ptp(resid) > tiny else 0.0
     floor_var = float(floor_var) if floor_var and math.isfinite(floor_var) and floor_var > 0 else 0.0
-    hom = _brown_forsythe(block) if a >= 3 else math.nan
+    # The homogeneity check centres each seed at its median, not its mean: a mean would spread one noisy
+    # configuration's variance over every row and hide it.
+    hom = _brown_forsythe(y - np.median(y, axis=0, keepdims=True)) if a >= 3 else math.nan
     pooled = a == 2 or not (hom < HOMOGENEITY_ALPHA)
     p_rivals, rows = [], []
     for j in range(a):
