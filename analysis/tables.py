@@ -468,7 +468,8 @@ def _needs_one_rm(spec: MetricSpec, groups: list[Group]) -> bool:
     """Raw RM units, and win rates judged by each trial's own RM, compare only rows scored by one reward model."""
     if spec.rm_scale:
         return True
-    return _is_winrate(spec) and any(judge_of(t) == "own RM" for g in groups for t in g.ok)
+    # An unrecorded judge is taken to be the default one, the trial's own RM (eval.judge: rm).
+    return _is_winrate(spec) and any(judge_of(t) in ("own RM", "") for g in groups for t in g.ok)
 
 
 def _compare(ctx: Context, t: Table, scope: list[tuple], specs: dict, col: MetricSpec, groups: dict, label,
