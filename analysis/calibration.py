@@ -2,7 +2,9 @@
 
 Each simulated sweep is a run directory of result.json files (schema 1) that ``python -m analysis report``
 (``analysis.cli.main``, in-process, ``--format csv --no-plots``) turns into tables; the marks are read back from
-the CSV files, so the whole path result.json -> tables -> bold marks is what is measured.
+the CSV files, so the whole path result.json -> tables -> bold marks is what is measured. The CLI is passed in as
+``runner`` (analysis/cli.py sits above this module); without one, ``write_report`` is called directly, the
+function the CLI calls.
 
 The model of one trial's per-prompt value, per metric column (the one tests/test_calibration.py used for issue 10):
 
@@ -22,15 +24,13 @@ the others: its training shift SD is doubled).
 A *question* is a table's primary metric (ROUGE-L here); a false bold is a bold on a question when no value
 differs. Power: the true best value is bold.
 
-    python -m analysis.calibration --sims 1000 > /tmp/cal.md    # the docs/metrics.md section (minutes)
+    python -m analysis calibrate --sims 500 --power-sims 500 > analysis/calibration_measured.md   # minutes
+    python -m rlhf_ablate.metrics.docs > docs/metrics.md          # includes it
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import csv
-import io
 import json
 import math
 import shutil
@@ -151,14 +151,16 @@ class Outcome:
     questions: int
 
 
-def report_marks(run_dir: Path, out_dir: Path) -> Outcome:
-    """``python -m analysis report RUN_DIR --out OUT --format csv --no-plots`` in-process; marks from the CSVs."""
-    from .cli import main
+def _write_report(run_dir: Path, out_dir: Path) -> None:
+    from .report import write_report
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        rc = main(["report", str(run_dir), "--out", str(out_dir), "--format", "csv", "--no-plots"])
-    if rc != 0:
-        raise RuntimeError(f"report failed on {run_dir} (exit {rc})")
+    write_report(run_dir, out=out_dir, formats=("csv",), plots=False)
+
+
+def report_marks(run_dir: Path, out_dir: Path, runner=None) -> Outcome:
+    """The report of ``run_dir`` written to ``out_dir`` as CSV by ``runner(run_dir, out_dir)`` (the CLI, or
+    write_report); the marks are read back from the CSV files."""
+    (runner or _write_report)(run_dir, out_dir)
     prim: list = []
     expl = 0
     questions = 0
@@ -209,7 +211,7 @@ class Rates:
 
 
 def measure(kind: str, shape: str, n_seeds: int, sims: int, seed: int = 0, effect: float = 0.0,
-            tmp: Optional[Path] = None) -> Rates:
+            tmp: Optional[Path] = None, runner=None) -> Rates:
     """Simulate ``sims`` sweeps and count bolds through the report CLI."""
     rng = np.random.default_rng([seed, TYPES.index(kind), SHAPES.index(shape), n_seeds, int(effect * 100)])
     own = tmp is None
@@ -220,7 +222,7 @@ def measure(kind: str, shape: str, n_seeds: int, sims: int, seed: int = 0, effec
         for i in range(sims):
             run = root / f"run{i}"
             simulate_run(run, rng, kind, shape, n_seeds, effect=effect)
-            o = report_marks(run, root / f"out{i}")
+            o = report_marks(run, root / f"out{i}", runner)
             r.questions += o.questions
             if effect:
                 r.hits += sum(b == right for b in o.primary_bold)
@@ -244,10 +246,10 @@ def mc_bound(rate: float, n: int, z: float = 2.0) -> float:
 POWER_TARGETS = (("one_axis", 3, 3.0, 0.40), ("one_axis", 5, 2.0, 0.40))   # shape, seeds, effect (seed SDs), target
 
 
-def render_section(sims: int, power_sims: int, seed: int = 0) -> str:
+def render_section(sims: int, power_sims: int, seed: int = 0, runner=None) -> str:
     """The docs/metrics.md section: measured false-bold rates per question and power, with the command."""
     L = ["## Calibration and power of the bold marks (measured)", "",
-         f"Measured by `python -m analysis.calibration --sims {sims} --power-sims {power_sims}` through "
+         f"Measured by `python -m analysis calibrate --sims {sims} --power-sims {power_sims}` through "
          "`python -m analysis report` on simulated sweeps (analysis/calibration.py describes the model); "
          "`tests/test_calibration.py` repeats a smaller set and asserts the same bounds. A question is a table's "
          "primary metric; \"per question\" is the fraction of questions with a bold when no value differs, "
@@ -258,7 +260,7 @@ def render_section(sims: int, power_sims: int, seed: int = 0) -> str:
     for kind in TYPES:
         for shape in SHAPES:
             for s in (1, 2, 3, 5):
-                r = measure(kind, shape, s, sims if s > 1 else max(20, sims // 10), seed)
+                r = measure(kind, shape, s, sims if s > 1 else max(20, sims // 10), seed, runner=runner)
                 L.append(f"| {kind} | {shape} | {s} | {r.sims} | {r.questions} | {r.rate:.3f} | "
                          f"{r.report_rate:.3f} |")
     L += ["", "Power: the primary metric of one configuration is better by the effect (in units of the SD over "
@@ -267,21 +269,7 @@ def render_section(sims: int, power_sims: int, seed: int = 0) -> str:
           "target |", "|---|---|---|---|---|---|---|"]
     for kind in ("continuous", "discrete"):
         for shape, s, eff, target in POWER_TARGETS:
-            r = measure(kind, shape, s, power_sims, seed, effect=eff)
+            r = measure(kind, shape, s, power_sims, seed, effect=eff, runner=runner)
             L.append(f"| {kind} | 3 x {s} | {eff:g} SD | {r.sims} | {r.power:.3f} | {r.rate:.3f} | "
                      f"≥ {target:.2f} |")
     return "\n".join(L) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m analysis.calibration", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sims", type=int, default=1000, help="null sweeps per cell (a tenth at one seed)")
-    p.add_argument("--power-sims", type=int, default=1000, help="sweeps per power cell")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    print(render_section(args.sims, args.power_sims, args.seed), end="")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

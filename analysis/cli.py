@@ -65,12 +65,43 @@ def _plan_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli_report_runner(run_dir: Path, out_dir: Path) -> None:
+    """``python -m analysis report RUN_DIR --out OUT --format csv --no-plots``, in-process and quiet: how the
+    calibration (analysis/calibration.py, tests/test_calibration.py) runs its simulated sweeps."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["report", str(run_dir), "--out", str(out_dir), "--format", "csv", "--no-plots"])
+    if rc != 0:
+        raise RuntimeError(f"report failed on {run_dir} (exit {rc})")
+
+
+def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("calibrate", help="measure false-bold rates and power on simulated sweeps (minutes)",
+                              description="Simulate null and real-difference sweeps and run each through this "
+                                          "report; print the docs/metrics.md section of rates and power.")
+    p.add_argument("--sims", type=int, default=500, help="null sweeps per cell (a tenth at one seed)")
+    p.add_argument("--power-sims", type=int, default=500, help="sweeps per power cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(report_handler=_calibrate_from_args)
+    return p
+
+
+def _calibrate_from_args(args: argparse.Namespace) -> int:
+    from .calibration import render_section
+
+    print(render_section(args.sims, args.power_sims, args.seed, runner=cli_report_runner), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m analysis",
                                      description="Turn rlhf_ablate trial results into tables, plots and a report.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_report_parser(sub)
     add_plan_parser(sub)
+    add_calibrate_parser(sub)
     return parser
 
 

@@ -11,6 +11,9 @@ alone. A reference block whose cells are the same for every axis value is shown 
 
 Layouts: one swept axis or three and more: one row per configuration; two axes: a pivot per metric.
 
+The module is one coherent job, hence its length: which rows a table has decides which cells a test compares
+(scope, reference rows, the method a row ran, the RM that scored it), so building and testing share those keys.
+
 Each cell is mean ± 95% t-interval over seeds (stats.py). What is bold (issue 18, docs/architecture.md,
 "Statistics in the tables"):
 - each table answers one question, its **primary** metric (analysis/settings.py; a sweep's ``analysis.primary``);

@@ -8,7 +8,7 @@ files. Asserted:
   this file's own simulation count, per metric type and over everything; never at one seed;
 - a real difference on the primary (3 values x 3 seeds, 3 seed-SDs; 3 x 5, 2 seed-SDs): bold on the right value
   in at least 40% of sweeps, and never on a wrong one more often than the null allows.
-The full-size measurement is in docs/metrics.md (``python -m analysis.calibration``); this file keeps the run
+The full-size measurement is in docs/metrics.md (``python -m analysis calibrate``); this file keeps the run
 under a minute.
 """
 
@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import pytest
 
-from analysis.calibration import POWER_TARGETS, SHAPES, TYPES, measure, mc_bound
+from analysis.calibration import POWER_TARGETS, SHAPES, TYPES, measure as _measure, mc_bound
+from analysis.cli import cli_report_runner
+
+
+def measure(*args, **kwargs):
+    """Every simulated sweep goes through ``python -m analysis report`` (analysis.cli.main, in-process)."""
+    return _measure(*args, runner=cli_report_runner, **kwargs)
 
 NULL_SIMS = 30       # per (type, shape, seeds): 36 cells, 1080 sweeps, pooled per type and overall
 POWER_SIMS = 100
@@ -65,4 +71,4 @@ def test_power_on_the_primary_metric(tmp_path, shape, seeds, effect, target):
 if __name__ == "__main__":
     from analysis.calibration import render_section
 
-    print(render_section(200, 200), end="")
+    print(render_section(200, 200, runner=cli_report_runner), end="")
