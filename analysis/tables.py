@@ -156,7 +156,6 @@ class Comparison:
     within_seed: Optional[PairedTest] = None   # one seed only: prompt bootstrap of the corpus statistic
     keys: tuple = ()       # (best cell key, runner-up cell key)
     primary: bool = False  # the table's question (5% per question); else exploratory (Holm over the report)
-    alpha: float = ALPHA   # the level the p was held to (after the report's correction)
     notes: list = field(default_factory=list)   # unbalanced seeds, ranking disagreements
     scope_keys: tuple = ()  # every cell key the test covered, scope order
 

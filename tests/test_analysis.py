@@ -1,7 +1,7 @@
 """Tests of the analysis package on synthetic result.json files with known values (docs/architecture.md schema 1).
 
 The statistics are checked against hand computations and scipy references; the tables against the rule that a
-best value is bold only when a paired test separates it from the runner-up.
+best value is bold only when its test separates it from every other value (issue 18: tests/test_stats_design.py).
 """
 
 from __future__ import annotations
