@@ -11,24 +11,33 @@ from typing import Optional
 
 from rlhf_ablate.metrics.registry import MetricSpec
 from .stats import ALPHA
-from .tables import BEST, NOT_TESTED, TIE, Cell, Comparison, Table, fmt_value
+from .tables import BEST, NOT_TESTED, TIE, Cell, Comparison, Table, fmt_value, primary_mdd
 
 LEGEND = (
     "Cells: mean ± half-width of the 95% Student-t interval over seeds (n = seeds with a finite value; "
-    "\"n=1, no CI\" when only one seed finished; NaN values are counted separately and never averaged in). "
+    "\"n=1, no CI\" when only one seed finished; NaN values are counted separately and never averaged in; "
+    "\"test n=2\" when the column's test used fewer seeds than the cell averages). "
     "↑ higher is better, ↓ lower is better, no arrow: no better direction (never bold). "
-    "**Bold**: the best value of the tested rows differs from the runner-up: paired t-test over the shared seeds "
-    "of the per-seed difference of the very number the cells average, two-sided, p < 0.05 after Holm's "
-    "correction over all tested columns of that table (so a table in which nothing differs shows a bold cell in "
-    "at most 5% of sweeps). The seed is the unit of replication: each seed is one training run. "
-    "≈: best and runner-up not separated at this number of seeds. "
-    "†: best by mean, not tested: fewer than two seeds that both configurations finished. One training run per "
-    "configuration cannot tell a configuration from its own training noise, so nothing is bold at one seed (a "
-    "paired bootstrap over prompts, where given, measures prompt noise only). "
-    "Raw reward-model units (RM chosen/rejected means, margin, length-corrected margin, RM reward of answers) are "
-    "tested only between rows scored by the same reward model; across RMs read the scale-free accuracy, Kendall "
-    "tau and standardized margin. Reference rows (base model, and SFT in a method's table when the axis leaves "
-    "SFT alone) are shown, not tested.")
+    "**Bold**: the best value of the tested rows is better than every other value. Each table answers one "
+    "question, its **primary** metric (named under the table). The seed is the unit of replication and the block: configurations x "
+    "seeds are a randomized complete block design, the residual variance is pooled over every configuration "
+    "(df (values-1)(seeds-1)), and the best is compared with each other value at 5%, two-sided; it is bold only "
+    "when it beats all of them (an intersection-union test, so a bold best is false in at most 5% of sweeps). When "
+    "the values' variances differ (Brown-Forsythe p < 0.1) each pair gets its own paired-t variance instead; the "
+    "variance never drops below the metric's own sampling variance over its prompts, so a discrete metric whose "
+    "seeds moved by the same amount is not called separated. "
+    "Every other column is **exploratory**: its estimate, CI and p are shown, and it is bold only when its p "
+    "survives Holm's correction over every test of the report. "
+    "≈: best not separated from the others at this number of seeds. "
+    "†: not tested: fewer than two seeds that every value finished. One training run per configuration cannot "
+    "tell a configuration from its own training noise, so nothing is bold at one seed (a paired bootstrap over "
+    "prompts, where given, measures prompt noise only). "
+    "Raw reward-model units (RM chosen/rejected means, margin, length-corrected margin, RM reward of answers), and "
+    "win rates judged by each trial's own RM, are tested only between rows scored by the same reward model; across "
+    "RMs read the scale-free accuracy, Kendall tau and standardized margin. Reference rows (base model, and SFT "
+    "when the axis leaves SFT alone) are shown, not tested. "
+    "Minimum detectable difference: the difference between two values that the primary's test would separate "
+    "with 80% power at these seeds, from the pooled variance, in the metric's units.")
 
 TEX_PREAMBLE_NOTE = (
     "% Needs \\usepackage{booktabs}. Korean text (prompts, answers, Korean axis values) needs a Hangul font:\n"
@@ -72,6 +81,8 @@ def cell_parts(cell: Cell) -> tuple[str, str, str]:
         n = "n=1, no CI"
     if s.n_nan:
         n += f", {s.n_nan} NaN"
+    if cell.test_n is not None:
+        n += f"; test n={cell.test_n}"
     return value, n, {TIE: "≈", NOT_TESTED: "†"}.get(cell.mark, "")
 
 
@@ -79,23 +90,45 @@ def header(spec: MetricSpec) -> str:
     return f"{spec.label} {spec.arrow}".strip()
 
 
+def _p(p: float) -> str:
+    return "n/a" if not math.isfinite(p) else f"{p:.2g}" if p >= 0.001 else f"{p:.1e}"
+
+
 def describe(c: Comparison) -> str:
     m = c.metric
-    head = (f"{header(m)}: best {c.best} ({num(c.best_mean, m.fmt)}) vs runner-up {c.runner_up} "
+    role = "primary" if c.primary else "exploratory"
+    head = (f"{header(m)} ({role}): best {c.best} ({num(c.best_mean, m.fmt)}) vs runner-up {c.runner_up} "
             f"({num(c.runner_mean, m.fmt)})")
+    extra = "".join(f"; {n}" for n in c.notes)
     if c.verdict == "not tested: different RMs":
-        return f"{head}: not tested: raw units of different reward models."
+        return f"{head}: not tested: scored by different reward models{extra}."
     if c.test is None:
-        out = f"{head}: not tested (fewer than two shared seeds), never bold"
+        out = f"{head}: not tested (fewer than two seeds every value finished), never bold{extra}"
         w = c.within_seed
         if w is not None:
             out += (f"; {w.describe()}: difference {num(w.diff, m.fmt, signed=True)} [95% CI {num(w.ci_low, m.fmt)}"
                     f", {num(w.ci_high, m.fmt)}]")
         return out + "."
     t = c.test
-    return (f"{head}: per-seed difference {num(t.diff, m.fmt, signed=True)} [95% CI {num(t.ci_low, m.fmt)}, "
-            f"{num(t.ci_high, m.fmt)}], p = {t.p_value:.3g}, Holm-adjusted {t.p_adjusted:.3g} (alpha {ALPHA:g}), "
-            f"{t.describe()} -> **{c.verdict}**.")
+    if c.primary:
+        adj = "" if t.p_adjusted == t.p_value else f", Holm over the report's primary questions {_p(t.p_adjusted)}"
+    else:
+        adj = f", Holm over every test of the report {_p(t.p_adjusted)}"
+    return (f"{head}: difference {num(t.diff, m.fmt, signed=True)} [95% CI {num(t.ci_low, m.fmt)}, "
+            f"{num(t.ci_high, m.fmt)}], p = {_p(t.p_value)} (largest over the {t.n_configs - 1} rivals){adj}; "
+            f"{t.describe()}{extra} -> **{c.verdict}**.")
+
+
+def mdd_line(t: Table) -> str:
+    got = primary_mdd(t)
+    if got is None:
+        return ""
+    d, test = got
+    spec = t.primary_comparison.metric
+    return (f"What these seeds can see: the minimum detectable difference of {header(spec)} (primary) is "
+            f"{num(d, spec.fmt)}" + (f" (scale {spec.scale})" if spec.scale else "") + f" at 80% power with {test.n_seeds} seeds (residual SD "
+            f"{num(test.sigma, spec.fmt)}, df {test.df:g}); a smaller real difference is usually shown as ≈. "
+            f"`python -m analysis plan RUN_DIR` gives the seeds for a target difference.").replace("  ", " ")
 
 
 _SETTING_NAMES = {"rouge_tokenizer": "ROUGE tokenizer", "bleu_signature": "BLEU sacrebleu signature",
@@ -161,8 +194,17 @@ def to_markdown(t: Table, settings: Optional[dict[str, str]] = None) -> str:
     defs = definitions(t, settings or {})
     if defs:
         lines += ["", "Metrics:"] + [f"- {d}" for d in defs]
+    if t.primary:
+        spec = next((c for c in t.columns if c.suffix == t.primary), None)
+        lines += ["", f"Primary metric (the table's question): {header(spec) if spec else t.primary}; every other "
+                      "column is exploratory."]
+    if t.judge:
+        lines += ["", t.judge]
+    md = mdd_line(t)
+    if md:
+        lines += ["", md]
     if t.comparisons:
-        lines += ["", "Best vs runner-up:"] + [f"- {describe(c)}" for c in t.comparisons]
+        lines += ["", "Best vs runner-up (and every other value):"] + [f"- {describe(c)}" for c in t.comparisons]
     return "\n".join(lines) + "\n"
 
 
@@ -176,7 +218,7 @@ def to_csv(t: Table) -> str:
     w = csv.writer(buf, lineterminator="\n")
     axes = list(t.row_axes) + ([t.col_axis] if t.col_axis else [])
     w.writerow(axes + ["metric", "label", "higher_is_better", "scale", "mean", "ci_low", "ci_high", "n", "n_nan",
-                       "trials_ok", "trials_failed", "trials_stopped", "mark", "reference"])
+                       "trials_ok", "trials_failed", "trials_stopped", "mark", "reference", "primary", "test_n"])
     for r in t.row_keys:
         for c in t.col_keys:
             cell = t.cells.get((r, c))
@@ -190,7 +232,9 @@ def to_csv(t: Table) -> str:
             w.writerow([fmt_value(v) if v is not None else "" for v in key_vals]
                        + [spec.name, spec.label, hib, spec.scale, _csv_num(s.mean), _csv_num(s.ci_low),
                           _csv_num(s.ci_high), s.n, s.n_nan, ok, failed, stopped, cell.mark,
-                          "true" if r in t.reference_rows else "false"])
+                          "true" if r in t.reference_rows else "false",
+                          "true" if spec.suffix == t.primary and r not in t.reference_rows else "false",
+                          "" if cell.test_n is None else cell.test_n])
     return buf.getvalue()
 
 
@@ -232,8 +276,9 @@ def to_latex(t: Table) -> str:
     out = [
         "% Generated by `python -m analysis report`.",
         TEX_PREAMBLE_NOTE.rstrip("\n"),
-        "% Bold: differs from the runner-up, paired t over seeds, Holm-adjusted p < 0.05 over the table's tested",
-        "% columns; $\\approx$: not separated; $\\dagger$: fewer than two shared seeds, not tested.",
+        "% Bold: the best beats every other value (seeds as blocks, pooled variance, p < 0.05; the primary metric",
+        f"% per table, exploratory columns after Holm over the report); primary metric: {t.primary or 'none'};",
+        "% $\\approx$: not separated; $\\dagger$: fewer than two complete seeds, not tested.",
         "\\begin{table}[t]",
         "\\centering",
         f"\\caption{{{tex_escape(t.title)}. Mean $\\pm$ 95\\% CI over seeds. {tex_escape(scales)}.}}",

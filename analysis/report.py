@@ -20,7 +20,9 @@ from .render import LEGEND, TEX_PREAMBLE_NOTE, to_csv, to_latex, to_markdown
 from .results import ReportError, RunResults, load_run
 from .sidebyside import side_by_side
 from .identity import check_settings
-from .tables import Table, _sort_key, build_tables, fmt_value
+from .settings import AnalysisSettings, load_settings
+from .stats import ALPHA
+from .tables import Table, _sort_key, build_tables, fmt_value, report_family
 
 FORMATS = ("md", "csv", "tex", "html")
 
@@ -33,13 +35,41 @@ class Report:
     problems: list[str] = field(default_factory=list)
     out_dir: Optional[Path] = None
     markdown: str = ""
+    settings: AnalysisSettings = field(default_factory=AnalysisSettings)
 
 
 def build_report(run_dir: str | Path) -> Report:
     """Load the results and build the tables (no files written, no plots)."""
     run = load_run(run_dir)
     problems = list(run.problems)
-    return Report(run=run, tables=build_tables(run, problems), problems=problems)
+    settings = load_settings(run_dir, problems)
+    return Report(run=run, tables=build_tables(run, problems, settings), problems=problems, settings=settings)
+
+
+def family_statement(rep: Report) -> str:
+    """The legend's exact statement of what a bold claims, for this report's questions (issue 18)."""
+    k, m = report_family(rep.tables)
+    prim = [f"{t.title}: {c.metric.label}" for t in rep.tables for c in t.comparisons if c.primary and c.test]
+    if k == 0:
+        return ("This report tests no question: fewer than two seeds that every value finished, or no tested "
+                "metric. Nothing is bold.")
+    a = int(round(ALPHA * 100))
+    qs = "question" if k == 1 else "questions"
+    if rep.settings.family == "report":
+        head = (f"This report asks {k} {qs} (the primary metric of each table: {'; '.join(prim)}), corrected "
+                f"together (Holm; `analysis.family: report`): the chance that any primary bold of this report is "
+                f"false is at most {a}%.")
+    else:
+        bound = min(100.0, k * ALPHA * 100)
+        indep = 100 * (1 - (1 - ALPHA) ** k)
+        head = (f"This report asks {k} {qs} (the primary metric of each table: {'; '.join(prim)}). Each bold has "
+                f"at most a {a}% chance of being false"
+                + (f"; the chance that at least one of the {k} is false is at most {bound:.0f}% ({k} x {a}%; "
+                   f"{indep:.0f}% if the questions were independent). Set `analysis.family: report` in the sweep "
+                   f"file for {a}% over the whole report." if k > 1 else "."))
+    return (head + f" The other {m - k} tested columns are exploratory: bold only after Holm over all {m} tests, "
+            f"so together they have at most a {a}% chance of any false bold. Primary metrics: "
+            f"{', '.join(f'{kk} = {v}' for kk, v in rep.settings.primary.items())} ({rep.settings.source}).")
 
 
 def _md_text(s: str) -> str:
@@ -81,6 +111,8 @@ def render_markdown(rep: Report, formats: Iterable[str] = FORMATS) -> str:
     L += [f"- {line}" for line in summary_lines(run)]
     L.append("")
     L.append("## How to read the tables")
+    L.append("")
+    L.append(family_statement(rep))
     L.append("")
     L.append(LEGEND)
     if "tex" in formats:

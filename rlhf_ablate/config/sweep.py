@@ -22,6 +22,9 @@ A sweep file (YAML, read with a ``yaml.SafeLoader`` that refuses duplicate keys)
     resources: {gpu: auto, cpu: 2}
     tracking: {wandb: offline, project: rlhf_ablate}
     slurm: {partition: gpu, time: "04:00:00", max_concurrent: 4}
+    analysis:                    # how the report tests (issue 18; docs/architecture.md, "Statistics in the tables")
+      primary: {rm: kendall_tau, sft: rougeL, aligned: rougeL}   # the question each table answers
+      family: table              # or report: the 5% holds for the whole report, not for each table
 
 ``expand(spec)`` turns this into complete, validated :class:`Trial` objects with stable ids, and rejects
 infeasible combinations and duplicate trials before anything starts.
@@ -47,8 +50,17 @@ from .sections import ResourceSpec, SchedulerSpec, SearchSpec, SlurmSpec, Tracki
 from .sweep_files import resolve_include
 
 
+@dataclass(frozen=True)
+class AnalysisSpec:
+    """How the report tests (analysis/settings.py reads it back from the sweep file named in sweep.json)."""
+    primary: dict = field(default_factory=dict)  # table (rm, sft, aligned) -> metric suffix; unset: the defaults
+    family: Literal["table", "report"] = "table"  # per-table 5% for each primary question, or 5% for the report
+
+
+ANALYSIS_TABLES = ("rm", "sft", "aligned")  # aligned: the table of the alignment method(s), whichever ran
+
 SWEEP_KEYS = ("name", "version", "description", "include", "base", "axes", "seeds", "overrides", "search",
-              "scheduler", "resources", "tracking", "slurm", "cache_dir", "max_concurrent")
+              "scheduler", "resources", "tracking", "slurm", "cache_dir", "max_concurrent", "analysis")
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,7 @@ class SweepSpec:
     cache_dir: Optional[str] = None
     max_concurrent: int = 0  # 0 = as many as resources allow
     description: str = ""
+    analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
 
     def trial(self, values: Mapping[str, Any], seed: int, index: int, axes: Mapping[str, Any]) -> "Trial":
         """One trial from the base, axis values (dotted keys), seed and the conditional overrides."""
@@ -153,7 +166,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        if (k in ("base", "search", "scheduler", "resources", "tracking", "slurm") and isinstance(v, dict)
+        if (k in ("base", "search", "scheduler", "resources", "tracking", "slurm", "analysis") and isinstance(v, dict)
                 and isinstance(out.get(k, {}), dict)):
             out[k] = {**out.get(k, {}), **v}
         else:
@@ -243,8 +256,32 @@ def parse_sweep(raw: Mapping[str, Any], source: str, cli_overrides: Mapping[str,
     spec = SweepSpec(name=name, version=version, path=source, base=base, axes=tuple(axes), seeds=tuple(seeds),
                      overrides=tuple(overrides), search=search, scheduler=scheduler, resources=resources,
                      tracking=tracking, slurm=slurm, cache_dir=cache_dir, max_concurrent=max_concurrent,
-                     description=str(raw.get("description") or ""))
+                     description=str(raw.get("description") or ""),
+                     analysis=parse_analysis(raw.get("analysis") or {}, source))
     expand(spec)  # validate every trial now, so a bad combination fails at load time
+    return spec
+
+
+def parse_analysis(raw: Any, source: str) -> AnalysisSpec:
+    """The ``analysis:`` block. A primary metric must be one the table shows and tests (it has a better
+    direction); an unknown table or metric names the ones that exist."""
+    from ..metrics.registry import stage_specs
+
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: 'analysis' must be a mapping with `primary` and/or `family`, got {raw!r}.")
+    spec = build_dataclass(AnalysisSpec, dict(raw), source, "analysis.")
+    if not isinstance(spec.primary, Mapping):
+        raise ConfigError(f"{source}: analysis.primary must map a table ({', '.join(ANALYSIS_TABLES)}) to a metric, "
+                          f"e.g. {{rm: pairwise_accuracy}}; got {spec.primary!r}.")
+    for table, metric in spec.primary.items():
+        if table not in ANALYSIS_TABLES:
+            raise ConfigError(f"{source}: analysis.primary: unknown table '{table}'.{suggest(str(table), list(ANALYSIS_TABLES))} "
+                              f"Tables: {', '.join(ANALYSIS_TABLES)} (aligned: the alignment method's eval table).")
+        stage = "rm" if table == "rm" else "sft" if table == "sft" else "ppo"
+        names = [m.suffix for m in stage_specs(stage) if m.tested]
+        if metric not in names:
+            raise ConfigError(f"{source}: analysis.primary.{table}: {metric!r} is not a tested metric of that table."
+                              f"{suggest(str(metric), names)} Choose one of: {', '.join(names)}.")
     return spec
 
 

@@ -79,7 +79,7 @@ class MetricSpec:
             what += " (the same reducer over the same records as the cell)"
         if self.rm_scale:
             what += "; only between rows scored by the same reward model (raw RM units)"
-        return "paired t over shared seeds of " + what
+        return "best vs every other value, seeds as blocks (pooled residual variance), of " + what
 
 
 # ---------------------------------------------------------------------------------------------------------
