@@ -181,7 +181,7 @@ def _label(row: dict) -> str:
 
 def best_label(shape: str, best: int = 0) -> str:
     c = _configs(shape)[best]
-    from .tables import fmt_value
+    from .groups import fmt_value
 
     return f"{fmt_value(c['ppo.kl_coef'])}|{fmt_value(c['ppo.lr']) if 'ppo.lr' in c else ''}"
 

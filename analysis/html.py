@@ -32,7 +32,7 @@ from .identity import check_settings
 from .render import LEGEND, TEX_PREAMBLE_NOTE, cell_parts, count_text, definitions, describe, header, num
 from .results import RunResults, TrialResult
 from .sidebyside import INTRO, pick
-from .tables import ALL_VALUES, BEST, Cell, Table, fmt_value
+from .groups import ALL_VALUES, BEST, Cell, Table, fmt_value
 
 esc = html.escape
 

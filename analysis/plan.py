@@ -22,7 +22,7 @@ from typing import Optional
 from .report import build_report
 from .render import header, num
 from .stats import ALPHA, POWER, power_of, seeds_needed
-from .tables import report_family
+from .verdicts import report_family
 
 
 def seed_cost(run) -> tuple[float, int]:

@@ -30,7 +30,7 @@ import numpy as np
 from rlhf_ablate.metrics.registry import METHODS, stage_title
 from .results import RunResults, TrialResult
 from .identity import rm_id
-from .tables import _sort_key, fmt_value
+from .groups import _sort_key, fmt_value
 
 DPI = 200
 MAX_PANELS = 12

@@ -10,8 +10,8 @@ import re
 from typing import Optional
 
 from rlhf_ablate.metrics.registry import MetricSpec
-from .stats import ALPHA
-from .tables import BEST, NOT_TESTED, TIE, Cell, Comparison, Table, fmt_value, primary_mdd
+from .groups import BEST, NOT_TESTED, TIE, Cell, Comparison, Table, fmt_value
+from .verdicts import primary_mdd
 
 LEGEND = (
     "Cells: mean ± half-width of the 95% Student-t interval over seeds (n = seeds with a finite value; "

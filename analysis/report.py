@@ -22,7 +22,9 @@ from .sidebyside import side_by_side
 from .identity import check_settings
 from .settings import AnalysisSettings, load_settings
 from .stats import ALPHA
-from .tables import Table, _sort_key, build_tables, fmt_value, report_family
+from .groups import Table, _sort_key, fmt_value
+from .tables import build_tables
+from .verdicts import report_family
 
 FORMATS = ("md", "csv", "tex", "html")
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 from rlhf_ablate.metrics.registry import POLICY_STAGES, stage_title
 from .results import RunResults, TrialResult
-from .tables import fmt_value, group_trials
+from .groups import fmt_value, group_trials
 
 N_PROMPTS = 3
 

@@ -220,7 +220,7 @@ def cmd_sweeps(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .config import parse_cli_overrides
-    from .config.sweep import expand, load_sweep, trial_table
+    from .config.sweep import expand, load_sweep
 
     resolve_sweep_arg(args)
     spec = load_sweep(args.sweep_file, parse_cli_overrides(args.overrides))
@@ -379,6 +379,17 @@ def _bad_input(text: str) -> int:
         lines[-1] = lines[-1][:105] + " …"
     print("error: " + "\n".join(lines), file=sys.stderr)
     return 2
+
+
+def trial_table(trials: list, extra: dict[str, list[str]] | None = None) -> str:
+    """Plain-text table for ``sweep --dry-run``: index, id, seed, axis values (and any extra columns)."""
+    names = list(dict.fromkeys(k for t in trials for k in t.axes))
+    header = ["#", "trial_id", "seed"] + names + list(extra or {})
+    rows = [[str(t.index), t.trial_id, str(t.seed)] + [str(t.axes.get(n, "")) for n in names]
+            + [col[i] for col in (extra or {}).values()] for i, t in enumerate(trials)]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from analysis.render import tex_escape, to_latex, to_markdown
 from analysis.report import build_report, write_report
 from analysis.results import ReportError, load_run
 from analysis.stats import holm, paired_seed_test, paired_unit_bootstrap, summarize
-from analysis.tables import BEST, NOT_TESTED, TIE
+from analysis.groups import BEST, NOT_TESTED, TIE
 
 REPO = Path(__file__).resolve().parents[1]
 

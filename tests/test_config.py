@@ -13,7 +13,8 @@ import pytest
 from rlhf_ablate.config import (TrialConfig, all_keys, apply_overrides, parse_cli_overrides,
                                 trial_config_from_overrides)
 from rlhf_ablate.errors import ConfigError
-from rlhf_ablate.config.sweep import expand, load_sweep, trial_table
+from rlhf_ablate.cli import trial_table
+from rlhf_ablate.config.sweep import expand, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "rlhf_ablate" / "sweeps"  # the bundled sweeps (package data)

@@ -25,7 +25,7 @@ import pytest
 from analysis import html as report_html
 from analysis.render import cell_parts, definitions, describe
 from analysis.report import write_report
-from analysis.tables import BEST
+from analysis.groups import BEST
 from test_analysis import make_kl_sweep, write_result
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -122,7 +122,7 @@ def test_html_is_self_contained_offline(report):
 
 def test_unknown_text_fields_of_a_table_are_rendered():
     """A field the statistics work adds to Table (a family statement, a footer) shows up without code here."""
-    from analysis.tables import Table
+    from analysis.groups import Table
 
     @dataclasses.dataclass
     class Richer(Table):

@@ -18,7 +18,7 @@ from scipy import stats as sps
 from analysis.cli import main as cli_main
 from analysis.report import build_report, render_markdown
 from analysis.stats import RCBD, PAIRED, best_vs_rest, jackknife_floor, mdd, power_of, seeds_needed
-from analysis.tables import BEST, NOT_TESTED, TIE
+from analysis.groups import BEST, NOT_TESTED, TIE
 from tests.test_analysis import make_kl_sweep, write_result
 
 

@@ -17,7 +17,7 @@ from ..data.versions import FILTERS
 from ..errors import ConfigError
 from ..files import config_hash
 from . import fields
-from .fields import _resolve, build_dataclass, flatten, help_field as _f, suggest
+from .fields import build_dataclass, flatten, help_field as _f, suggest
 
 # Bump when a default below changes meaning, so trial ids (which hash the full config) move with it.
 # 2: the stage configs share their LoRA and training parts (DPO and RM gained weight_decay/warmup_ratio), and ids

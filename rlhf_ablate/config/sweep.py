@@ -40,7 +40,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, Optional
 
 from ..errors import ConfigError
 from ..metrics.registry import all_metric_names, known_metric
@@ -447,14 +447,3 @@ def expand(spec: SweepSpec) -> list[Trial]:
                 f"tied axis makes two grid points identical; remove one of the values.")
         seen[t.trial_id] = t
     return trials
-
-
-def trial_table(trials: list[Trial], extra: Mapping[str, list[str]] | None = None) -> str:
-    """Plain-text table for ``sweep --dry-run``: index, id, seed, axis values (and any extra columns)."""
-    names = list(dict.fromkeys(k for t in trials for k in t.axes))
-    header = ["#", "trial_id", "seed"] + names + list(extra or {})
-    rows = [[str(t.index), t.trial_id, str(t.seed)] + [str(t.axes.get(n, "")) for n in names]
-            + [col[i] for col in (extra or {}).values()] for i, t in enumerate(trials)]
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in rows])

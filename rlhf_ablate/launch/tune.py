@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import math
 import os
 import sys
@@ -53,8 +52,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import ConfigError
-from ..files import LockBusy, file_lock, write_json
-from ..rundir import FINISHED, SWEEP_JSON, now, read_result, record_failure, scan_results, write_sweep_json
+from ..files import LockBusy, file_lock
+from ..rundir import FINISHED, SWEEP_JSON, read_result, record_failure, scan_results, write_sweep_json
 from .progress import LiveLines, summary_table
 
 # Seconds a worker waits for a stopped trial's thread to unwind before it stops or takes the next trial (Ray reads

@@ -69,7 +69,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..files import atomic_write_text, canonical_json, config_hash, file_lock, fsync_dir
 
