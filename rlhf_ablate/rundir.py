@@ -204,11 +204,16 @@ def now() -> str:
 @functools.lru_cache(maxsize=1)
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for mod in ("torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "sacrebleu", "kiwipiepy",
-                "ray", "rlhf_ablate"):
+    # From the installed distributions' metadata, importing nothing: an import here took seconds (ray, trl), and a
+    # blanket except around it swallowed SLURM's time-limit warning raised meanwhile (rlhf_ablate/runtime.py).
+    from importlib.metadata import PackageNotFoundError, version
+
+    for mod, dist in (("torch", "torch"), ("transformers", "transformers"), ("trl", "trl"), ("peft", "peft"),
+                      ("bitsandbytes", "bitsandbytes"), ("datasets", "datasets"), ("sacrebleu", "sacrebleu"),
+                      ("kiwipiepy", "kiwipiepy"), ("ray", "ray"), ("rlhf_ablate", "rlhf-ablate")):
         try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing optional package is just not reported
+            out[mod] = version(dist)
+        except PackageNotFoundError:  # a missing optional package is just not reported
             pass
     try:
         out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,

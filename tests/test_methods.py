@@ -107,7 +107,8 @@ def test_every_name_a_trial_reports_is_known(trials, method):
     the metric registry (known_metric), so a sweep may schedule or search on any of them."""
     from rlhf_ablate.metrics.registry import known_metric
 
-    steps = {"ppo.total_episodes": 64} if method == "ppo" else {f"{method}.max_steps": 2}
+    # grpo and rloo: the trials the learning tests above ran (memoised); ppo and dpo: short ones on the same SFT/RM
+    steps = {"ppo.total_episodes": 64} if method == "ppo" else {f"{method}.max_steps": 2 if method == "dpo" else STEPS}
     r = trials.run(method=method, **steps)
     assert r["status"] == "ok", r["error"]
     unknown = [k for k in r["metrics"] if not known_metric(k)]
