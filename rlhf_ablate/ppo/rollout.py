@@ -12,7 +12,6 @@ import torch
 
 from ..data.prompting import format_prompt
 from ..models import left_pad
-from . import math as ppo_math
 
 
 def build_batch(tokenizer, prompts: list[str], responses: list[dict], device) -> dict:
@@ -37,15 +36,6 @@ def build_batch(tokenizer, prompts: list[str], responses: list[dict], device) ->
     flag = lambda k: torch.tensor([bool(r.get(k, False)) for r in responses], device=device)  # noqa: E731
     return {"ids": ids, "attn": attn, "P": q_ids.shape[1], "resp": resp.to(device), "rmask": rmask.to(device),
             "has_eos": flag("has_eos"), "stopped": flag("stopped")}
-
-
-def response_logprobs(logits: torch.Tensor, batch: dict, temperature: float) -> torch.Tensor:
-    """Log-probs of the response tokens from full ``[B, T, V]`` logits: logits at position t predict token t+1
-    (N+ details: divide by the sampling temperature so the log-probs are those of the distribution actually sampled
-    from). Eval uses this; PPO computes only the response positions (PPOModels.logprobs)."""
-    P, R = batch["P"], batch["resp"].shape[1]
-    lg = logits[:, P - 1:P + R - 1] / temperature
-    return ppo_math.logprobs_from_logits(lg, batch["resp"])
 
 
 @torch.no_grad()

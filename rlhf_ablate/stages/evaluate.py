@@ -47,7 +47,8 @@ def kl_to_reference(cfg: TrialConfig, policy, ref, tok, prompts: list[str]) -> l
     """KL(policy || reference) per prompt, summed over the tokens of one temperature-1 sample (a KL is an expectation
     under the policy's own samples). Sampled and scored ``ppo.rollout_micro_batch_size`` prompts at a time with the
     response-only, chunked log-probs of PPO's scoring, so eval stays inside the memory PPO's plan allows."""
-    plan = ppo_plan(cfg.ppo, model_shape(cfg.model).params, model_shape(cfg.model).vocab)
+    shape = model_shape(cfg.model)
+    plan = ppo_plan(cfg.ppo, shape.params, shape.vocab)
     torch.manual_seed(cfg.seed + 1)
     sampled = generate(policy, tok, prompts, **sampling_for(cfg, "eval_kl").kwargs(), batch_size=plan.rollout_micro)
     dev = next(policy.parameters()).device
