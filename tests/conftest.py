@@ -13,6 +13,13 @@ def builtin_cache(tmp_path_factory):
     ~20 s on 2 idle cores, minutes on busy ones) are built once per test session, never in the user's home cache.
     Restored at the end of the session."""
     d = tmp_path_factory.mktemp("rlhf_ablate_cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Under pytest-xdist (the README's `-n 2`) every worker has its own session, so its own stage caches, but the
+        # built-in models are shared through one directory of the run: the build is atomic and under a file lock
+        # (rlhf_ablate/models/builtin.py: ensure_builtin), so the second worker waits for the first build.
+        shared = tmp_path_factory.getbasetemp().parent / "builtin-shared"
+        shared.mkdir(exist_ok=True)
+        (d / "builtin").symlink_to(shared, target_is_directory=True)
     old = os.environ.get("RLHF_ABLATE_CACHE")
     os.environ["RLHF_ABLATE_CACHE"] = str(d)
     yield d

@@ -16,6 +16,10 @@ import pytest
 import rlhf_ablate
 from rlhf_ablate.errors import ConfigError
 
+# One xdist group for the tests that start Ray or use the Slurm cluster: they run one after another on one worker
+# while the other worker runs the rest (README: `pytest -n 2 --dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("cluster")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The built-in tiny model, every stage a few steps (as tests/test_tune.py: TINY).

@@ -69,6 +69,7 @@ def _env(tmp_path: Path, builtin_cache: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("cluster")  # a real sweep through Ray
 def test_a_method_is_one_graph_entry(tmp_path, builtin_cache):
     (tmp_path / "toy_method.py").write_text(textwrap.dedent(PLUGIN))
     sweep = {"name": "toy", "version": 1, "base": {**TINY, "method": "toy", "toy.lora_rank": 4},

@@ -21,6 +21,10 @@ from pathlib import Path
 
 import pytest
 
+# One xdist group for the tests that start Ray or use the Slurm cluster: they run one after another on one worker
+# while the other worker runs the rest (README: `pytest -n 2 --dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("cluster")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

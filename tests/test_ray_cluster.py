@@ -25,6 +25,10 @@ import yaml
 
 from rlhf_ablate.run.cache import read_executions
 
+# One xdist group for the tests that start Ray or use the Slurm cluster: they run one after another on one worker
+# while the other worker runs the rest (README: `pytest -n 2 --dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("cluster")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model.quantization": "none", "sft.max_steps": 2, "rm.max_steps": 2, "sft.batch_size": 8,
         "rm.batch_size": 8, "ppo.total_episodes": 8, "ppo.rollout_batch_size": 4, "ppo.mini_batch_size": 4,

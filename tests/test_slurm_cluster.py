@@ -64,7 +64,9 @@ def _cluster_up() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.slurm
+# One xdist group for the tests that start Ray or use the Slurm cluster: they run one after another on one worker
+# while the other worker runs the rest (README: `pytest -n 2 --dist loadgroup`).
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("cluster")]
 
 
 def _env(cache: Path) -> dict:

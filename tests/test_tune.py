@@ -23,6 +23,10 @@ from rlhf_ablate.config.sweep import expand, parse_sweep
 from rlhf_ablate.launch.tune import run_sweep
 from rlhf_ablate.rundir import FINISHED, read_result
 
+# One xdist group for the tests that start Ray or use the Slurm cluster: they run one after another on one worker
+# while the other worker runs the rest (README: `pytest -n 2 --dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("cluster")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
 
-from ..data.readers import OUR_FIELDS, is_our_field
+from ..data.readers import FORMATS, OUR_FIELDS, is_our_field
 from ..data.versions import FILTERS
 from ..errors import ConfigError
 from ..files import config_hash
@@ -52,7 +52,7 @@ class ModelConfig:
 class DataConfig:
     source: str = _f("ko_sample", "'ko_sample' (bundled Korean data), a directory of data files, one data file "
                      "(JSON, Parquet, CSV), a save_to_disk directory or a Hub dataset id (org/name).")
-    format: Literal["auto", "kochatgpt", "aihub", "hf_pref", "hh", "messages"] = _f(
+    format: Literal[("auto", *FORMATS)] = _f(  # the readers' table (data/readers.py) is the one list
         "auto", "Reader for the files in `source`; 'auto' detects it per file from the fields of the first row.")
     columns: dict = _f({}, "Your column names mapped onto ours, our name -> yours (LLaMA-Factory's 'columns'), e.g. "
                        "{prompt: instruction, completion: output}.")
