@@ -93,23 +93,27 @@ def _stopping(tokenizer: Any, gcfg: Any, max_length: int) -> Any:
 
 @torch.no_grad()
 def static_decode(model: Any, tokenizer: Any, ids: torch.Tensor, attn: torch.Tensor, gcfg: Any,
-                  streamer: Any = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                  streamer: Any = None, max_prompt_length: Optional[int] = None) -> tuple[torch.Tensor, list]:
     """``(sequences, scores)`` as ``model.generate(input_ids=ids, attention_mask=attn, generation_config=gcfg)``
     returns them (``scores``: the processed float32 next-token scores per step, kept only when
-    ``gcfg.output_scores``). ``gcfg`` is :func:`rlhf_ablate.models.generation.generation_config`'s."""
+    ``gcfg.output_scores``). ``gcfg`` is :func:`rlhf_ablate.models.generation.generation_config`'s.
+
+    The cache holds ``max_prompt_length + max_new_tokens`` positions whatever the width of this batch's prompts,
+    so every batch of one size reuses one compiled step (the slots past the prompt are masked until written)."""
     from transformers import StaticCache
 
     _require_compile()
     hf = _inner(model)
     B, P = ids.shape
     max_length = P + gcfg.max_new_tokens
-    cache = StaticCache(config=hf.config, max_cache_len=max_length)
+    cache_len = max(P, max_prompt_length or 0) + gcfg.max_new_tokens
+    cache = StaticCache(config=hf.config, max_cache_len=cache_len)
     stopping = _stopping(tokenizer, gcfg, max_length)
     pad = torch.tensor(gcfg.pad_token_id if gcfg.pad_token_id is not None else 0, device=ids.device)
     temperature = float(gcfg.temperature) if gcfg.do_sample else 1.0
     # generate's positions: the count of real tokens before each one (left padding ignored).
     pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)
-    mask = torch.zeros((B, max_length), dtype=attn.dtype, device=ids.device)
+    mask = torch.zeros((B, cache_len), dtype=attn.dtype, device=ids.device)
     mask[:, :P] = attn
     if streamer is not None:
         streamer.put(ids.cpu())

@@ -218,7 +218,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, d
                                      temperature=temperature, stop_at_header=stop_at_header,
                                      output_scores=return_logprobs)
             if backend == "compiled":
-                seqs, scores = static_decode(model, tokenizer, ids, attn, gcfg, streamer)
+                seqs, scores = static_decode(model, tokenizer, ids, attn, gcfg, streamer, max_prompt_length)
             else:
                 res = model.generate(input_ids=ids, attention_mask=attn, generation_config=gcfg, tokenizer=tokenizer,
                                      **({"streamer": streamer} if streamer is not None else {}))

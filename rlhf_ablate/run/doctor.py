@@ -236,6 +236,32 @@ def _ppo_phases(cfg: Any, data: Any, sft: Path, rm: Path, out: Path) -> dict:
     return res
 
 
+def _eval_phase(cfg: Any, data: Any, sft: Path, rm: Path, policy_dir: Path) -> dict:
+    """One eval batch as stages/evaluate.py: evaluate_policy runs it (its text metrics aside): the policy's greedy
+    answers, the RM's scores of them, then, with the RM freed, the KL pass. Loading is timed apart."""
+    from ..models import generate, load_policy, load_rm, sampling_for, score_texts, seq_cls_scorer
+    from ..stages.evaluate import kl_to_reference
+
+    prompts = [x.prompt for x in data.eval][:EVAL_BATCH]
+    meter = Meter()
+    t0 = time.perf_counter()
+    policy, ref, tok = load_policy(cfg, sft, policy_dir)
+    rm_model, rm_tok = load_rm(cfg, rm, sft)
+    load = time.perf_counter() - t0
+    meter.start()
+    t1 = time.perf_counter()
+    greedy = generate(policy, tok, prompts, **sampling_for(cfg, "eval").kwargs())
+    decode = {"decode_seconds": time.perf_counter() - t1, "decode_tokens": sum(len(g["ids"]) for g in greedy)}
+    score_texts(seq_cls_scorer(rm_model), rm_tok, prompts, [g["text"] for g in greedy], cfg.model.max_length)
+    del rm_model
+    if ref is not None:
+        kl_to_reference(cfg, policy, ref, tok, prompts)
+    out = {**meter.stop(), "rows": len(prompts), "load_seconds": load, **decode}
+    del policy, ref
+    release_memory()
+    return out
+
+
 def measure(cfg: Any, work: Path, say: Callable[[str], None]) -> dict:
     """Every phase of one trial, one micro-batch each (see the module docstring); ``work`` holds the artifacts."""
     from .. import models
@@ -263,11 +289,8 @@ def measure(cfg: Any, work: Path, say: Callable[[str], None]) -> dict:
     else:
         say(f"measuring {m} ({STEPS} optimizer steps) ...")
         phases["update"] = _trl_stage(nodes[m], Ctx(mcfg, data, dirs=dict(dirs)), dirs[m])
-    say(f"measuring eval ({EVAL_BATCH} prompts: answers, RM scores, KL) ...")
-    meter = Meter()
-    meter.start()
-    evaluate_policy(mcfg, data, m, dirs["sft"], dirs["rm"], dirs[m], work / "eval")
-    phases["eval"] = {**meter.stop(), "rows": EVAL_BATCH}  # loading its models and metric tokenizers included
+    say(f"measuring eval ({EVAL_BATCH} prompts: greedy answers, RM scores, the KL pass) ...")
+    phases["eval"] = _eval_phase(mcfg, data, dirs["sft"], dirs["rm"], dirs[m])
     release_memory()
     return phases
 
@@ -352,19 +375,25 @@ def run_doctor(spec: Any, trials: list, work: Path, say: Optional[Callable[[str]
     say("phase       unit                     seconds  measured alloc / reserved MiB  estimate MiB")
     units = {"sft": f"optimizer step (x{STEPS})", "rm": f"optimizer step (x{STEPS})",
              "generation": "rollout micro-batch", "scoring": "rollout micro-batch", "update": "train micro-batch",
-             "eval": f"eval stage, {EVAL_BATCH} prompts"}
+             "eval": f"{EVAL_BATCH} eval prompts"}
     for ph, r in phases.items():
         unit = units[ph] if not (ph == "update" and cfg.method != "ppo") else f"{cfg.method} step (x{STEPS})"
         mem = (f"{_mib(r.get('allocated_bytes'))} / {_mib(r.get('reserved_bytes'))}" if gpu else "not measured (CPU)")
         say(f"{ph:<11} {unit:<24} {r['seconds']:8.2f}  {mem:<30} {_mib(est.get(ph))}")
+    if "eval" in phases:
+        say(f"  eval also loads its policy and RM: {phases['eval']['load_seconds']:.2f} s per eval stage")
     if not gpu:
         say("  memory is measured on a GPU only (torch.cuda.max_memory_allocated/reserved); on the CPU the "
             "estimates are for a GPU run of this trial")
     if "generation" in phases:
         g = phases["generation"]
         say(f"decode: {g['tokens']} response tokens for {g['rows']} prompts in {g['seconds']:.2f} s = "
-            f"{g['tokens'] / g['seconds']:.1f} tokens/s (ppo.generation_backend={cfg.ppo.generation_backend}, "
-            f"prefill included)")
+            f"{g['tokens'] / g['seconds']:.1f} tokens/s (PPO rollout micro-batch, ppo.generation_backend="
+            f"{cfg.ppo.generation_backend}, prefill included)")
+    e = phases.get("eval", {})
+    if e.get("decode_seconds"):
+        say(f"decode: {e['decode_tokens']} response tokens for {e['rows']} prompts in {e['decode_seconds']:.2f} s = "
+            f"{e['decode_tokens'] / e['decode_seconds']:.1f} tokens/s (eval's greedy answers, prefill included)")
     # ---- forecast -------------------------------------------------------------------------------------------
     cache = StageCache(default_cache_root(spec))
     datas: dict[str, Any] = {}
@@ -402,10 +431,11 @@ def run_doctor(spec: Any, trials: list, work: Path, say: Optional[Callable[[str]
             + ", ".join(f"{k} {v / 60:.2f} min" for k, v in secs.items()) + ")")
     say(f"total: {total:.4g} device-hours for {len(trials)} trial(s), stages shared through the stage cache "
         f"counted once ({sum(h for _, h, _ in rows):.4g} h if none were shared)")
-    say("measured: one micro-batch (or two optimizer steps) of each phase of the largest trial; extrapolated: "
-        "every count (steps from the data and the trial's settings, total_episodes // rollout_batch_size PPO "
-        "steps, eval prompts), and other trials' sizes, linearly in tokens; start-up, loading and saving are not "
-        "counted")
+    say("measured: one micro-batch (or two optimizer steps) of each phase of the largest trial, and eval's "
+        "loading; extrapolated: every count (SFT/RM steps from the data and max_steps/epochs, total_episodes // "
+        "rollout_batch_size PPO steps, eval prompts), and for * trials their sizes, linearly in tokens, at the "
+        "measured trial's speed per token (its model, quantization and LoRA ranks); not counted: start-up, loading "
+        "for SFT, RM and PPO, saving, compare")
     say(f"cached {len(rows)} forecast(s) under {doctor_dir()} (sweep --dry-run shows them)")
     say(f"doctor finished in {time.perf_counter() - t_start:.0f} s: nothing broken")
     return 0

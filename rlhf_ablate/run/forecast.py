@@ -76,6 +76,7 @@ def unit_seconds(measured: dict, measured_cfg: Any, cfg: Any) -> dict[str, float
     for ph, r in measured.items():
         per = r["seconds"] / r.get("steps", 1)
         out[ph] = per * (tc[ph] / tm[ph] if ph in tc and tm[ph] else 1.0)
+    out["eval_load"] = measured.get("eval", {}).get("load_seconds", 0.0)  # loading a policy and the RM, per eval
     return out
 
 
@@ -83,9 +84,9 @@ def stage_seconds(cfg: Any, data: Any, unit: dict[str, float]) -> dict[str, floa
     c = counts(cfg, data)
     m = cfg.method
     method = sum(unit.get(ph, 0.0) * c.get(ph, 0) for ph in ("generation", "scoring", "update"))
-    return {"sft": unit["sft"] * c["sft"], "rm": unit["rm"] * c["rm"], m: method,
-            "eval_base": unit["eval"] * c["eval"], "eval_sft": unit["eval"] * c["eval"],
-            "eval_" + m: unit["eval"] * c["eval"]}
+    ev = unit.get("eval_load", 0.0) + unit["eval"] * c["eval"]
+    return {"sft": unit["sft"] * c["sft"], "rm": unit["rm"] * c["rm"], m: method, "eval_base": ev, "eval_sft": ev,
+            "eval_" + m: ev}
 
 
 def speed_key(cfg: Any, device: str, threads: int) -> str:
