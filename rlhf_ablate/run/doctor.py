@@ -7,9 +7,9 @@
    models built through the real loading path on data that fills the configured lengths (run/probe.py: fill_data),
    and one micro-batch of every phase timed, with its peak memory against the estimate on a GPU:
    SFT and RM (two optimizer steps of the real stages), PPO's generation, scoring and update (one micro-batch each,
-   on the four roles of ppo/roles.py; another method: two steps of its stage), and eval (one batch of 16 prompts
-   through stages/evaluate.py, greedy answers, RM scores and the KL pass).
-3. Decode tokens/s of the rollout micro-batch.
+   on the four roles of ppo/roles.py; another method: two steps of its stage), and eval (one batch of 16 prompts as
+   stages/evaluate.py runs it: greedy answers, RM scores, the KL pass; its loading timed apart).
+3. Decode tokens/s of the rollout micro-batch and of eval's greedy answers.
 4. A forecast of the sweep's device-hours, per trial and in all: each stage's measured time per unit (optimizer
    step, rollout micro-batch, eval prompt) times the trial's own counts (SFT and RM steps from the data and
    ``max_steps``/``epochs``, PPO steps = ``total_episodes // rollout_batch_size``, eval prompts), scaled linearly in
@@ -37,7 +37,6 @@ from ..files import canonical_json, write_json
 from ..rundir import default_cache_root
 from ..runtime import StageHooks, observe_stages, release_memory
 from .forecast import EVAL_BATCH, device_name, doctor_dir, speed_key, stage_seconds, unit_seconds
-
 
 
 # ---- 1. versions and device checks ------------------------------------------------------------------------------
