@@ -33,10 +33,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..files import canonical_json, write_json
-from ..rundir import default_cache_root
 from ..runtime import StageHooks, observe_stages, release_memory
-from .forecast import EVAL_BATCH, device_name, doctor_dir, speed_key, stage_seconds, unit_seconds
+from .forecast import EVAL_BATCH, device_name, doctor_dir, forecast_sweep
 
 
 # ---- 1. versions and device checks ------------------------------------------------------------------------------
@@ -211,10 +209,15 @@ def _ppo_phases(cfg: Any, data: Any, sft: Path, rm: Path, out: Path) -> dict:
     dev = next(roles.model.parameters()).device
     prompts = [x.prompt for x in data.ppo_prompts][:roles.plan.rollout_micro]
     res: dict[str, dict] = {}
+    warmup = None
+    if p.generation_backend == "compiled":  # the first call compiles the decode step: once per process, not per step
+        t0 = time.perf_counter()
+        roles.generate(prompts)
+        warmup = time.perf_counter() - t0
     meter.start()
     responses = roles.generate(prompts)
     res["generation"] = {**meter.stop(), "rows": len(prompts),
-                         "tokens": sum(len(r["ids"]) for r in responses)}
+                         "tokens": sum(len(r["ids"]) for r in responses), "compile_seconds": warmup}
     b = build_batch(roles.tokenizer, prompts, responses, dev)
     meter.start()
     sc = score_batch(roles, b, p.temperature)
@@ -247,6 +250,10 @@ def _eval_phase(cfg: Any, data: Any, sft: Path, rm: Path, policy_dir: Path) -> d
     policy, ref, tok = load_policy(cfg, sft, policy_dir)
     rm_model, rm_tok = load_rm(cfg, rm, sft)
     load = time.perf_counter() - t0
+    if cfg.ppo.generation_backend == "compiled":  # compile the decode steps of both samplings outside the timing
+        generate(policy, tok, prompts, **sampling_for(cfg, "eval").kwargs())
+        if ref is not None:
+            kl_to_reference(cfg, policy, ref, tok, prompts)
     meter.start()
     t1 = time.perf_counter()
     greedy = generate(policy, tok, prompts, **sampling_for(cfg, "eval").kwargs())
@@ -264,7 +271,6 @@ def _eval_phase(cfg: Any, data: Any, sft: Path, rm: Path, policy_dir: Path) -> d
 def measure(cfg: Any, work: Path, say: Callable[[str], None]) -> dict:
     """Every phase of one trial, one micro-batch each (see the module docstring); ``work`` holds the artifacts."""
     from .. import models
-    from ..stages.evaluate import evaluate_policy
     from .graph import Ctx, trial_stages
     from .probe import fill_data
 
@@ -339,10 +345,7 @@ def run_doctor(spec: Any, trials: list, work: Path, say: Optional[Callable[[str]
     out = sys.stdout
     say = say or (lambda m: print(m, file=out, flush=True))
 
-    from ..data import load_data
     from ..runtime import set_threads
-    from .cache import StageCache
-    from .graph import stage_keys, trial_stages
 
     t_start = time.perf_counter()
     set_threads(spec.resources.cpu)
@@ -372,9 +375,8 @@ def run_doctor(spec: Any, trials: list, work: Path, say: Optional[Callable[[str]
     gpu = torch.cuda.is_available()
     est = estimates(cfg, "cuda" if gpu else "cpu")
     say("phase       unit                     seconds  measured alloc / reserved MiB  estimate MiB")
-    units = {"sft": f"optimizer step (x{STEPS})", "rm": f"optimizer step (x{STEPS})",
-             "generation": "rollout micro-batch", "scoring": "rollout micro-batch", "update": "train micro-batch",
-             "eval": f"{EVAL_BATCH} eval prompts"}
+    units = {"sft": f"optimizer step (x{STEPS})", "rm": f"optimizer step (x{STEPS})", "generation": "rollout "
+             "micro-batch", "scoring": "rollout micro-batch", "update": "train micro-batch", "eval": f"{EVAL_BATCH} eval prompts"}
     for ph, r in phases.items():
         unit = units[ph] if not (ph == "update" and cfg.method != "ppo") else f"{cfg.method} step (x{STEPS})"
         mem = (f"{_mib(r.get('allocated_bytes'))} / {_mib(r.get('reserved_bytes'))}" if gpu else "not measured (CPU)")
@@ -388,50 +390,26 @@ def run_doctor(spec: Any, trials: list, work: Path, say: Optional[Callable[[str]
         g = phases["generation"]
         say(f"decode: {g['tokens']} response tokens for {g['rows']} prompts in {g['seconds']:.2f} s = "
             f"{g['tokens'] / g['seconds']:.1f} tokens/s (PPO rollout micro-batch, ppo.generation_backend="
-            f"{cfg.ppo.generation_backend}, prefill included)")
+            f"{cfg.ppo.generation_backend}, prefill included"
+            + (f"; the first call, which compiled, took {g['compile_seconds']:.1f} s" if g.get("compile_seconds")
+               else "") + ")")
     e = phases.get("eval", {})
     if e.get("decode_seconds"):
         say(f"decode: {e['decode_tokens']} response tokens for {e['rows']} prompts in {e['decode_seconds']:.2f} s = "
             f"{e['decode_tokens'] / e['decode_seconds']:.1f} tokens/s (eval's greedy answers, prefill included)")
     # ---- forecast -------------------------------------------------------------------------------------------
-    cache = StageCache(default_cache_root(spec))
-    datas: dict[str, Any] = {}
-    seen: set[str] = set()
-    total = 0.0
-    key_measured = speed_key(cfg, dev, spec.resources.cpu)
     say("forecast (device-hours on this device; * extrapolated linearly in tokens from the measured trial):")
-    rows = []
-    for t in trials:
-        dkey = canonical_json(dataclasses.asdict(t.config.data))
-        if dkey not in datas:
-            datas[dkey] = load_data(t.config.data)
-        data = datas[dkey]
-        secs = stage_seconds(t.config, data, unit_seconds(phases, cfg, t.config))
-        keys = stage_keys(t.config, cache, data.fingerprint, spec.resources.cpu)
-        wanted = {s.name for s in trial_stages(t.config)}
-        shared = 0.0
-        for name, s in secs.items():
-            k = keys.get(name, f"{t.trial_id}:{name}")
-            if name in wanted and k not in seen:
-                seen.add(k)
-                shared += s
-        hours = sum(secs.values()) / 3600
-        total += shared / 3600
-        key = speed_key(t.config, dev, spec.resources.cpu)
-        basis = "measured" if key == key_measured else "extrapolated"
-        rows.append((t, hours, basis))
-        write_json(doctor_dir() / f"{key}.json", {
-            "hours": hours, "basis": basis, "stage_seconds": secs, "sweep": spec.name, "trial_id": t.trial_id,
-            "device": dev, "threads": spec.resources.cpu, "measured_key": key_measured,
-            "measured_trial": trial.trial_id, "phases": phases, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    rows, total = forecast_sweep(spec, trials, trial, phases, dev)
+    for t, hours, basis, secs in rows:
         axes = ", ".join(f"{k}={v}" for k, v in t.axes.items())
         say(f"  #{t.index} {t.trial_id} ({axes + ', ' if axes else ''}seed={t.seed}): {hours:.4g} h"
             + ("" if basis == "measured" else " *") + "  ("
             + ", ".join(f"{k} {v / 60:.2f} min" for k, v in secs.items()) + ")")
     say(f"total: {total:.4g} device-hours for {len(trials)} trial(s), stages shared through the stage cache "
-        f"counted once ({sum(h for _, h, _ in rows):.4g} h if none were shared)")
+        f"counted once ({sum(r[1] for r in rows):.4g} h if none were shared)")
     say("measured: one micro-batch (or two optimizer steps) of each phase of the largest trial, and eval's "
-        "loading; extrapolated: every count (SFT/RM steps from the data and max_steps/epochs, total_episodes // "
+        "loading; extrapolated: every count (SFT/RM steps from the data and max_steps/epochs, their batches' padded "
+        "length from a sample of the data, total_episodes // "
         "rollout_batch_size PPO steps, eval prompts), and for * trials their sizes, linearly in tokens, at the "
         "measured trial's speed per token (its model, quantization and LoRA ranks); not counted: start-up, loading "
         "for SFT, RM and PPO, saving, compare")

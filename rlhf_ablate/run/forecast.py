@@ -80,13 +80,40 @@ def unit_seconds(measured: dict, measured_cfg: Any, cfg: Any) -> dict[str, float
     return out
 
 
-def stage_seconds(cfg: Any, data: Any, unit: dict[str, float]) -> dict[str, float]:
-    c = counts(cfg, data)
+def padded_fraction(cfg: Any, data: Any, tokenizer: Any, sample: int = 256) -> dict[str, float]:
+    """How long the trial's SFT and RM batches are, as a fraction of ``model.max_length`` (what the doctor measures
+    at): batches are padded to their longest row, so the mean over random batches (of the stage's batch size, up
+    to ``sample`` rows of the data) of the longest tokenized row, cut to ``max_length``."""
+    import random
+
+    from ..data.prompting import format_prompt, normalize
+
+    L, eos = cfg.model.max_length, tokenizer.eos_token or ""
+    rng = random.Random(0)
+
+    def frac(texts: list[list[str]], batch: int) -> float:
+        rows = rng.sample(texts, min(sample, len(texts)))
+        if not rows:
+            return 1.0
+        lens = [max(min(L, len(tokenizer(t)["input_ids"])) for t in row) for row in rows]
+        batches = [max(lens[i:i + batch]) for i in range(0, len(lens), max(1, batch))]
+        return sum(batches) / len(batches) / L
+
+    sft = [[format_prompt(x.prompt) + normalize(x.completion) + eos] for x in data.sft_train]
+    pairs = [[format_prompt(p.prompt) + normalize(a) + eos for a in (p.chosen, p.rejected)]
+             for g in data.rm_train for p in g.pairs()]
+    return {"sft": frac(sft, cfg.sft.batch_size), "rm": frac(pairs, cfg.rm.batch_size)}
+
+
+def stage_seconds(cfg: Any, data: Any, unit: dict[str, float],
+                  fraction: dict[str, float] | None = None) -> dict[str, float]:
+    """Seconds of each stage of one trial; ``fraction``: :func:`padded_fraction` (1: every batch at max_length)."""
+    c, f = counts(cfg, data), fraction or {}
     m = cfg.method
     method = sum(unit.get(ph, 0.0) * c.get(ph, 0) for ph in ("generation", "scoring", "update"))
     ev = unit.get("eval_load", 0.0) + unit["eval"] * c["eval"]
-    return {"sft": unit["sft"] * c["sft"], "rm": unit["rm"] * c["rm"], m: method, "eval_base": ev, "eval_sft": ev,
-            "eval_" + m: ev}
+    return {"sft": unit["sft"] * c["sft"] * f.get("sft", 1.0), "rm": unit["rm"] * c["rm"] * f.get("rm", 1.0),
+            m: method, "eval_base": ev, "eval_sft": ev, "eval_" + m: ev}
 
 
 def speed_key(cfg: Any, device: str, threads: int) -> str:
@@ -119,3 +146,51 @@ def forecast_column(spec: Any, trials: list) -> dict[str, list[str]]:
     if all(c == "-" for c in col):
         return {}
     return {"doctor device-h": col}
+
+
+def forecast_sweep(spec: Any, trials: list, measured: Any, phases: dict, device: str) -> tuple[list, float]:
+    """``([(trial, hours, basis, stage seconds)], total hours)`` for every trial of the sweep from the phases
+    measured on trial ``measured``; a stage shared through the stage cache (same key) counts once in the total.
+    Writes each trial's forecast to ``doctor_dir()/<speed_key>.json``."""
+    import dataclasses
+    import time
+
+    from ..data import load_data
+    from ..files import canonical_json, write_json
+    from ..models import load_tokenizer
+    from .cache import StageCache
+    from .graph import stage_keys, trial_stages
+
+    cache = StageCache(default_cache_root(spec))
+    datas: dict[str, Any] = {}
+    fractions: dict[str, dict] = {}
+    seen: set[str] = set()
+    rows, total = [], 0.0
+    key_measured = speed_key(measured.config, device, spec.resources.cpu)
+    for t in trials:
+        c = t.config
+        dkey = canonical_json(dataclasses.asdict(c.data))
+        if dkey not in datas:
+            datas[dkey] = load_data(c.data)
+        data = datas[dkey]
+        fkey = canonical_json([dkey, dataclasses.asdict(c.model), c.sft.batch_size, c.rm.batch_size])
+        if fkey not in fractions:
+            fractions[fkey] = padded_fraction(c, data, load_tokenizer(c.model))
+        secs = stage_seconds(c, data, unit_seconds(phases, measured.config, c), fractions[fkey])
+        keys = stage_keys(c, cache, data.fingerprint, spec.resources.cpu)
+        wanted = {s.name for s in trial_stages(c)}
+        for name, s in secs.items():
+            k = keys.get(name, f"{t.trial_id}:{name}")
+            if name in wanted and k not in seen:
+                seen.add(k)
+                total += s / 3600
+        hours = sum(secs.values()) / 3600
+        key = speed_key(c, device, spec.resources.cpu)
+        basis = "measured" if key == key_measured else "extrapolated"
+        rows.append((t, hours, basis, secs))
+        write_json(doctor_dir() / f"{key}.json", {
+            "hours": hours, "basis": basis, "stage_seconds": secs, "padded_fraction": fractions[fkey],
+            "sweep": spec.name, "trial_id": t.trial_id, "device": device, "threads": spec.resources.cpu,
+            "measured_key": key_measured, "measured_trial": measured.trial_id, "phases": phases,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return rows, total
