@@ -186,12 +186,14 @@ def measure_config(cfg: Any) -> Any:
 def _trl_stage(node: Any, ctx: Any, out: Path) -> dict:
     meter = Meter()
     window = _Window(meter)
+    t0 = time.perf_counter()
     with observe_stages(window):
         node.build(ctx, out)
     if window.result is None:
         raise RuntimeError(f"doctor: the {node.name} stage ended without training")
     release_memory()
-    return {**window.result, "steps": STEPS}
+    # Loading, preparing, merging and saving: once per stage, whatever its step count.
+    return {**window.result, "steps": STEPS, "fixed_seconds": time.perf_counter() - t0 - window.result["seconds"]}
 
 
 def _ppo_phases(cfg: Any, data: Any, sft: Path, rm: Path, out: Path) -> dict:
@@ -205,7 +207,9 @@ def _ppo_phases(cfg: Any, data: Any, sft: Path, rm: Path, out: Path) -> dict:
 
     p = cfg.ppo
     meter = Meter()
+    t0 = time.perf_counter()
     roles = PPOModels(cfg, sft, rm)
+    fixed = time.perf_counter() - t0
     dev = next(roles.model.parameters()).device
     prompts = [x.prompt for x in data.ppo_prompts][:roles.plan.rollout_micro]
     res: dict[str, dict] = {}
@@ -232,7 +236,9 @@ def _ppo_phases(cfg: Any, data: Any, sft: Path, rm: Path, out: Path) -> dict:
     meter.start()
     ppo_update(roles, optimizer, keep(b), keep(sc), adv[:n], ret[:n], one, torch.Generator().manual_seed(0))
     res["update"] = {**meter.stop(), "rows": n}
+    t0 = time.perf_counter()
     roles.save_policy(out)
+    res["update"]["fixed_seconds"] = fixed + time.perf_counter() - t0  # loading the four roles, saving the policy
     del roles, optimizer
     release_memory()
     return res
@@ -381,8 +387,11 @@ def run_doctor(spec: Any, trials: list, work: Path, say: Optional[Callable[[str]
         unit = units[ph] if not (ph == "update" and cfg.method != "ppo") else f"{cfg.method} step (x{STEPS})"
         mem = (f"{_mib(r.get('allocated_bytes'))} / {_mib(r.get('reserved_bytes'))}" if gpu else "not measured (CPU)")
         say(f"{ph:<11} {unit:<24} {r['seconds']:8.2f}  {mem:<30} {_mib(est.get(ph))}")
+    fixed = {ph: r["fixed_seconds"] for ph, r in phases.items() if r.get("fixed_seconds")}
     if "eval" in phases:
-        say(f"  eval also loads its policy and RM: {phases['eval']['load_seconds']:.2f} s per eval stage")
+        fixed["eval"] = phases["eval"]["load_seconds"]
+    say("  once per stage (loading, preparing, merging, saving): "
+        + ", ".join(f"{'ppo' if ph == 'update' and cfg.method == 'ppo' else ph} {v:.2f} s" for ph, v in fixed.items()))
     if not gpu:
         say("  memory is measured on a GPU only (torch.cuda.max_memory_allocated/reserved); on the CPU the "
             "estimates are for a GPU run of this trial")
@@ -407,12 +416,12 @@ def run_doctor(spec: Any, trials: list, work: Path, say: Optional[Callable[[str]
             + ", ".join(f"{k} {v / 60:.2f} min" for k, v in secs.items()) + ")")
     say(f"total: {total:.4g} device-hours for {len(trials)} trial(s), stages shared through the stage cache "
         f"counted once ({sum(r[1] for r in rows):.4g} h if none were shared)")
-    say("measured: one micro-batch (or two optimizer steps) of each phase of the largest trial, and eval's "
-        "loading; extrapolated: every count (SFT/RM steps from the data and max_steps/epochs, their batches' padded "
+    say("measured: one micro-batch (or two optimizer steps) of each phase of the largest trial, and each stage's "
+        "loading and saving; extrapolated: every count (SFT/RM steps from the data and max_steps/epochs, their batches' padded "
         "length from a sample of the data, total_episodes // "
         "rollout_batch_size PPO steps, eval prompts), and for * trials their sizes, linearly in tokens, at the "
-        "measured trial's speed per token (its model, quantization and LoRA ranks); not counted: start-up, loading "
-        "for SFT, RM and PPO, saving, compare")
+        "measured trial's speed per token (its model, quantization and LoRA ranks); not counted: process start-up, "
+        "reading data, eval's text metrics, compare")
     say(f"cached {len(rows)} forecast(s) under {doctor_dir()} (sweep --dry-run shows them)")
     say(f"doctor finished in {time.perf_counter() - t_start:.0f} s: nothing broken")
     return 0

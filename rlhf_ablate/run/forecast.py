@@ -77,6 +77,8 @@ def unit_seconds(measured: dict, measured_cfg: Any, cfg: Any) -> dict[str, float
         per = r["seconds"] / r.get("steps", 1)
         out[ph] = per * (tc[ph] / tm[ph] if ph in tc and tm[ph] else 1.0)
     out["eval_load"] = measured.get("eval", {}).get("load_seconds", 0.0)  # loading a policy and the RM, per eval
+    for ph, r in measured.items():  # once per stage: loading, preparing, merging, saving
+        out[f"{ph}_fixed"] = r.get("fixed_seconds", 0.0)
     return out
 
 
@@ -110,9 +112,11 @@ def stage_seconds(cfg: Any, data: Any, unit: dict[str, float],
     """Seconds of each stage of one trial; ``fraction``: :func:`padded_fraction` (1: every batch at max_length)."""
     c, f = counts(cfg, data), fraction or {}
     m = cfg.method
-    method = sum(unit.get(ph, 0.0) * c.get(ph, 0) for ph in ("generation", "scoring", "update"))
+    method = unit.get("update_fixed", 0.0) + sum(unit.get(ph, 0.0) * c.get(ph, 0)
+                                                 for ph in ("generation", "scoring", "update"))
     ev = unit.get("eval_load", 0.0) + unit["eval"] * c["eval"]
-    return {"sft": unit["sft"] * c["sft"] * f.get("sft", 1.0), "rm": unit["rm"] * c["rm"] * f.get("rm", 1.0),
+    return {"sft": unit.get("sft_fixed", 0.0) + unit["sft"] * c["sft"] * f.get("sft", 1.0),
+            "rm": unit.get("rm_fixed", 0.0) + unit["rm"] * c["rm"] * f.get("rm", 1.0),
             m: method, "eval_base": ev, "eval_sft": ev, "eval_" + m: ev}
 
 
