@@ -11,6 +11,10 @@ adapters it would silently decode eagerly over a static cache. Here the step is 
 - **decode** (``torch.compile``): one token per row per call. Every call has the same shapes (input ``[b, 1]``, a
   ``[b, cache length]`` attention mask, the cache's fixed tensors), so the step compiles once per batch size and
   cache length and runs without Python between kernels (on a GPU, ``mode="reduce-overhead"``: CUDA graphs).
+  Each call gets a fresh cache, freed after it as the memory estimate's generation phase assumes
+  (rlhf_ablate/models/memory.py); its tensors are marked static-address without a guard (transformers does so), so a
+  new cache costs a CUDA-graph re-recording, not a recompile. The CUDA-graph memory pool is not in the estimate:
+  no GPU has measured this backend yet.
 
 The sampling around it is ``generate``'s own (transformers/generation/utils.py, ``_sample``): float32 next-token
 logits, the temperature warper when the temperature is not 1 (top-k 0, top-p 1, no penalties: the
