@@ -1,4 +1,4 @@
-"""``python -m rlhf_ablate {sweep,sweeps,trial,slurm,data,report,chat}``: the only module that knows about argparse.
+"""``python -m rlhf_ablate {sweep,sweeps,doctor,trial,slurm,data,report,chat}``: the only module that knows about argparse.
 
 Every command exits 2 with a one-paragraph message on bad input (any RlhfAblateError, an unreadable or unwritable
 path) and writes nothing partial: no traceback, at most MAX_ERROR_LINES lines, the key, file or row named.
@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="do not write RUN_DIR/report at the end")
 
     sub.add_parser("sweeps", help="list the bundled sweeps with their descriptions")
+
+    p = sub.add_parser("doctor", help="before a long sweep: versions, bf16/4-bit, one micro-batch of every phase of "
+                                      "its largest trial, decode tokens/s, a device-hours forecast (minutes)")
+    p.add_argument("sweep_file", nargs="?", default="kl_coef", help="sweep YAML path or name (default: kl_coef)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for `sweep`")
 
     p = sub.add_parser("trial", help="run one trial of a sweep (what a SLURM array task runs)")
     _add_sweep_args(p)
@@ -232,7 +237,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"sweep {spec.name} (version {spec.version}): {len(trials)} trials"
               + (f"; Optuna samples {spec.search.num_samples} more from {sorted(spec.search.space)}"
                  if spec.search.type == "optuna" else ""))
-        print(trial_table(trials, estimate_column(spec, trials)))
+        from .run.forecast import forecast_column
+
+        print(trial_table(trials, {**estimate_column(spec, trials), **forecast_column(spec, trials)}))
         for line in checks:
             print(f"checked {line}")
         print(f"run directory: {run_dir_for(spec, args.out)}  (nothing started: --dry-run)")
@@ -242,6 +249,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return run_sweep(spec, run_dir_for(spec, args.out), resume=args.resume, max_concurrent=args.max_concurrent,
                      use_cache=not args.no_cache, address=args.address or os.environ.get("RAY_ADDRESS"),
                      report=not args.no_report)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .config import parse_cli_overrides
+    from .config.sweep import expand, load_sweep
+    from .run.doctor import run_doctor
+
+    resolve_sweep_arg(args)
+    spec = load_sweep(args.sweep_file, parse_cli_overrides(args.overrides))
+    trials = expand(spec)
+    preflight(spec, trials)
+    with tempfile.TemporaryDirectory(prefix="rlhf_ablate_doctor_") as work:
+        return run_doctor(spec, trials, Path(work))
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
@@ -406,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handlers = {"sweep": cmd_sweep, "sweeps": cmd_sweeps, "trial": cmd_trial, "slurm": cmd_slurm,
-                "report": cmd_report, "data": cmd_data, "chat": cmd_chat}
+                "report": cmd_report, "data": cmd_data, "chat": cmd_chat, "doctor": cmd_doctor}
     try:
         if args.command != "data":
             from .run import graph  # noqa: F401 - every method of the stage graph, plugins' too, is known from here

@@ -127,6 +127,8 @@ class PPOConfig(LoraParams):
                                            "reward); the rollout batch is processed in chunks of this many.")
     max_prompt_length: int = _f(128, "Prompt tokens kept in rollouts; longer prompts lose their beginning (the "
                                      "template's answer cue at the end is kept).")
+    generation_backend: Literal["eager", "compiled"] = _f("eager", "Decoding of rollouts and eval answers: eager "
+        "(transformers' generate) or compiled (static KV cache, torch.compile'd step: rlhf_ablate/models/decoding.py).")
     weight_decay: float = _f(0.0, "AdamW weight decay of the policy and value adapters.")
     lr_schedule: Literal["constant", "linear"] = _f(
         "constant", "Learning rate over the PPO steps: constant, or linear decay to 0 (cleanrl's anneal_lr).")

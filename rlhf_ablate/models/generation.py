@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from ..data.prompting import PROMPT_TEMPLATE, format_prompt, normalize
+from .decoding import BACKENDS, static_decode
 
 # The template's next-turn header ("### 질문:"): where a model that keeps going would start the next user turn.
 NEXT_TURN_HEADER = PROMPT_TEMPLATE.split("{prompt}")[0].strip()
@@ -109,10 +110,12 @@ class Sampling:
     temperature: float = 1.0
     max_prompt_length: Optional[int] = None   # prompt tokens kept (the start is cut); None: whole prompts
     stop_at_header: bool = True               # stop at the template's next-turn header, cut it from the answer
+    backend: str = "eager"                    # ppo.generation_backend: eager (HF generate) or compiled (decoding.py)
 
     def kwargs(self) -> dict:
         return dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, temperature=self.temperature,
-                    max_prompt_length=self.max_prompt_length, stop_at_header=self.stop_at_header)
+                    max_prompt_length=self.max_prompt_length, stop_at_header=self.stop_at_header,
+                    backend=self.backend)
 
 
 def sampling_for(cfg: Any, purpose: str) -> Sampling:
@@ -124,18 +127,19 @@ def sampling_for(cfg: Any, purpose: str) -> Sampling:
     - a sampling method's name (``grpo``, ``rloo``): its section's ``max_new_tokens`` and ``temperature``.
 
     Every one cuts prompts to ``ppo.max_prompt_length`` (the template's answer cue at the end is kept), so no stage
-    sees a longer prompt than the memory estimate assumes."""
-    keep = cfg.ppo.max_prompt_length
+    sees a longer prompt than the memory estimate assumes, and every one decodes with ``ppo.generation_backend``
+    (TRL's GRPO/RLOO trainers generate with their own code and take only the lengths and temperature)."""
+    keep, backend = cfg.ppo.max_prompt_length, cfg.ppo.generation_backend
     if purpose == "rollout":
-        return Sampling(cfg.ppo.max_new_tokens, True, cfg.ppo.temperature, keep)
+        return Sampling(cfg.ppo.max_new_tokens, True, cfg.ppo.temperature, keep, backend=backend)
     if purpose in ("eval", "chat"):
-        return Sampling(cfg.eval.max_new_tokens, cfg.eval.do_sample, 1.0, keep)
+        return Sampling(cfg.eval.max_new_tokens, cfg.eval.do_sample, 1.0, keep, backend=backend)
     if purpose == "eval_kl":
-        return Sampling(cfg.eval.max_new_tokens, True, 1.0, keep)
+        return Sampling(cfg.eval.max_new_tokens, True, 1.0, keep, backend=backend)
     section = getattr(cfg, purpose, None)
     if section is None or not hasattr(section, "temperature"):
         raise ValueError(f"sampling_for: unknown purpose {purpose!r}")
-    return Sampling(section.max_new_tokens, True, section.temperature, keep)
+    return Sampling(section.max_new_tokens, True, section.temperature, keep, backend=backend)
 
 
 def generation_config(tokenizer, *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
@@ -191,7 +195,8 @@ def cut_at_header(tokenizer, ids: list[int], header: str = NEXT_TURN_HEADER) -> 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool,
              temperature: float = 1.0, batch_size: int = 16, max_prompt_length: Optional[int] = None,
-             stop_at_header: bool = True, return_logprobs: bool = False, streamer: Any = None) -> list[dict]:
+             stop_at_header: bool = True, return_logprobs: bool = False, streamer: Any = None,
+             backend: str = "eager") -> list[dict]:
     """Batched generation from raw prompts (formatted here), ``batch_size`` prompts per ``model.generate`` call.
 
     Returns, per prompt: ``query`` (the prompt's token ids as fed to the model), ``ids`` (response ids up to and
@@ -199,7 +204,10 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, d
     ``has_eos``, ``stopped`` (ended at the header) and, with ``return_logprobs``, ``logprobs``: the log-probability
     of each kept token under the distribution it was sampled from (the processed scores; a test instrument, it keeps
     ``max_new_tokens x batch x vocab`` scores). ``streamer`` (a transformers streamer, one prompt at a time)
-    receives the tokens as they come."""
+    receives the tokens as they come. ``backend``: ``eager`` (``model.generate``) or ``compiled`` (a static KV
+    cache and a compiled decode step, rlhf_ablate/models/decoding.py: the same tokens at the same seed)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"generate: backend {backend!r} is not one of {BACKENDS}")
     out = []
     dev = next(model.parameters()).device
     queries = encode_prompts(tokenizer, prompts, max_prompt_length)
@@ -209,13 +217,16 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, d
             gcfg = generation_config(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                      temperature=temperature, stop_at_header=stop_at_header,
                                      output_scores=return_logprobs)
-            res = model.generate(input_ids=ids, attention_mask=attn, generation_config=gcfg, tokenizer=tokenizer,
-                                 **({"streamer": streamer} if streamer is not None else {}))
-            seqs = res.sequences if return_logprobs else res
+            if backend == "compiled":
+                seqs, scores = static_decode(model, tokenizer, ids, attn, gcfg, streamer, max_prompt_length)
+            else:
+                res = model.generate(input_ids=ids, attention_mask=attn, generation_config=gcfg, tokenizer=tokenizer,
+                                     **({"streamer": streamer} if streamer is not None else {}))
+                seqs, scores = (res.sequences, res.scores) if return_logprobs else (res, None)
             resp = seqs[:, ids.shape[1]:]
             step_lp = None
             if return_logprobs:
-                step_lp = torch.stack([torch.log_softmax(s.float(), -1) for s in res.scores], 1)  # [b, steps, V]
+                step_lp = torch.stack([torch.log_softmax(s.float(), -1) for s in scores], 1)  # [b, steps, V]
             for row, (q, r) in enumerate(zip(chunk, resp.tolist())):
                 out.append(_response(tokenizer, q, r, stop_at_header,
                                      None if step_lp is None else step_lp[row]))
