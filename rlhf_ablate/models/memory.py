@@ -333,7 +333,21 @@ def compare_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
 
 
 def ppo_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
-    return _ppo_bytes(cfg, parts.shape, parts.w, parts.weights, parts.rm_weights, parts.dequant)
+    out = _ppo_bytes(cfg, parts.shape, parts.w, parts.weights, parts.rm_weights, parts.dequant)
+    extra = extra_reward_models(cfg)
+    if extra:
+        # The ensemble's other members and the gold RM (rlhf_ablate/ppo/roles.py): frozen fp32 adapters on the shared
+        # base when the trial's RM is one, else models of their own, like the trial's RM.
+        rm_shared = cfg.ppo.lora_rank > 0 and cfg.rm.lora_rank > 0 and cfg.rm.init_from == "sft"
+        one = (cfg.rm.lora_rank * parts.shape.lora_dims * 4 if rm_shared
+               else parts.rm_weights(cfg.model.quantization != "none" and cfg.rm.lora_rank > 0))
+        out["extra_rewards"] = extra * one
+    return out
+
+
+def extra_reward_models(cfg: Any) -> int:
+    """Reward models PPO holds besides the trial's RM: rm.ensemble_size - 1 members, and the gold RM."""
+    return (cfg.rm.ensemble_size - 1 if cfg.rm.ensemble_size >= 2 else 0) + (cfg.ppo.gold == "rm_gold")
 
 
 def with_peak(components: dict[str, float]) -> dict[str, float]:
