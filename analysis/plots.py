@@ -311,9 +311,13 @@ def plot_length_bias(run: RunResults, out: Path) -> Optional[Plot]:
 
 
 def plot_ppo_curves(run: RunResults, out: Path) -> Optional[Plot]:
+    """Reward and KL per PPO step; with a gold probe (rlhf_ablate/ppo/gold.py) a third panel of gold's probe mean, and
+    a dashed line at each trial's over-optimization onset (analysis/overopt.py)."""
     axes = run.axis_names
-    keys = ("objective/scores", "objective/kl")
+    gold_keys = ("gold/score",)
+    keys = ("objective/scores", "objective/kl") + gold_keys
     series: dict[tuple, list[dict[str, list[tuple[float, float]]]]] = {}
+    onsets: dict[tuple, list[float]] = {}
     for t in run.ok_trials:
         hist = t.history.get("ppo")
         if _method(t) != "ppo" or not isinstance(hist, list) or not hist:
@@ -329,15 +333,24 @@ def plot_ppo_curves(run: RunResults, out: Path) -> Optional[Plot]:
                     run_curves[k].append((float(step), float(v)))
         if any(run_curves.values()):
             series.setdefault(_config(t, axes), []).append(run_curves)
+            s = (t.overoptimization or {}).get("onset_step")
+            if _finite(s):
+                onsets.setdefault(_config(t, axes), []).append(float(s))
     if not series:
         return None
     names = sorted(series, key=lambda n: tuple(_sort_key(v) for v in n))
     cols = dict(zip(names, _colors(len(names))))
-    fig = _figure(11.0, 4.2)
-    axs = fig.subplots(1, 2)
-    for ax, k, ylabel in zip(axs, keys, ("reward (objective/scores)", "KL to reference (objective/kl)")):
+    with_gold = any(rc["gold/score"] for runs in series.values() for rc in runs)
+    panels = [("objective/scores", "reward (objective/scores)"), ("objective/kl", "KL to reference (objective/kl)")]
+    if with_gold:
+        panels.append(("gold/score", "gold reward on the probe (gold/score)"))
+    fig = _figure(5.5 * len(panels), 4.2)
+    axs = fig.subplots(1, len(panels))
+    for ax, (k, ylabel) in zip(axs, panels):
         for name in names:
             runs = [rc[k] for rc in series[name] if rc[k]]
+            for x in onsets.get(name, []):
+                ax.axvline(x, color=cols[name], linestyle="--", linewidth=1.2, alpha=0.8)
             if not runs:
                 continue
             for pts in runs:
@@ -352,11 +365,17 @@ def plot_ppo_curves(run: RunResults, out: Path) -> Optional[Plot]:
         ax.legend(fontsize=7)
     axs[0].set_title("PPO 학습 중 보상 (reward during training)", fontsize=10)
     axs[1].set_title("PPO 학습 중 KL (KL during training)", fontsize=10)
+    if with_gold:
+        axs[2].set_title("골드 보상 (gold reward on held-out prompts)", fontsize=10)
     png, svg = _save(fig, out, "ppo_curves")
+    n_on = sum(len(v) for v in onsets.values())
     return Plot(png, "PPO training curves",
                 f"PPO training curves per {', '.join(axes) or 'configuration'}: mean over seeds (thick) and each seed "
                 "(thin). Rewards are in each trial's RM units (normalised by the SFT policy's reward in PPO)."
-                + _stopped_note(run), svg)
+                + (" Gold: the probe prompts' mean score by a reward the policy never trained against." if with_gold
+                   else "")
+                + (f" Dashed lines: the over-optimization onset of {n_on} trial(s) (gold fell while the proxy rose)."
+                   if n_on else "") + _stopped_note(run), svg)
 
 
 PLOTTERS = (plot_frontier, plot_rm_scores, plot_length_bias, plot_ppo_curves)

@@ -79,10 +79,73 @@ def render_metrics_doc() -> str:
              + ", ".join(f"`{p}`" for p in TRAINING_STAT_PREFIXES))
     L.append("")
     L.append(f"{len(REGISTRY)} registered metrics.")
+    L += ["", OVEROPTIMIZATION.rstrip("\n")]
     measured = _calibration_section()
     if measured:
         L += ["", measured.rstrip("\n")]
     return "\n".join(L) + "\n"
+
+
+# The over-optimization alarm (rlhf_ablate/ppo/overopt.py, rlhf_ablate/ppo/gold.py). The false-alarm rates are
+# measured by the command given (seconds); the tiny-model outcomes by tests/test_overopt_tiny.py.
+OVEROPTIMIZATION = """## Over-optimization (`ppo/gold/*`, per probe evaluation)
+
+Gao et al. (2022) showed that as PPO pushes a proxy reward up, a gold reward first rises and then falls, earlier for
+smaller reward models. With `ppo.gold` set, PPO scores a **probe set** at step 0 (the SFT policy) and every
+`ppo.gold_every` steps (and at the last step) by the proxy and by a **gold reward the policy never trained against**:
+
+- `ppo.gold: rm_gold`: an RM trained on a disjoint fold of the preference data (`rm.gold: disjoint`: a stable id
+  hash puts `rm.gold_fraction` of the RM training groups in the gold fold; the trial's RM and the ensemble train on
+  the rest; `rm.gold_max_steps` sets its training; its own seed). Stage `rm_gold` of the stage graph; its held-out
+  accuracy and Kendall tau are `rm_gold/pairwise_accuracy`, `rm_gold/kendall_tau`.
+- `ppo.gold: ensemble`: the mean of reward models 2..K of `rm.ensemble_size` K (other seeds, the same pairs; stage
+  `rm_ensemble`), when PPO optimises model 1 alone (`ppo.reward: single`).
+
+**The probe** is `ppo.gold_probe_size` PPO prompts held out from PPO's training prompts by a salted id hash
+(`data/splits.py: hold_out_probe`): never trained on, and not the eval prompts, because the alarm may stop a run and
+pick its checkpoint, and a choice made on the eval prompts would flatter the final eval metrics. Answers are sampled
+as in a rollout, with the same seed at every evaluation, from a forked random state (the rollouts' random numbers
+are untouched).
+
+| name (`ppo/` + ) | meaning |
+|---|---|
+| `gold/score` | mean gold score of the probe answers (gold RM units) |
+| `gold/score_se` | its standard error: sd of the per-prompt gold scores / sqrt(probe size) |
+| `gold/proxy` | mean proxy score (the reward PPO optimises, raw: before normalisation and the EOS penalty) |
+| `gold/spearman`, `gold/kendall` | rank correlation of proxy and gold over the probe answers (NaN if one is constant) |
+| `gold/kl` | summed per-token KL of the probe answers to the reference (nats per answer) |
+| `gold/response_len` | mean probe answer length (tokens) |
+| `gold/overoptimized` | 1 from the evaluation at which the alarm fired |
+
+They sit in the PPO history rows of the evaluated steps (a row with `step` 0 holds the SFT policy's), go to W&B
+with the other step stats and print on the live progress line. `overoptimization.json` in the PPO artifact and
+`overoptimization` in result.json hold the evaluations and the verdict: `onset_step`, `peak_step`, `detected_step`,
+`stopped`, `kept_step`, and the numbers of the rule in `detail`; `ppo/overopt_onset_step`, `ppo/overopt_peak_step`,
+`ppo/overopt_stopped`, `ppo/gold_score_first|peak|last` are in the trial's metrics.
+
+**The onset rule** (`rlhf_ablate/ppo/overopt.py: find_onset`). At evaluation i, let j be gold's running maximum (the
+first evaluation with the highest probe mean so far). Evaluation i is over-optimized when gold's mean fell from j by
+more than `ppo.gold_k` (k = 2.5) standard errors of the paired per-prompt differences (g_j - g_i over the probe
+prompts: a hard prompt is hard at both evaluations) **and** the proxy's probe mean is above its value at j. The alarm
+fires at the end of `ppo.gold_m` (m = 2) consecutive over-optimized evaluations; `onset_step` is the first of them,
+`peak_step` is j. `ppo.stop_on_overoptimization: true` ends PPO there and saves the policy of `peak_step` (the last
+good checkpoint, gold's maximum) as the stage's artifact, which eval then scores.
+
+**False alarms on flat curves** (measured, seed 0, 2000 simulated runs each; the paired statistic is scale-free, so
+only the number of evaluations and probe prompts matter, not the noise's size): 9 evaluations of 16 probe prompts
+(the shape of `sweeps/overoptimization.yaml`), flat gold, proxy rising (its condition always holds: the worst case):
+**2.8%** (+- 0.7%, 95% Monte Carlo); flat proxy: 1.25% (+- 0.5%). Without the m = 2 requirement (m = 1) the first
+is 23%; with k = 2, m = 2 it is 10%. Reproduce with
+`python -m rlhf_ablate.ppo.overopt --runs 2000 --evals 9 --prompts 16` (seconds; `--k`, `--m` for others).
+tests/test_overopt.py checks a known turn (onset within 4 evaluations after it, peak within 2, in >= 95% of runs),
+rising gold (no alarm in >= 99%) and the flat rate.
+
+**Ensemble rewards** (Coste et al. 2023): `ppo.reward: ensemble_mean | ensemble_min | ensemble_mean_minus_std`
+combines the raw scores of the `rm.ensemble_size` reward models per answer (mean, minimum, mean - population std)
+before the usual normalisation by the SFT policy's rewards; `single` is the trial's RM. The K - 1 extra reward LoRAs
+sit on PPO's shared base (models/memory.py counts them, `extra_rewards`).
+TINY_OUTCOMES
+"""
 
 
 # The measured calibration and power of the bold marks (issue 18): minutes of simulation, so it is generated by

@@ -21,8 +21,10 @@ from ..models import rm_base_path, score_texts, seq_cls_scorer
 from .common import TRAINER_DIR, clean_up, fit, load_for_training, save_trained, train_args
 
 
-# Seeds of the ensemble members: member k trains with seed + k * MEMBER_SEED_STRIDE (member 0 is the trial's RM).
+# Seeds of the ensemble members: member k trains with seed + k * MEMBER_SEED_STRIDE (member 0 is the trial's RM);
+# the gold RM with seed + GOLD_SEED_OFFSET, so that its score head does not start where the trial's RM's did.
 MEMBER_SEED_STRIDE = 1000
+GOLD_SEED_OFFSET = 500
 
 
 def rm_groups(cfg: TrialConfig, data, gold: bool = False) -> list:
@@ -41,7 +43,7 @@ def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path, *, member:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    seed = cfg.seed + member * MEMBER_SEED_STRIDE
+    seed = cfg.seed + (GOLD_SEED_OFFSET if gold else member * MEMBER_SEED_STRIDE)
     seed_everything(seed)
     r = cfg.rm
     if gold and r.gold_max_steps > 0:
@@ -74,7 +76,7 @@ def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path, *, member:
 
 
 def train_gold_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path) -> None:
-    """The gold RM of ``rm.gold=disjoint``: the gold fold, ``rm.gold_max_steps``, the trial's seed."""
+    """The gold RM of ``rm.gold=disjoint``: the gold fold, ``rm.gold_max_steps``, its own seed."""
     train_rm(cfg, data, sft_dir, out, gold=True)
 
 
