@@ -25,7 +25,7 @@ class GoldParams:
                 "disjoint fold of the preference data (needs rm.gold=disjoint); ensemble = the mean of ensemble "
                 "members 2..K (needs rm.ensemble_size >= 2 and ppo.reward=single).")
     gold_every: int = _f(1, "Score the probe prompts by proxy and gold every this many PPO steps (and at step 0).")
-    gold_probe_size: int = _f(16, "Probe prompts, held out from the PPO prompts (never trained on; not the eval "
+    gold_probe_size: int = _f(32, "Probe prompts, held out from the PPO prompts (never trained on; not the eval "
                                   "set, which the final metrics use).")
     gold_k: float = _f(2.5, "Onset rule: gold's fall from its running maximum must exceed this many paired standard "
                             "errors of the probe mean (rlhf_ablate/ppo/overopt.py).")
@@ -80,3 +80,14 @@ def validate_overoptimization(cfg: Any, source: str) -> None:
             f"would be judged by its own reward. Use ppo.gold=rm_gold with an ensemble reward.")
     if p.stop_on_overoptimization and p.gold == "none":
         bad("ppo.stop_on_overoptimization", "needs a gold signal: set ppo.gold (rm_gold or ensemble).")
+
+
+def uses_ensemble(cfg: Any) -> bool:
+    """PPO reads the RM ensemble's other members: for its reward (ppo.reward=ensemble_*) or as gold. Otherwise the
+    rm_ensemble stage does not run, whatever rm.ensemble_size says."""
+    return (cfg.method == "ppo" and cfg.rm.ensemble_size >= 2
+            and (cfg.ppo.reward != "single" or cfg.ppo.gold == "ensemble"))
+
+
+def uses_gold_rm(cfg: Any) -> bool:
+    return cfg.method == "ppo" and cfg.ppo.gold == "rm_gold"

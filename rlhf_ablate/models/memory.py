@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..config import BUILTIN_MODELS, ModelConfig, PPOConfig
+from ..config.overopt import uses_ensemble, uses_gold_rm
 from .builtin import _builtin_model_config
 from .loading import _explain_load_errors, _hub_kwargs, compute_dtype, resolve_base, trains_in_4bit
 from .lora import _is_linear_like, lora_target_modules, wants_gradient_checkpointing
@@ -346,8 +347,9 @@ def ppo_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
 
 
 def extra_reward_models(cfg: Any) -> int:
-    """Reward models PPO holds besides the trial's RM: rm.ensemble_size - 1 members, and the gold RM."""
-    return (cfg.rm.ensemble_size - 1 if cfg.rm.ensemble_size >= 2 else 0) + (cfg.ppo.gold == "rm_gold")
+    """Reward models PPO holds besides the trial's RM: rm.ensemble_size - 1 members, and the gold RM
+    (config/overopt.py: uses_ensemble, uses_gold_rm)."""
+    return (cfg.rm.ensemble_size - 1 if uses_ensemble(cfg) else 0) + int(uses_gold_rm(cfg))
 
 
 def with_peak(components: dict[str, float]) -> dict[str, float]:

@@ -89,7 +89,8 @@ class GoldProbe:
             self.onset = find_onset(self.evals, p.gold_k, p.gold_m)
         row = {**probe_summary(proxy, gold_l), "gold/kl": kl, "gold/response_len": mask.sum(1).float().mean().item(),
                "gold/overoptimized": float(self.onset is not None)}
-        self.rows.append({"step": step, **row})
+        # Per-prompt scores kept in overoptimization.json (not the history), so the rule can be rerun on a record.
+        self.rows.append({"step": step, **row, "gold_per_prompt": gold_l, "proxy_per_prompt": proxy})
         return row
 
     def record(self, stopped: bool, n_steps: int, last_step: int) -> dict:

@@ -12,7 +12,9 @@ probe mean so far). Evaluation ``i`` is *over-optimized* when
 
 - gold fell beyond the probe's noise: ``mean(g_j) - mean(g_i) > k * SE``, where SE is the standard error of the
   mean of the per-prompt differences ``g_j - g_i`` (paired: a hard prompt is hard at both evaluations), and
-- the proxy kept rising: ``p_i > p_j``.
+- the proxy's trend is up: the least-squares slope of ``p_0..p_i`` over the steps is positive. (A trend rather than
+  ``p_i > p_j``: the probe mean of the proxy is noisy too, and one evaluation a hair below the peak's value would
+  otherwise reset the count while gold kept falling; measured on the tiny model, seed 1 of the bundled sweep.)
 
 The alarm fires at the first evaluation that closes a run of ``m`` consecutive over-optimized evaluations (defaults
 k = 2.5, m = 2). ``onset_step`` is the step of the first evaluation of that run (gold had fallen by then),
@@ -102,6 +104,16 @@ def drop_beyond_noise(peak: Evaluation, now: Evaluation, k: float = DEFAULT_K) -
     return drop > k * se and drop > 0, drop, se
 
 
+def proxy_slope(evals: Sequence[Evaluation]) -> float:
+    """Least-squares slope of the proxy's probe means against the steps (0 for fewer than two evaluations)."""
+    if len(evals) < 2:
+        return 0.0
+    x = np.array([e.step for e in evals], float)
+    y = np.array([e.proxy for e in evals], float)
+    x -= x.mean()
+    return float((x * (y - y.mean())).sum() / (x * x).sum()) if (x * x).sum() > 0 else 0.0
+
+
 def find_onset(evals: Sequence[Evaluation], k: float = DEFAULT_K, m: int = DEFAULT_M) -> Optional[dict]:
     """The onset rule (module docstring) over evaluations in step order: None, or ``{onset_step, peak_step,
     detected_step, gold_peak, gold_at_detection, drop, drop_se, proxy_peak, proxy_at_detection, k, m}``."""
@@ -114,7 +126,7 @@ def find_onset(evals: Sequence[Evaluation], k: float = DEFAULT_K, m: int = DEFAU
             peak, run = i, 0
             continue
         fell, drop, se = drop_beyond_noise(evals[peak], e, k)
-        run = run + 1 if fell and e.proxy > evals[peak].proxy else 0
+        run = run + 1 if fell and proxy_slope(evals[:i + 1]) > 0 else 0
         if run >= m:
             p = evals[peak]
             return {"onset_step": evals[i - m + 1].step, "peak_step": p.step, "detected_step": e.step,

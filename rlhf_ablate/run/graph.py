@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..config import METHOD_CONFIGS, TrialConfig, register_method_config
+from ..config.overopt import uses_ensemble, uses_gold_rm
 from ..config.schema import DPOConfig, GRPOConfig, PPOConfig, RLOOConfig
 from ..metrics import registry
 from ..models import memory
@@ -197,7 +198,7 @@ BEFORE = (
           memory.rm_bytes, trains=True, when=lambda cfg: cfg.rm.gold == "disjoint"),
     Stage("rm_ensemble", "rm", lambda cfg: ("sft",) if cfg.rm.init_from == "sft" else (),
           _rm_payload("ensemble"), _build_rm_ensemble, _ensemble_promises,
-          memory.rm_bytes, trains=True, when=lambda cfg: cfg.rm.ensemble_size >= 2),
+          memory.rm_bytes, trains=True, when=uses_ensemble),
     # The base model's greedy answers depend on the model, data and eval settings only (no seed): one artifact per
     # model and data; the trial's RM scores them in a small stage of its own.
     Stage("eval_base", "eval", lambda cfg: (), _eval_payload("base"), _build_eval_base,
@@ -258,8 +259,7 @@ def _train_ppo(c: Ctx, out: Path) -> None:
 
 def _ppo_reward_stages(cfg: TrialConfig) -> tuple[str, ...]:
     """The reward stages PPO reads besides the trial's RM: the ensemble's other members, the gold RM."""
-    return tuple(s for s, on in (("rm_ensemble", cfg.rm.ensemble_size >= 2 and cfg.method == "ppo"),
-                                 ("rm_gold", cfg.ppo.gold == "rm_gold")) if on)
+    return tuple(s for s, on in (("rm_ensemble", uses_ensemble(cfg)), ("rm_gold", uses_gold_rm(cfg))) if on)
 
 
 def _train_dpo(c: Ctx, out: Path) -> None:
