@@ -51,7 +51,8 @@ def run(which: str, seed: int, out: Path, cache) -> dict:
             "steps": [e["step"] for e in ev], "gold": [round(e["gold/score"], 3) for e in ev],
             "gold_se": [round(e["gold/score_se"], 3) for e in ev], "proxy": [round(e["gold/proxy"], 3) for e in ev],
             "kl": [round(e["gold/kl"], 2) for e in ev],
-            "rm_acc": r["metrics"].get("rm/pairwise_accuracy"), "gold_acc": r["metrics"].get("rm_gold/pairwise_accuracy")}
+            "rm_acc": r["metrics"].get("rm/pairwise_accuracy"),
+            "gold_acc": r["metrics"].get("rm_gold/pairwise_accuracy")}
 
 
 def main() -> None:

@@ -132,11 +132,19 @@ fires at the end of `ppo.gold_m` (m = 2) consecutive over-optimized evaluations;
 good checkpoint, gold's maximum) as the stage's artifact, which eval then scores.
 
 **False alarms on flat curves** (measured, seed 0, 2000 simulated runs each; the paired statistic is scale-free, so
-only the number of evaluations and probe prompts matter, not the noise's size): 9 evaluations of 16 probe prompts
-(the shape of `sweeps/overoptimization.yaml`), flat gold, proxy rising (its condition always holds: the worst case):
-**2.8%** (+- 0.7%, 95% Monte Carlo); flat proxy: 1.25% (+- 0.5%). Without the m = 2 requirement (m = 1) the first
-is 23%; with k = 2, m = 2 it is 10%. Reproduce with
-`python -m rlhf_ablate.ppo.overopt --runs 2000 --evals 9 --prompts 16` (seconds; `--k`, `--m` for others).
+only the number of evaluations and probe prompts matter, not the noise's size). 9 evaluations (step 0 and 8 more:
+the shape of `sweeps/overoptimization.yaml`), flat gold; proxy rising (its condition always holds: the worst case)
+or flat. +- is the 95% Monte Carlo interval.
+
+| probe prompts | k, m | proxy rising | proxy flat |
+|---|---|---|---|
+| 16 | 2.5, 2 (default) | 2.8% +- 0.7% | 1.25% +- 0.5% |
+| 32 (default size) | 2.5, 2 | 2.45% +- 0.7% | 0.95% +- 0.4% |
+| 48 (the bundled sweep) | 2.5, 2 | 1.5% +- 0.5% | 0.6% +- 0.3% |
+| 16 | 2.5, 1 | 23% +- 1.9% | 12.7% +- 1.5% |
+| 16 | 2.0, 2 | 10.3% +- 1.3% | 4.25% +- 0.9% |
+
+Reproduce with `python -m rlhf_ablate.ppo.overopt --runs 2000 --evals 9 --prompts 16` (seconds; `--k`, `--m`).
 tests/test_overopt.py checks a known turn (onset within 4 evaluations after it, peak within 2, in >= 95% of runs),
 rising gold (no alarm in >= 99%) and the flat rate.
 

@@ -63,6 +63,10 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and compute_dtype(cfg.model) == "float16")
     kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
               else ppo_math.FixedKLController(p.kl_coef))
+    if p.gold != "none" and len(data.ppo_prompts) < 2 * p.gold_probe_size:
+        raise TrialFailed(f"ppo: ppo.gold_probe_size={p.gold_probe_size} holds out that many PPO prompts for the gold "
+                          f"probe, but the data has {len(data.ppo_prompts)} (fewer than twice as many); lower "
+                          f"ppo.gold_probe_size or raise data.max_ppo_prompts")
     train_rows, probe_rows = (hold_out_probe(data.ppo_prompts, p.gold_probe_size, cfg.data.split_seed)
                               if p.gold != "none" else (data.ppo_prompts, []))
     prompts = [x.prompt for x in train_rows]
@@ -154,7 +158,9 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
                                        "reward_shared": roles.reward_shared,
                                        "value_from_reward": roles.value_from_reward,
                                        "gradient_checkpointing": roles.plan.gradient_checkpointing,
-                                       "reward_norm": normalizer.state() if normalizer is not None else None})
+                                       "reward_norm": normalizer.state() if normalizer is not None else None,
+                                       "reward": p.reward, "extra_rewards": sorted(roles.extra_heads)
+                                       + sorted(roles.extra_models)})
     last = history[-1]
     write_json(out / "metrics.json", {
         "ppo/objective/kl": last["objective/kl"], "ppo/objective/scores": last["objective/scores"],

@@ -62,8 +62,9 @@ def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path, *, member:
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     history = fit(trainer, cfg)
     kind = save_trained(trainer.model, tok, out, r.lora_rank)
+    fold = ("gold" if gold else "proxy") if r.gold != "none" else "all"
     write_json(out / "rm_info.json", {"kind": kind, "init_from": r.init_from, "train_pairs": len(rows),
-                                      "seed": seed, "fold": ("gold" if gold else "proxy") if r.gold != "none" else "all"})
+                                      "seed": seed, "fold": fold})
     write_json(out / "history.json", history)
     m, records = evaluate_rm(cfg, trainer.model, tok, data.rm_eval)
     m["rm/train_pairs"] = len(rows)

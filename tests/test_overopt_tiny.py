@@ -1,0 +1,63 @@
+"""The over-optimization alarm on the built-in tiny model and the bundled Korean data: it fires where a weak proxy
+RM is pushed hard (rlhf_ablate/sweeps/overoptimization.yaml) and stays quiet at PPO's default settings with the same
+reward models. The configurations are benchmarks/bench_overopt_tiny.py's, which measured the outcome over seeds
+0, 1 and 2 (docs/metrics.md, "Over-optimization", states what it saw); these tests run seed 0. One SFT model and
+one pair of proxy and gold RMs serve both tests (the stage cache of a session fixture)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def overopt_bench(builtin_cache, tmp_path_factory):
+    from rlhf_ablate.run.cache import StageCache
+
+    spec = importlib.util.spec_from_file_location("bench_overopt_tiny", ROOT / "benchmarks" / "bench_overopt_tiny.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path_factory.mktemp("overopt")
+    return bench, out, StageCache(out / "stages")
+
+
+def test_alarm_fires_on_a_weak_proxy_and_stops_at_the_last_good_checkpoint(overopt_bench):
+    """Measured (seeds 0, 1, 2; benchmarks/bench_overopt_tiny.py): THRESHOLDS. With
+    ppo.stop_on_overoptimization the run ends at the detection and keeps the policy of gold's maximum."""
+    from rlhf_ablate.run.trial import run_trial
+
+    bench, out, cache = overopt_bench
+    cfg = bench.config("fire", 0).replace(**{"ppo.stop_on_overoptimization": True})
+    r = run_trial(cfg, out / "runs", cache=cache)
+    assert r["status"] == "ok", r.get("error")
+    o = r["overoptimization"]
+    assert o["onset_step"] is not None, [e["gold/score"] for e in o["evaluations"]]
+    assert 2 <= o["peak_step"] < o["onset_step"] <= o["detected_step"] <= 16
+    d = o["detail"]
+    assert d["gold_peak"] - d["gold_at_detection"] > 2.5 * d["drop_se"] > 0
+    # Stopped at the detection; the artifact is the policy of gold's maximum, which eval then scored.
+    assert o["stopped"] and o["kept_step"] == o["peak_step"]
+    assert r["metrics"]["ppo/steps"] == o["detected_step"] < 16
+    assert r["history"]["ppo"][-1]["step"] == o["detected_step"]
+    assert r["history"]["ppo"][-1]["gold/overoptimized"] == 1.0
+    assert "ppo/rougeL" in r["metrics"]
+    # Every name it reports (metrics, the gold/* step stats that go to W&B) is in the metric registry.
+    from rlhf_ablate.metrics.registry import known_metric
+
+    unknown = [k for k in r["metrics"] if not known_metric(k)]
+    unknown += [f"ppo/{k}" for row in r["history"]["ppo"] for k in row if k != "step" and not known_metric(f"ppo/{k}")]
+    assert not unknown, unknown
+    assert r["history"]["ppo"][0]["step"] == 0 and "gold/score" in r["history"]["ppo"][0]
+
+
+def test_alarm_stays_quiet_at_default_ppo_settings(overopt_bench):
+    """The same SFT model, proxy and gold RMs; PPO at learning rate 5e-4 and KL coefficient 0.1 for 16 steps."""
+    bench, out, cache = overopt_bench
+    row = bench.run("quiet", 0, out, cache)
+    assert row["status"] == "ok", row["error"]
+    assert row["onset_step"] is None, row
+    assert len(row["gold"]) == 9   # step 0 and every 2 steps
