@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,3 +201,24 @@ def test_report_lists_and_marks_the_affected_trials(tmp_path):
     assert fired.split("</div>", 1)[0].count("fired at step 6") == 1
     quiet = page[page.index('id="alarm-trial-tquiet"'):]
     assert "Over-optimization alarm: quiet." in quiet.split("</section>", 1)[0]
+
+
+def test_progress_line_shows_proxy_gold_and_the_alarm():
+    """The live line of a probed step shows gold, proxy, their rank correlation, KL and length (and the alarm);
+    an unprobed step between the every-10% lines stays silent."""
+    from types import SimpleNamespace
+
+    from rlhf_ablate.config.sweep import load_sweep
+    from rlhf_ablate.config.sweep_files import BUNDLED_DIR
+    from rlhf_ablate.launch.progress import LiveLines
+
+    spec = load_sweep(BUNDLED_DIR / "overoptimization.yaml")
+    lines = LiveLines(spec, Path("."), 8, lookup=lambda *_: None)
+    trial = SimpleNamespace(trial_id="tabcdef1234", index=0, axes={"ppo.reward": "single"}, seed=0)
+    ev = {"stage": "ppo", "step": 6, "steps": 100, "ppo/objective/scores": 0.5, "ppo/objective/kl": 3.0,
+          "ppo/gold/score": -0.25, "ppo/gold/proxy": 0.75, "ppo/gold/spearman": 0.5, "ppo/gold/kl": 4.0,
+          "ppo/gold/response_len": 12.0, "ppo/gold/overoptimized": 1.0}
+    line = lines.line(trial, ev)
+    assert "gold=-0.25" in line and "proxy=0.75" in line and "rho=0.5" in line and "OVER-OPTIMIZED" in line
+    quiet = {k: v for k, v in ev.items() if "gold" not in k} | {"step": 7}
+    assert lines.line(trial, quiet) is None

@@ -61,3 +61,25 @@ def test_alarm_stays_quiet_at_default_ppo_settings(overopt_bench):
     assert row["status"] == "ok", row["error"]
     assert row["onset_step"] is None, row
     assert len(row["gold"]) == 9   # step 0 and every 2 steps
+
+
+def test_ensemble_reward_trains_on_extra_adapters_of_the_shared_base(overopt_bench):
+    """ppo.reward=ensemble_mean_minus_std with rm.ensemble_size=2: the rm_ensemble stage trains member 2 (its own
+    seed, the proxy's fold), PPO holds it and the gold RM as frozen adapters beside the trial's RM, and the probe's
+    proxy is the combined reward."""
+    from rlhf_ablate.files import read_json
+    from rlhf_ablate.run.trial import run_trial
+
+    bench, out, cache = overopt_bench
+    cfg = bench.config("fire", 0).replace(**{"rm.ensemble_size": 2, "ppo.reward": "ensemble_mean_minus_std",
+                                             "ppo.total_episodes": 32, "ppo.gold_every": 1})
+    r = run_trial(cfg, out / "runs", cache=cache)
+    assert r["status"] == "ok", r.get("error")
+    assert list(r["timings"])[:4] == ["sft", "rm", "rm_gold", "rm_ensemble"]
+    ens = cache.path("rm", r["timings"]["rm_ensemble"]["key"])
+    member = read_json(ens / "members" / "1" / "rm_info.json")
+    assert member["seed"] == cfg.seed + 1000 and member["fold"] == "proxy"
+    info = read_json(cache.path("ppo", r["timings"]["ppo"]["key"]) / "ppo_info.json")
+    assert info["shared_base"] and info["reward_shared"] and info["extra_rewards"] == ["gold", "reward_1"]
+    assert info["reward"] == "ensemble_mean_minus_std"
+    assert [row["step"] for row in r["overoptimization"]["evaluations"]] == [0, 1, 2]
