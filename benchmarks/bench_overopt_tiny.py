@@ -6,9 +6,9 @@ Two configurations, both from the bundled sweep ``rlhf_ablate/sweeps/overoptimiz
 ``single``; the eval cut to 4 prompts):
 
 - ``fire``: the sweep as it is: a weak proxy RM (10% of the RM groups) pushed by PPO at learning rate 1e-2 with no
-  KL penalty for 16 steps, watched by a gold RM trained on the other 90%;
+  KL penalty for 32 steps, watched by a gold RM trained on the other 90% (probe every 4 steps);
 - ``quiet``: the same SFT model, proxy and gold RMs, with PPO at its defaults (learning rate 5e-4, KL coefficient
-  0.1): the policy moves little and gold should not fall.
+  0.1) for 16 steps (probe every 2): the policy moves little and gold should not fall.
 
 Prints, per configuration and seed, gold's probe means, the proxy's, the onset verdict and the seconds; writes
 benchmarks/results/overopt_tiny.json. tests/test_overopt_tiny.py asserts the outcome on seed 0 with the thresholds
@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "rlhf_ablate" / "sweeps" / "overoptimization.yaml"
 FAST = {"data.max_eval": 4, "eval.max_new_tokens": 6, "rm.ensemble_size": 1, "ppo.reward": "single"}
-QUIET = {"ppo.learning_rate": 5e-4, "ppo.kl_coef": 0.1, "ppo.kl_stop": 50.0}
+QUIET = {"ppo.learning_rate": 5e-4, "ppo.kl_coef": 0.1, "ppo.kl_stop": 50.0, "ppo.total_episodes": 256,
+         "ppo.gold_every": 2}
 
 
 def config(which: str, seed: int):

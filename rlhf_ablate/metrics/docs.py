@@ -152,7 +152,24 @@ rising gold (no alarm in >= 99%) and the flat rate.
 combines the raw scores of the `rm.ensemble_size` reward models per answer (mean, minimum, mean - population std)
 before the usual normalisation by the SFT policy's rewards; `single` is the trial's RM. The K - 1 extra reward LoRAs
 sit on PPO's shared base (models/memory.py counts them, `extra_rewards`).
-TINY_OUTCOMES
+
+**On the tiny model** (measured with `python benchmarks/bench_overopt_tiny.py --seeds 2 1 0`, 2 busy CPU cores,
+one torch thread; gold's probe means at steps 0, 4, ..., 32). `fire` is `sweeps/overoptimization.yaml` with
+`ppo.reward: single`: a proxy RM on 10% of the RM groups (10 steps; held-out accuracy 0.60-0.70) pushed at learning
+rate 1e-2 without a KL penalty, a gold RM on the other 90% (40 steps; 0.71-0.74). `quiet` is the same SFT model and
+RMs with PPO at its defaults (learning rate 5e-4, KL coefficient 0.1) for 16 steps.
+
+| run | seed 0 | seed 1 | seed 2 |
+|---|---|---|---|
+| fire | quiet: gold -1.43 → -1.11 → ... -1.83 (step 16) → -1.25, the proxy falling with it at step 16 | quiet: gold rose with the proxy (-0.76 → -0.07; proxy -0.01 → 0.90) | **fired**: gold -0.45 → 0.19 (step 8) → -0.38 ... -0.51, proxy -0.20 → -0.03; onset step 20, detected 24, KL 77-93 nats |
+| quiet | quiet (gold -1.43 → -1.27, its maximum -1.06 at step 14) | quiet (gold -0.76 → -0.18) | quiet (gold -0.45 → 0.38) |
+
+So on the tiny model a gold turn beyond the probe's noise happens in some seeds, not all: the proxy and gold RMs,
+both trained from the same SFT model on the same kind of pairs, mostly agree, and at this learning rate the policy
+oscillates (KL jumps between 20 and 90 nats). A stronger gold RM (150 steps) rose with the proxy in the seeds tried.
+tests/test_overopt_tiny.py runs `fire` at seed 2 (and asserts its measured peak, onset and detection steps, with
+`ppo.stop_on_overoptimization` keeping the policy of step 8) and `quiet` at seed 2 (no alarm); a change to PPO's
+numerics moves these trajectories, and the test then shows the gold curve it saw.
 """
 
 
