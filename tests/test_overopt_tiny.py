@@ -24,7 +24,11 @@ def overopt_bench(builtin_cache, tmp_path_factory):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path_factory.mktemp("overopt")
-    return bench, out, StageCache(out / "stages")
+    cache = StageCache(out / "stages")
+    # The quiet run builds what every test here shares (SFT, the proxy and gold RMs, the base and SFT evals), so
+    # each test's own time is its PPO run.
+    quiet = bench.run("quiet", FIRE_SEED, out, cache)
+    return bench, out, cache, quiet
 
 
 def test_alarm_fires_on_a_weak_proxy_and_stops_at_the_last_good_checkpoint(overopt_bench):
@@ -34,7 +38,7 @@ def test_alarm_fires_on_a_weak_proxy_and_stops_at_the_last_good_checkpoint(overo
     ppo.stop_on_overoptimization the run ends at the detection and keeps the policy of gold's maximum."""
     from rlhf_ablate.run.trial import run_trial
 
-    bench, out, cache = overopt_bench
+    bench, out, cache, _ = overopt_bench
     cfg = bench.config("fire", FIRE_SEED).replace(**{"ppo.stop_on_overoptimization": True})
     r = run_trial(cfg, out / "runs", cache=cache)
     assert r["status"] == "ok", r.get("error")
@@ -60,8 +64,7 @@ def test_alarm_fires_on_a_weak_proxy_and_stops_at_the_last_good_checkpoint(overo
 
 def test_alarm_stays_quiet_at_default_ppo_settings(overopt_bench):
     """The same SFT model, proxy and gold RMs; PPO at learning rate 5e-4 and KL coefficient 0.1 for 16 steps."""
-    bench, out, cache = overopt_bench
-    row = bench.run("quiet", FIRE_SEED, out, cache)
+    row = overopt_bench[3]
     assert row["status"] == "ok", row["error"]
     assert row["onset_step"] is None, row
     assert len(row["gold"]) == 9   # step 0 and every 2 steps
@@ -74,7 +77,7 @@ def test_ensemble_reward_trains_on_extra_adapters_of_the_shared_base(overopt_ben
     from rlhf_ablate.files import read_json
     from rlhf_ablate.run.trial import run_trial
 
-    bench, out, cache = overopt_bench
+    bench, out, cache, _ = overopt_bench
     cfg = bench.config("fire", FIRE_SEED).replace(**{"rm.ensemble_size": 2, "ppo.reward": "ensemble_mean_minus_std",
                                              "ppo.total_episodes": 32, "ppo.gold_every": 1})
     r = run_trial(cfg, out / "runs", cache=cache)
