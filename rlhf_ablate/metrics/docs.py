@@ -118,7 +118,8 @@ are untouched).
 | `gold/overoptimized` | 1 from the evaluation at which the alarm fired |
 
 They sit in the PPO history rows of the evaluated steps (a row with `step` 0 holds the SFT policy's), go to W&B
-with the other step stats and print on the live progress line. `overoptimization.json` in the PPO artifact and
+with the other step stats and print on the live progress line (step 0: history and `overoptimization.json` only,
+so that a scheduler never sees a step 0). `overoptimization.json` in the PPO artifact and
 `overoptimization` in result.json hold the evaluations and the verdict: `onset_step`, `peak_step`, `detected_step`,
 `stopped`, `kept_step`, and the numbers of the rule in `detail`; `ppo/overopt_onset_step`, `ppo/overopt_peak_step`,
 `ppo/overopt_stopped`, `ppo/gold_score_first|peak|last` are in the trial's metrics.
