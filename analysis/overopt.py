@@ -45,8 +45,9 @@ def _row(t: TrialResult) -> list[str]:
 HEADER = ["trial", "axes", "seed", "gold", "ppo.reward", "gold peak step", "onset step", "detected at",
           "gold (peak → detection)", "proxy (peak → detection)", "stopped, kept"]
 RULE = ("The rule (rlhf_ablate/ppo/overopt.py; docs/metrics.md, \"Over-optimization\"): on a fixed probe of held-out "
-        "prompts, gold fell below its running maximum by more than k paired standard errors while the proxy stayed "
-        "above its value at that maximum, for m consecutive evaluations; the onset step is the first of them.")
+        "prompts, gold fell below its running maximum by more than k paired standard errors while the proxy's "
+        "trend was up (least-squares slope over the evaluations so far), for m consecutive evaluations; the onset "
+        "step is the first of them.")
 
 
 def summary_line(run: RunResults) -> Optional[str]:

@@ -150,6 +150,11 @@ def plot_frontier(run: RunResults, out: Path) -> Optional[Plot]:
             if len(sub) > 1:  # mean over seeds, as a cross
                 ax.scatter([xs.mean()], [ys.mean()], color=colors[c], marker="X", s=120, edgecolor="black",
                            linewidth=0.8, zorder=3)
+    over = [(t, kl, r) for t, _m, kl, r in pts if _finite((t.overoptimization or {}).get("onset_step"))]
+    if over:  # the over-optimization alarm fired in these trials (analysis/overopt.py): a red ring around each
+        ax.scatter(np.sqrt(np.maximum([kl for _, kl, _ in over], 0.0)), [r for *_, r in over], s=160,
+                   facecolors="none", edgecolors="#c0392b", linewidth=1.5, zorder=4,
+                   label=f"over-optimization alarm fired ({len(over)} trials)")
     ax.set_xlabel("√(KL to reference)  [√nats]")
     ax.set_ylabel("RM reward of the policy's answers (mean)")
     ax.set_title("보상 대 √KL: 시행마다 한 점\nReward vs √KL, one point per trial", fontsize=10)
@@ -161,6 +166,9 @@ def plot_frontier(run: RunResults, out: Path) -> Optional[Plot]:
            "reward against √KL).")
     if clipped:
         cap += f" {clipped} negative KL estimate(s) plotted at 0."
+    if over:
+        cap += (f" Red rings: the {len(over)} trial(s) whose over-optimization alarm fired (gold fell while the proxy "
+                "rose; the section of that name).")
     cap += " Each trial's reward is scored by its own reward model (one per seed; RM units differ between RMs)."
     rm_by_seed: dict = {}
     for t, *_ in pts:

@@ -181,7 +181,7 @@ def test_report_lists_and_marks_the_affected_trials(tmp_path):
                    "proxy_peak": 0.6, "proxy_at_detection": 1.4, "drop": 1.8, "drop_se": 0.3, "k": 2.5, "m": 2}
                   if onset else None)
         p = write_result(tmp_path, tid, axes={"ppo.reward": reward}, seed=0, history={"ppo": hist},
-                         metrics={"ppo/rougeL": 0.2})
+                         metrics={"ppo/rougeL": 0.2, "ppo/kl_to_ref": 4.0, "ppo/reward_mean": 0.5})
         res = json.loads(p.read_text(encoding="utf-8"))
         res["overoptimization"] = {"gold": "rm_gold", "reward": reward, "probe_size": 16, "every": 1, "k": 2.5,
                                    "m": 2, "onset_step": onset, "peak_step": 3 if onset else None,
@@ -196,6 +196,7 @@ def test_report_lists_and_marks_the_affected_trials(tmp_path):
     assert "tfired" in section.split("##")[1] and "tquiet" not in section.split("##")[1]
     assert "yes, policy of step 3" in section
     assert "Dashed lines: the over-optimization onset of 1 trial(s)" in md
+    assert "Red rings: the 1 trial(s) whose over-optimization alarm fired" in md
     page = (out / "report.html").read_text(encoding="utf-8")
     fired = page[page.index('id="alarm-trial-tfired"'):]
     assert fired.split("</div>", 1)[0].count("fired at step 6") == 1
