@@ -60,6 +60,29 @@ def test_alarm_fires_on_a_weak_proxy_and_stops_at_the_last_good_checkpoint(overo
     unknown += [f"ppo/{k}" for row in r["history"]["ppo"] for k in row if k != "step" and not known_metric(f"ppo/{k}")]
     assert not unknown, unknown
     assert r["history"]["ppo"][0]["step"] == 0 and "gold/score" in r["history"]["ppo"][0]
+    # The saved adapter is the policy of the peak: answering the probe with it (same sampling seed) gives exactly the
+    # gold scores recorded at the peak's evaluation.
+    assert _rescore_probe(cfg, r, cache) == pytest.approx(
+        next(e for e in o["evaluations"] if e["step"] == o["peak_step"])["gold_per_prompt"], abs=1e-4)
+
+
+def _rescore_probe(cfg, r, cache) -> list[float]:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from rlhf_ablate.data import load_data
+    from rlhf_ablate.data.splits import hold_out_probe
+    from rlhf_ablate.ppo.gold import GoldProbe, reward_roles
+    from rlhf_ablate.ppo.roles import PPOModels
+
+    d = {s: cache.path(v["bucket"], v["key"]) for s, v in r["timings"].items() if isinstance(v, dict) and "key" in v}
+    roles = PPOModels(cfg, d["sft"], d["rm"], reward_roles(cfg, {"rm_gold": d["rm_gold"]}))
+    saved = load_file(str(d["ppo"] / "adapter" / "adapter_model.safetensors"))
+    set_peft_model_state_dict(roles.model, saved, adapter_name="policy")
+    _, probe_rows = hold_out_probe(load_data(cfg.data).ppo_prompts, cfg.ppo.gold_probe_size, cfg.data.split_seed)
+    probe = GoldProbe(cfg, [x.prompt for x in probe_rows])
+    probe.evaluate(roles, 0)
+    return probe.rows[-1]["gold_per_prompt"]
 
 
 def test_alarm_stays_quiet_at_default_ppo_settings(overopt_bench):
