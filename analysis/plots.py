@@ -150,6 +150,11 @@ def plot_frontier(run: RunResults, out: Path) -> Optional[Plot]:
             if len(sub) > 1:  # mean over seeds, as a cross
                 ax.scatter([xs.mean()], [ys.mean()], color=colors[c], marker="X", s=120, edgecolor="black",
                            linewidth=0.8, zorder=3)
+    over = [(t, kl, r) for t, _m, kl, r in pts if _finite((t.overoptimization or {}).get("onset_step"))]
+    if over:  # the over-optimization alarm fired in these trials (analysis/overopt.py): a red ring around each
+        ax.scatter(np.sqrt(np.maximum([kl for _, kl, _ in over], 0.0)), [r for *_, r in over], s=160,
+                   facecolors="none", edgecolors="#c0392b", linewidth=1.5, zorder=4,
+                   label=f"over-optimization alarm fired ({len(over)} trials)")
     ax.set_xlabel("√(KL to reference)  [√nats]")
     ax.set_ylabel("RM reward of the policy's answers (mean)")
     ax.set_title("보상 대 √KL: 시행마다 한 점\nReward vs √KL, one point per trial", fontsize=10)
@@ -161,6 +166,9 @@ def plot_frontier(run: RunResults, out: Path) -> Optional[Plot]:
            "reward against √KL).")
     if clipped:
         cap += f" {clipped} negative KL estimate(s) plotted at 0."
+    if over:
+        cap += (f" Red rings: the {len(over)} trial(s) whose over-optimization alarm fired (gold fell while the proxy "
+                "rose; the section of that name).")
     cap += " Each trial's reward is scored by its own reward model (one per seed; RM units differ between RMs)."
     rm_by_seed: dict = {}
     for t, *_ in pts:
@@ -311,9 +319,13 @@ def plot_length_bias(run: RunResults, out: Path) -> Optional[Plot]:
 
 
 def plot_ppo_curves(run: RunResults, out: Path) -> Optional[Plot]:
+    """Reward and KL per PPO step; with a gold probe (rlhf_ablate/ppo/gold.py) a third panel of gold's probe mean, and
+    a dashed line at each trial's over-optimization onset (analysis/overopt.py)."""
     axes = run.axis_names
-    keys = ("objective/scores", "objective/kl")
+    gold_keys = ("gold/score",)
+    keys = ("objective/scores", "objective/kl") + gold_keys
     series: dict[tuple, list[dict[str, list[tuple[float, float]]]]] = {}
+    onsets: dict[tuple, list[float]] = {}
     for t in run.ok_trials:
         hist = t.history.get("ppo")
         if _method(t) != "ppo" or not isinstance(hist, list) or not hist:
@@ -329,15 +341,24 @@ def plot_ppo_curves(run: RunResults, out: Path) -> Optional[Plot]:
                     run_curves[k].append((float(step), float(v)))
         if any(run_curves.values()):
             series.setdefault(_config(t, axes), []).append(run_curves)
+            s = (t.overoptimization or {}).get("onset_step")
+            if _finite(s):
+                onsets.setdefault(_config(t, axes), []).append(float(s))
     if not series:
         return None
     names = sorted(series, key=lambda n: tuple(_sort_key(v) for v in n))
     cols = dict(zip(names, _colors(len(names))))
-    fig = _figure(11.0, 4.2)
-    axs = fig.subplots(1, 2)
-    for ax, k, ylabel in zip(axs, keys, ("reward (objective/scores)", "KL to reference (objective/kl)")):
+    with_gold = any(rc["gold/score"] for runs in series.values() for rc in runs)
+    panels = [("objective/scores", "reward (objective/scores)"), ("objective/kl", "KL to reference (objective/kl)")]
+    if with_gold:
+        panels.append(("gold/score", "gold reward on the probe (gold/score)"))
+    fig = _figure(5.5 * len(panels), 4.2)
+    axs = fig.subplots(1, len(panels))
+    for ax, (k, ylabel) in zip(axs, panels):
         for name in names:
             runs = [rc[k] for rc in series[name] if rc[k]]
+            for x in onsets.get(name, []):
+                ax.axvline(x, color=cols[name], linestyle="--", linewidth=1.2, alpha=0.8)
             if not runs:
                 continue
             for pts in runs:
@@ -352,11 +373,17 @@ def plot_ppo_curves(run: RunResults, out: Path) -> Optional[Plot]:
         ax.legend(fontsize=7)
     axs[0].set_title("PPO 학습 중 보상 (reward during training)", fontsize=10)
     axs[1].set_title("PPO 학습 중 KL (KL during training)", fontsize=10)
+    if with_gold:
+        axs[2].set_title("골드 보상 (gold reward on held-out prompts)", fontsize=10)
     png, svg = _save(fig, out, "ppo_curves")
+    n_on = sum(len(v) for v in onsets.values())
     return Plot(png, "PPO training curves",
                 f"PPO training curves per {', '.join(axes) or 'configuration'}: mean over seeds (thick) and each seed "
                 "(thin). Rewards are in each trial's RM units (normalised by the SFT policy's reward in PPO)."
-                + _stopped_note(run), svg)
+                + (" Gold: the probe prompts' mean score by a reward the policy never trained against." if with_gold
+                   else "")
+                + (f" Dashed lines: the over-optimization onset of {n_on} trial(s) (gold fell while the proxy rose)."
+                   if n_on else "") + _stopped_note(run), svg)
 
 
 PLOTTERS = (plot_frontier, plot_rm_scores, plot_length_bias, plot_ppo_curves)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
+from . import overopt
 from .html import render_html
 from .plots import Plot, make_plots
 from .render import LEGEND, TEX_PREAMBLE_NOTE, to_csv, to_latex, to_markdown
@@ -99,6 +100,9 @@ def summary_lines(run: RunResults) -> list[str]:
         L.append("This sweep is incomplete: cells show n for the seeds that finished.")
     if len(run.seeds) == 1:
         L.append("One seed: every number is one training run, so no difference is tested and nothing is bold.")
+    alarm = overopt.summary_line(run)
+    if alarm:
+        L.append(alarm)
     return L
 
 
@@ -143,6 +147,7 @@ def render_markdown(rep: Report, formats: Iterable[str] = FORMATS) -> str:
             L.append(f"![{p.title}]({p.filename})" + (f" ([SVG]({p.svg}))" if p.svg else ""))
             L.append("")
             L.append(p.caption)
+    L += overopt.markdown_section(run)
     if stopped:
         L += ["", "## Stopped early (ASHA)", "",
               f"{len(stopped)} trial(s) were stopped by the early-stopping scheduler before their final eval, so "

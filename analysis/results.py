@@ -50,6 +50,7 @@ class TrialResult:
     sweep: Optional[str] = None
     index: Optional[int] = None
     metric_meta: dict = field(default_factory=dict)   # how metrics were computed: tokenizer, sacrebleu signatures
+    overoptimization: dict = field(default_factory=dict)   # PPO's gold probe and alarm (rlhf_ablate/ppo/gold.py)
 
     @property
     def ok(self) -> bool:
@@ -190,7 +191,7 @@ def _parse(data: Any, rel: str, problems: list[str]) -> Optional[TrialResult]:
         records=_obj("records"), timings=_obj("timings"),
         sweep=data.get("sweep") if isinstance(data.get("sweep"), str) else None,
         index=index if isinstance(index, int) and not isinstance(index, bool) else None,
-        metric_meta=_obj("metric_meta"))
+        metric_meta=_obj("metric_meta"), overoptimization=_obj("overoptimization"))
 
 
 def load_run(run_dir: str | Path) -> RunResults:

@@ -108,7 +108,8 @@ def test_cli_override_parsing():
 # ---- sweep files ----------------------------------------------------------------------------------------
 
 EXPECTED_COUNTS = {"lora_rank": 6, "kl_coef": 6, "base_model": 4, "data_version": 4, "dpo_vs_ppo": 4, "method": 8,
-                   "full_grid": 36, "kanana_lora_rank": 6, "gpu_recommended": 9, "smoke": 1}
+                   "full_grid": 36, "kanana_lora_rank": 6, "gpu_recommended": 9, "smoke": 1,
+                   "overoptimization": 12}
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..files import config_hash
 from . import fields
 from .fields import build_dataclass, flatten, help_field as _f, suggest
+from .overopt import EnsembleParams, GoldParams, validate_overoptimization
 
 # Bump when a default below changes meaning, so trial ids (which hash the full config) move with it.
 # 2: the stage configs share their LoRA and training parts (DPO and RM gained weight_decay/warmup_ratio), and ids
@@ -105,14 +106,14 @@ class SFTConfig(TrainParams, LoraParams):
 
 
 @dataclass(frozen=True)
-class RMConfig(TrainParams, LoraParams):
+class RMConfig(EnsembleParams, TrainParams, LoraParams):
     init_from: Literal["sft", "base"] = _f(
         "sft", "Start the RM from the SFT model (shares PPO's base) or from the raw base model.")
     center_rewards_coefficient: float = _f(0.0, "TRL's auxiliary loss that centres rewards on zero.")
 
 
 @dataclass(frozen=True)
-class PPOConfig(LoraParams):
+class PPOConfig(GoldParams, LoraParams):
     lora_rank: int = _f(8, "Rank of the policy and value adapters; 0 = full copies (small models only).")
     # 5e-4 and kl_coef 0.1: at 1e-3 / 0.05 one seed in two of the tiny default trial collapsed into a repetition
     # loop that the RM over-scores (eval reward fell from 3.65 to 1.42); at 5e-4 / 0.1 both seeds rose (4.32 -> 5.53,
@@ -358,6 +359,7 @@ def validate(cfg: TrialConfig, source: str) -> None:
         bad("ppo.gamma", "and ppo.lam must lie in [0, 1].")
     if p.cliprange <= 0 or p.cliprange_value <= 0:
         bad("ppo.cliprange", "and ppo.cliprange_value must be > 0.")
+    validate_overoptimization(cfg, source)
     if cfg.dpo.beta <= 0:
         bad("dpo.beta", f"must be > 0, got {cfg.dpo.beta}.")
     if cfg.model.max_length < 16:

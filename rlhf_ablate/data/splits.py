@@ -51,3 +51,27 @@ def cap(records: list, n: int, seed: int) -> list:
         return list(records)
     chosen = set(sorted(range(len(records)), key=lambda i: (unit_hash(records[i].data_id, seed + 1), i))[:n])
     return [r for i, r in enumerate(records) if i in chosen]
+
+
+# Salts of the folds below, so that they are independent of the train/eval split and of the caps.
+PROBE_SALT, GOLD_FOLD_SALT = 7919, 104729
+
+
+def hold_out_probe(records: list, n: int, seed: int) -> tuple[list, list]:
+    """(kept, probe): the ``n`` records with the smallest id hash (salted) are PPO's gold probe set, the rest its
+    training prompts, each in file order. A function of ``data_id`` and ``data.split_seed`` only, so every trial
+    seed and every PPO setting of a sweep probes the same prompts. At least one record is always kept."""
+    n = min(n, len(records) - 1)
+    if n <= 0:
+        return list(records), []
+    chosen = set(sorted(range(len(records)), key=lambda i: (unit_hash(records[i].data_id, seed + PROBE_SALT), i))[:n])
+    return ([r for i, r in enumerate(records) if i not in chosen], [r for i, r in enumerate(records) if i in chosen])
+
+
+def gold_fold(groups: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(proxy, gold): RM training groups split by a salted id hash, ``fraction`` of them for the gold RM, so the
+    gold RM of ``rm.gold=disjoint`` never sees a pair the trial's RM was trained on."""
+    proxy, gold = [], []
+    for g in groups:
+        (gold if unit_hash(g.data_id, seed + GOLD_FOLD_SALT) < fraction else proxy).append(g)
+    return proxy, gold

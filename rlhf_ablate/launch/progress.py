@@ -71,11 +71,16 @@ class LiveLines:
         if "step" in result:
             step, steps = int(result["step"]), int(result.get("steps", 0) or 0)
             every = max(1, steps // 10)
-            if step % every and step != steps and step != 1:
-                return None
             keys = [self.metric] if self.metric in result else []
             keys += [k for k in KEY_METRICS if k in result and k not in keys]
             shown = " ".join(f"{k.split('/', 1)[-1]}={_fmt(result[k])}" for k in keys[:2])
+            if "ppo/gold/score" in result:  # the probe was scored at this step (rlhf_ablate/ppo/gold.py)
+                shown += (f" gold={_fmt(result['ppo/gold/score'])} proxy={_fmt(result['ppo/gold/proxy'])}"
+                          f" rho={_fmt(result.get('ppo/gold/spearman'))} kl={_fmt(result.get('ppo/gold/kl'))}"
+                          f" len={_fmt(result.get('ppo/gold/response_len'))}"
+                          + (" OVER-OPTIMIZED" if result.get("ppo/gold/overoptimized") else ""))
+            elif step % every and step != steps and step != 1:
+                return None
             return f"{self.prefix(trial)} {stage} step {step}/{steps or '?'} {shown}"
         return None
 

@@ -79,10 +79,106 @@ def render_metrics_doc() -> str:
              + ", ".join(f"`{p}`" for p in TRAINING_STAT_PREFIXES))
     L.append("")
     L.append(f"{len(REGISTRY)} registered metrics.")
+    L += ["", OVEROPTIMIZATION.rstrip("\n")]
     measured = _calibration_section()
     if measured:
         L += ["", measured.rstrip("\n")]
     return "\n".join(L) + "\n"
+
+
+# The over-optimization alarm (rlhf_ablate/ppo/overopt.py, rlhf_ablate/ppo/gold.py). The false-alarm rates are
+# measured by the command given (seconds); the tiny-model outcomes by tests/test_overopt_tiny.py.
+OVEROPTIMIZATION = """## Over-optimization (`ppo/gold/*`, per probe evaluation)
+
+Gao et al. (2022) showed that as PPO pushes a proxy reward up, a gold reward first rises and then falls, earlier for
+smaller reward models. With `ppo.gold` set, PPO scores a **probe set** at step 0 (the SFT policy) and every
+`ppo.gold_every` steps (and at the last step) by the proxy and by a **gold reward the policy never trained against**:
+
+- `ppo.gold: rm_gold`: an RM trained on a disjoint fold of the preference data (`rm.gold: disjoint`: a stable id
+  hash puts `rm.gold_fraction` of the RM training groups in the gold fold; the trial's RM and the ensemble train on
+  the rest; `rm.gold_max_steps` sets its training; its own seed). Stage `rm_gold` of the stage graph; its held-out
+  accuracy and Kendall tau are `rm_gold/pairwise_accuracy`, `rm_gold/kendall_tau`.
+- `ppo.gold: ensemble`: the mean of reward models 2..K of `rm.ensemble_size` K (other seeds, the same pairs; stage
+  `rm_ensemble`), when PPO optimises model 1 alone (`ppo.reward: single`).
+
+**The probe** is `ppo.gold_probe_size` PPO prompts held out from PPO's training prompts by a salted id hash
+(`data/splits.py: hold_out_probe`): never trained on, and not the eval prompts, because the alarm may stop a run and
+pick its checkpoint, and a choice made on the eval prompts would flatter the final eval metrics. Answers are sampled
+as in a rollout, with the same seed at every evaluation, from a forked random state (the rollouts' random numbers
+are untouched).
+
+| name (`ppo/` + ) | meaning |
+|---|---|
+| `gold/score` | mean gold score of the probe answers (gold RM units) |
+| `gold/score_se` | its standard error: sd of the per-prompt gold scores / sqrt(probe size) |
+| `gold/proxy` | mean proxy score (the reward PPO optimises, raw: before normalisation and the EOS penalty) |
+| `gold/spearman`, `gold/kendall` | rank correlation of proxy and gold over the probe answers (NaN if one is constant) |
+| `gold/kl` | summed per-token KL of the probe answers to the reference (nats per answer) |
+| `gold/response_len` | mean probe answer length (tokens) |
+| `gold/overoptimized` | 1 from the evaluation at which the alarm fired |
+
+They sit in the PPO history rows of the evaluated steps (a row with `step` 0 holds the SFT policy's), go to W&B
+with the other step stats and print on the live progress line (step 0: history and `overoptimization.json` only,
+so that a scheduler never sees a step 0). `overoptimization.json` in the PPO artifact and
+`overoptimization` in result.json hold the evaluations and the verdict: `onset_step`, `peak_step`, `detected_step`,
+`stopped`, `kept_step`, and the numbers of the rule in `detail`; `ppo/overopt_onset_step`, `ppo/overopt_peak_step`,
+`ppo/overopt_stopped`, `ppo/gold_score_first|peak|last` are in the trial's metrics.
+
+**The onset rule** (`rlhf_ablate/ppo/overopt.py: find_onset`). At evaluation i, let j be gold's running maximum (the
+first evaluation with the highest probe mean so far). Evaluation i is over-optimized when gold's mean fell from j by
+more than `ppo.gold_k` (k = 2.5) standard errors of the paired per-prompt differences (g_j - g_i over the probe
+prompts: a hard prompt is hard at both evaluations) **and** the proxy's probe mean is above its value at j. The alarm
+fires at the end of `ppo.gold_m` (m = 2) consecutive over-optimized evaluations; `onset_step` is the first of them,
+`peak_step` is j. `ppo.stop_on_overoptimization: true` ends PPO there and saves the policy of `peak_step` (the last
+good checkpoint, gold's maximum) as the stage's artifact, which eval then scores.
+
+**False alarms on flat curves** (measured, seed 0, 2000 simulated runs each; the paired statistic is scale-free, so
+only the number of evaluations and probe prompts matter, not the noise's size). 9 evaluations (step 0 and 8 more:
+the shape of `sweeps/overoptimization.yaml`), flat gold; proxy rising (its condition always holds: the worst case)
+or flat. +- is the 95% Monte Carlo interval.
+
+| probe prompts | k, m | proxy rising | proxy flat |
+|---|---|---|---|
+| 16 | 2.5, 2 (default) | 2.8% +- 0.7% | 1.25% +- 0.5% |
+| 32 (default size) | 2.5, 2 | 2.45% +- 0.7% | 0.95% +- 0.4% |
+| 48 (the bundled sweep) | 2.5, 2 | 1.5% +- 0.5% | 0.6% +- 0.3% |
+| 16 | 2.5, 1 | 23% +- 1.9% | 12.7% +- 1.5% |
+| 16 | 2.0, 2 | 10.3% +- 1.3% | 4.25% +- 0.9% |
+
+Reproduce with `python -m rlhf_ablate.ppo.overopt --runs 2000 --evals 9 --prompts 16` (seconds; `--k`, `--m`).
+tests/test_overopt.py checks a known turn (onset within 4 evaluations after it, peak within 2, in >= 95% of runs),
+rising gold (no alarm in >= 99%) and the flat rate.
+
+**Ensemble rewards** (Coste et al. 2023): `ppo.reward: ensemble_mean | ensemble_min | ensemble_mean_minus_std`
+combines the raw scores of the `rm.ensemble_size` reward models per answer (mean, minimum, mean - population std)
+before the usual normalisation by the SFT policy's rewards; `single` is the trial's RM. The K - 1 extra reward LoRAs
+sit on PPO's shared base (models/memory.py counts them, `extra_rewards`).
+
+**On the tiny model** (measured with `python benchmarks/bench_overopt_tiny.py --seeds 2 1 0`, 2 busy CPU cores,
+one torch thread; gold's probe means at steps 0, 4, ..., 32). `fire` is `sweeps/overoptimization.yaml` with
+`ppo.reward: single`: a proxy RM on 10% of the RM groups (10 steps; held-out accuracy 0.60-0.70) pushed at learning
+rate 1e-2 without a KL penalty, a gold RM on the other 90% (40 steps; 0.71-0.74). `quiet` is the same SFT model and
+RMs with PPO at its defaults (learning rate 5e-4, KL coefficient 0.1) for 16 steps.
+
+| run | seed 0 | seed 1 | seed 2 |
+|---|---|---|---|
+| fire | quiet: gold -1.43 → -1.11 → ... -1.83 (step 16) → -1.25, the proxy falling with it at step 16 | quiet: gold rose with the proxy (-0.76 → -0.07; proxy -0.01 → 0.90) | **fired**: gold -0.45 → 0.19 (step 8) → -0.38 ... -0.51, proxy -0.20 → -0.03; onset step 20, detected 24, KL 77-93 nats |
+| quiet | quiet (gold -1.43 → -1.27, its maximum -1.06 at step 14) | quiet (gold -0.76 → -0.18) | quiet (gold -0.45 → 0.38) |
+
+So on the tiny model a gold turn beyond the probe's noise happens in some seeds, not all: the proxy and gold RMs,
+both trained from the same SFT model on the same kind of pairs, mostly agree, and at this learning rate the policy
+oscillates (KL jumps between 20 and 90 nats). A stronger gold RM (150 steps) rose with the proxy in the seeds tried.
+tests/test_overopt_tiny.py runs `fire` at seed 2 (and asserts its measured peak, onset and detection steps, with
+`ppo.stop_on_overoptimization` keeping the policy of step 8) and `quiet` at seed 2 (no alarm); a change to PPO's
+numerics moves these trajectories, and the test then shows the gold curve it saw.
+
+The whole bundled sweep (`python -m rlhf_ablate sweep overoptimization`: 4 rewards x seeds 0-2, 559 s on 2 busy
+CPU cores) fired in 5 of 12 trials: `single` 1 of 3 (seed 2, as above), `ensemble_mean` 1, `ensemble_min` 1,
+`ensemble_mean_minus_std` 2. So at these settings the ensembles did not hold the turn off. In one of the five
+(`ensemble_mean_minus_std`, seed 0: onset 8, detected 12) gold later rose far above its old maximum (-0.88 at step 4
+to 0.77 at step 32): the policy oscillates at this learning rate, and the rule, which sees only the evaluations so
+far, counted a deep transient dip as the onset; `ppo.stop_on_overoptimization` would have stopped that run early.
+"""
 
 
 # The measured calibration and power of the bold marks (issue 18): minutes of simulation, so it is generated by

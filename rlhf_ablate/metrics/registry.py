@@ -216,6 +216,8 @@ AUXILIARY_SUFFIXES: dict[str, tuple[str, ...]] = {
            "spearman_rho_ci_high", "spearman_rho_dropped", "length_bias_dropped", "n_groups", "n_pairs",
            "n_answers", "train_pairs"),
     "sft": ("train_loss_first", "train_loss_last", "train_examples"),
+    # The gold RM of ppo.gold=rm_gold, on the RM eval groups (rlhf_ablate/stages/rm.py: train_gold_rm).
+    "rm_gold": ("pairwise_accuracy", "kendall_tau", "separation_margin", "train_pairs"),
 }
 # What the compare stage reports for every method beside its win rates.
 _COMPARE_AUX = (tuple(f"{x}_vs_{o}" for o in ("sft", "base") for x in ("judge_win", "judge_tie", "judge_loss", "judge_n"))
@@ -275,9 +277,15 @@ PPO_STEP_SUFFIXES = (
     "objective/non_score_reward", "objective/rlhf_reward", "objective/kl_coef", "objective/eos_frac",
     "objective/stopped_frac", "objective/empty_frac", "objective/response_len", "policy/clipfrac",
     "policy/approx_kl", "val/clipfrac", "val/ratio", "val/ratio_var", "loss/policy", "loss/value", "grad_norm",
-    "time/generate", "time/score", "time/update")
+    "time/generate", "time/score", "time/update",
+    # The probe set, every ppo.gold_every steps (rlhf_ablate/ppo/overopt.py; docs/metrics.md, "Over-optimization").
+    "gold/score", "gold/score_se", "gold/proxy", "gold/spearman", "gold/kendall", "gold/kl", "gold/response_len",
+    "gold/overoptimized")
+# What PPO's stage writes about the alarm (rlhf_ablate/ppo/loop.py: overoptimization.json).
+PPO_OVEROPT_AUX = ("overopt_onset_step", "overopt_peak_step", "overopt_stopped", "gold_score_first", "gold_score_peak",
+                   "gold_score_last")
 _ONLINE_AUX = ("train_reward_first", "train_reward_last", "train_prompts")
-register_method("ppo", "PPO", auxiliary=("steps", "time_generate", "time_score", "time_update"),
+register_method("ppo", "PPO", auxiliary=("steps", "time_generate", "time_score", "time_update", *PPO_OVEROPT_AUX),
                 step_metrics=PPO_STEP_SUFFIXES)
 register_method("dpo", "DPO", auxiliary=("train_loss_last", "train_pairs"))
 register_method("grpo", "GRPO", auxiliary=_ONLINE_AUX)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..config import BUILTIN_MODELS, ModelConfig, PPOConfig
+from ..config.overopt import uses_ensemble, uses_gold_rm
 from .builtin import _builtin_model_config
 from .loading import _explain_load_errors, _hub_kwargs, compute_dtype, resolve_base, trains_in_4bit
 from .lora import _is_linear_like, lora_target_modules, wants_gradient_checkpointing
@@ -333,7 +334,22 @@ def compare_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
 
 
 def ppo_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
-    return _ppo_bytes(cfg, parts.shape, parts.w, parts.weights, parts.rm_weights, parts.dequant)
+    out = _ppo_bytes(cfg, parts.shape, parts.w, parts.weights, parts.rm_weights, parts.dequant)
+    extra = extra_reward_models(cfg)
+    if extra:
+        # The ensemble's other members and the gold RM (rlhf_ablate/ppo/roles.py): frozen fp32 adapters on the shared
+        # base when the trial's RM is one, else models of their own, like the trial's RM.
+        rm_shared = cfg.ppo.lora_rank > 0 and cfg.rm.lora_rank > 0 and cfg.rm.init_from == "sft"
+        one = (cfg.rm.lora_rank * parts.shape.lora_dims * 4 if rm_shared
+               else parts.rm_weights(cfg.model.quantization != "none" and cfg.rm.lora_rank > 0))
+        out["extra_rewards"] = extra * one
+    return out
+
+
+def extra_reward_models(cfg: Any) -> int:
+    """Reward models PPO holds besides the trial's RM: rm.ensemble_size - 1 members, and the gold RM
+    (config/overopt.py: uses_ensemble, uses_gold_rm)."""
+    return (cfg.rm.ensemble_size - 1 if uses_ensemble(cfg) else 0) + int(uses_gold_rm(cfg))
 
 
 def with_peak(components: dict[str, float]) -> dict[str, float]:

@@ -5,6 +5,11 @@ It follows Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO", 
 KL-penalised rewards -> GAE -> PPO epochs over minibatches -> stats. The math is in rlhf_ablate/ppo/math.py; the
 models behind the four roles are in rlhf_ablate/ppo/roles.py.
 
+Over-optimization (rlhf_ablate/ppo/gold.py, rlhf_ablate/ppo/overopt.py): with ``ppo.gold`` set, a probe set of
+held-out prompts is scored by the proxy and a gold reward at step 0 and every ``ppo.gold_every`` steps; the onset
+rule's verdict goes into the history (``gold/*``) and ``overoptimization.json``, and ``ppo.stop_on_overoptimization``
+ends the run at the onset with the policy of gold's maximum.
+
 Memory (issue 9): generation and the four scoring passes run ``plan.rollout_micro`` prompts at a time; the update runs
 ``plan.train_micro`` rollouts per forward/backward and accumulates gradients over a minibatch; log-probs exist only
 for response positions, reduced in float32 chunks; the policy's backward runs before the value's forward, so the
@@ -22,11 +27,13 @@ from typing import Callable, Optional
 import torch
 
 from ..config import PPOConfig, TrialConfig
+from ..data.splits import hold_out_probe
 from ..errors import TrialFailed
 from ..files import write_json
 from ..models import compute_dtype, enable_tf32
 from ..runtime import seed_everything, stage_hooks
 from . import math as ppo_math
+from .gold import GoldProbe, reward_roles
 from .roles import PPOModels
 from .rollout import build_batch, score_batch
 
@@ -40,11 +47,13 @@ def learning_rate(p: PPOConfig, step: int, n_steps: int) -> float:
 
 
 def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
-              on_step: Optional[Callable[[dict], None]] = None) -> None:
+              on_step: Optional[Callable[[dict], None]] = None,
+              extra_rm_dirs: Optional[dict[str, Path]] = None) -> None:
+    """``extra_rm_dirs``: the reward stages besides the trial's RM (``rm_ensemble``, ``rm_gold``) by stage name."""
     p = cfg.ppo
     seed_everything(cfg.seed)
     enable_tf32()
-    roles = PPOModels(cfg, sft_dir, rm_dir)
+    roles = PPOModels(cfg, sft_dir, rm_dir, reward_roles(cfg, extra_rm_dirs or {}))
     stage_hooks().model_ready(*roles.all_models())
     tok = roles.tokenizer
     dev = next(roles.model.parameters()).device
@@ -54,14 +63,24 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and compute_dtype(cfg.model) == "float16")
     kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
               else ppo_math.FixedKLController(p.kl_coef))
-    prompts = [x.prompt for x in data.ppo_prompts]
+    if p.gold != "none" and len(data.ppo_prompts) < 2 * p.gold_probe_size:
+        raise TrialFailed(f"ppo: ppo.gold_probe_size={p.gold_probe_size} holds out that many PPO prompts for the gold "
+                          f"probe, but the data has {len(data.ppo_prompts)} (fewer than twice as many); lower "
+                          f"ppo.gold_probe_size or raise data.max_ppo_prompts")
+    train_rows, probe_rows = (hold_out_probe(data.ppo_prompts, p.gold_probe_size, cfg.data.split_seed)
+                              if p.gold != "none" else (data.ppo_prompts, []))
+    prompts = [x.prompt for x in train_rows]
     if not prompts:
         raise TrialFailed("ppo: the data has no PPO prompts")
+    probe = GoldProbe(cfg, [x.prompt for x in probe_rows])
     g = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     n_steps = max(1, p.total_episodes // p.rollout_batch_size)
     normalizer = None
     history: list[dict] = []
+    if probe.due(0):  # the SFT policy: gold's first value, and the first checkpoint to go back to
+        history.append({"step": 0, **probe.evaluate(roles, 0)})
+    stopped = False
     t_gen = t_score = t_update = 0.0
     for step in range(1, n_steps + 1):
         lr = learning_rate(p, step, n_steps)
@@ -114,6 +133,9 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
                "objective/response_len": mask.sum(1).float().mean().item(),
                "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2}
         row.update(summarize(stats))
+        if probe.due(step, last=step == n_steps):
+            row.update(probe.evaluate(roles, step))
+            stopped = p.stop_on_overoptimization and probe.onset is not None
         history.append(row)
         if on_step is not None:
             on_step({"stage": "ppo", "step": step, "steps": n_steps,
@@ -124,18 +146,27 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
                               f"{p.kl_stop}; raise ppo.kl_coef or lower ppo.learning_rate")
         kl_ctl.update(mean_kl, p.rollout_batch_size)
         t_gen, t_score, t_update = t_gen + t1 - t0, t_score + t2 - t1, t_update + t3 - t2
+        if stopped:  # over-optimized: back to the policy of gold's maximum, the last good checkpoint
+            roles.load_policy_state(probe.best_state)
+            break
     stage_hooks().trained()
     roles.save_policy(out)
+    if p.gold != "none":
+        write_json(out / "overoptimization.json", probe.record(stopped, n_steps, history[-1]["step"]))
     write_json(out / "history.json", history)
     write_json(out / "ppo_info.json", {"kind": "adapter" if roles.shared else "model", "shared_base": roles.shared,
                                        "reward_shared": roles.reward_shared,
                                        "value_from_reward": roles.value_from_reward,
                                        "gradient_checkpointing": roles.plan.gradient_checkpointing,
-                                       "reward_norm": normalizer.state() if normalizer is not None else None})
+                                       "reward_norm": normalizer.state() if normalizer is not None else None,
+                                       "reward": p.reward, "extra_rewards": sorted(roles.extra_heads)
+                                       + sorted(roles.extra_models)})
     last = history[-1]
     write_json(out / "metrics.json", {
         "ppo/objective/kl": last["objective/kl"], "ppo/objective/scores": last["objective/scores"],
-        "ppo/steps": n_steps, "ppo/time_generate": t_gen, "ppo/time_score": t_score, "ppo/time_update": t_update})
+        "ppo/steps": last["step"], "ppo/time_generate": t_gen, "ppo/time_score": t_score,
+        "ppo/time_update": t_update, **probe.metrics(), **({"ppo/overopt_stopped": float(stopped)}
+                                                            if p.gold != "none" else {})})
 
 
 def ppo_update(roles: PPOModels, optimizer: torch.optim.Optimizer, b: dict, sc: dict, advantages: torch.Tensor,

@@ -9,6 +9,11 @@ merged SFT model is loaded once (4-bit when configured) and carries three LoRA a
 - ``reward``: the RM stage's adapter, loaded frozen, with its score head;
 - the reference is the base with adapters disabled, i.e. the SFT model.
 
+More reward models (the over-optimization alarm, rlhf_ablate/ppo/overopt.py): the other members of an RM ensemble
+(``reward_1``, ...) and a gold RM (``gold``) are frozen adapters with score heads on the same base, like ``reward``,
+or models of their own when ``reward`` is one. :meth:`PPOModels.proxy_scores` is the reward PPO optimises
+(``ppo.reward``), :meth:`PPOModels.scores` any one reward model's.
+
 Rank 0 (full fine-tune) keeps separate copies (policy, reference, value, reward); it is meant for small models. A
 reward model that was not trained on the SFT base (``rm.init_from=base``, or a full-rank RM) is loaded as its own
 model, since its adapter would not fit this base.
@@ -37,6 +42,7 @@ from ..models import (autocast, disable_dropout, enable_gradient_checkpointing, 
                       sampling_for,
                       last_token_index, load_rm, logical_param_count, position_ids, ppo_plan)
 from . import math as ppo_math
+from .overopt import combine_rewards
 
 
 def _body(model: nn.Module) -> nn.Module:
@@ -52,7 +58,8 @@ class PPOModels:
     """The four roles behind one interface. ``shared`` tells whether they sit on one base (counted by tests);
     ``plan`` is the PPO plan (rlhf_ablate/models/memory.py: ppo_plan) the loop and the memory estimate share."""
 
-    def __init__(self, cfg: TrialConfig, sft_dir: Path, rm_dir: Path):
+    def __init__(self, cfg: TrialConfig, sft_dir: Path, rm_dir: Path, extra_rms: Optional[dict[str, Path]] = None):
+        """``extra_rms``: more reward models by role name (``reward_1``..., ``gold``), each an RM artifact dir."""
         self.cfg = cfg
         sft_path = str(sft_dir / "model")
         rm_info = read_json(rm_dir / "rm_info.json")
@@ -106,7 +113,20 @@ class PPOModels:
         if not self.reward_shared:
             self.rm_model, _ = load_rm(cfg, rm_dir, sft_dir)
             self.rm_model.requires_grad_(False)
+        # The other reward models: adapters on the shared base when the trial's RM is one, else models of their own.
+        self.extra_heads: dict[str, nn.Linear] = {}
+        self.extra_models: dict[str, nn.Module] = {}
+        for name, d in (extra_rms or {}).items():
+            if self.reward_shared and read_json(d / "rm_info.json")["kind"] == "adapter":
+                head = nn.Linear(hidden_of(base), 1, bias=False)
+                head.weight.data.copy_(self._load_reward_adapter(d / "adapter", name))
+                self.extra_heads[name] = head.requires_grad_(False)
+            else:
+                self.extra_models[name] = load_rm(cfg, d, sft_dir)[0].requires_grad_(False)
+        self.proxy_members = ["reward", *sorted(n for n in (extra_rms or {}) if n.startswith("reward_"))]
         dev = next(self.model.parameters()).device
+        for head in self.extra_heads.values():
+            head.to(dev)
         self.value_head.to(dev)
         if self.reward_head is not None:
             self.reward_head.to(dev)
@@ -115,12 +135,12 @@ class PPOModels:
         self.train(True)
 
     def all_models(self) -> list[nn.Module]:
-        return [m for m in (self.model, self.ref_model, self.value_model, getattr(self, "rm_model", None))
-                if m is not None]
+        return [m for m in (self.model, self.ref_model, self.value_model, getattr(self, "rm_model", None),
+                            *getattr(self, "extra_models", {}).values()) if m is not None]
 
     # ---- adapters -----------------------------------------------------------------------------------------
-    def _load_reward_adapter(self, adapter_dir: Path) -> torch.Tensor:
-        """Add the RM's LoRA as adapter 'reward' and return its score-head weight. The RM was a
+    def _load_reward_adapter(self, adapter_dir: Path, name: str = "reward") -> torch.Tensor:
+        """Add the RM's LoRA as adapter ``name`` and return its score-head weight. The RM was a
         *ForSequenceClassification with the same body, so its LoRA keys match this causal LM's body exactly."""
         import json
 
@@ -131,19 +151,19 @@ class PPOModels:
         lcfg = LoraConfig(r=acfg["r"], lora_alpha=acfg["lora_alpha"], target_modules=acfg["target_modules"],
                           lora_dropout=0.0, fan_in_fan_out=acfg.get("fan_in_fan_out", False), bias="none",
                           task_type="CAUSAL_LM")
-        self.model.add_adapter("reward", lcfg)
+        self.model.add_adapter(name, lcfg)
         sd = load_file(str(adapter_dir / "adapter_model.safetensors"))
         score = [k for k in sd if ".score." in k or k.endswith("score.weight")]
         if not score:
             raise TrialFailed(f"reward adapter {adapter_dir} has no score head weights (keys: {list(sd)[:5]}...)")
         score_w = sd[score[0]]
         lora = {k: v for k, v in sd.items() if "lora_" in k}
-        res = set_peft_model_state_dict(self.model, lora, adapter_name="reward")
+        res = set_peft_model_state_dict(self.model, lora, adapter_name=name)
         unexpected = getattr(res, "unexpected_keys", [])
         if unexpected:
             raise TrialFailed(f"reward adapter keys do not match the policy base: {unexpected[:3]}")
         for n, p in self.model.named_parameters():
-            if ".reward." in n:
+            if f".{name}." in n:
                 p.requires_grad_(False)
         return score_w.float()
 
@@ -234,19 +254,31 @@ class PPOModels:
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     @torch.no_grad()
-    def scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """RM score read at the last non-pad token, the rule of *ForSequenceClassification."""
+    def scores(self, ids: torch.Tensor, mask: torch.Tensor, name: str = "reward") -> torch.Tensor:
+        """A reward model's score (the trial's RM, or ``name`` of ``extra_rms``) read at the last non-pad token,
+        the rule of *ForSequenceClassification."""
         idx = last_token_index(ids, self.pad_id)
         rows = torch.arange(ids.shape[0], device=ids.device)
-        if self.reward_shared:
-            self._use("reward")
+        head = self.reward_head if name == "reward" else self.extra_heads.get(name)
+        if head is not None:
+            self._use(name)
             h = self._hidden(self.model, ids, mask)
-            out = self.reward_head(h[rows, idx].to(self.reward_head.weight.dtype)).squeeze(-1)
+            out = head(h[rows, idx].to(head.weight.dtype)).squeeze(-1)
             self._use("policy")
             return out.float()
+        model = self.rm_model if name == "reward" else self.extra_models[name]
         with autocast(self.cfg.model):
-            out = self.rm_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
         return out.logits.squeeze(-1).float()
+
+    @torch.no_grad()
+    def proxy_scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The reward PPO optimises: the trial's RM (``ppo.reward=single``) or the ensemble's raw scores combined
+        (rlhf_ablate/ppo/overopt.py: combine_rewards)."""
+        if self.cfg.ppo.reward == "single":
+            return self.scores(ids, mask)
+        members = torch.stack([self.scores(ids, mask, n) for n in self.proxy_members])
+        return combine_rewards(members, self.cfg.ppo.reward)
 
     def generate(self, prompts: list[str], max_new_tokens: Optional[int] = None, temperature: Optional[float] = None,
                  return_logprobs: bool = False) -> list[dict]:
@@ -266,6 +298,18 @@ class PPOModels:
         for m in (self.model, self.value_model, self.value_head):
             if m is not None:
                 m.train(mode)
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the policy's trainable weights (its adapter, or the whole model at rank 0): the checkpoint
+        ``ppo.stop_on_overoptimization`` goes back to."""
+        named = self.model.named_parameters()
+        return {n: p.detach().to("cpu", copy=True) for n, p in named if not self.shared or ".policy." in n}
+
+    def load_policy_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, v in state.items():
+                params[n].copy_(v.to(params[n].device))
 
     def save_policy(self, out: Path) -> None:
         if self.shared:

@@ -41,7 +41,8 @@ def build_batch(tokenizer, prompts: list[str], responses: list[dict], device) ->
 @torch.no_grad()
 def score_batch(roles, b: dict, temperature: float) -> dict:
     """The four no-grad passes over a rollout batch, ``roles.plan.rollout_micro`` rows at a time: the policy's and
-    the reference's log-probs of the response tokens, the values of the positions predicting them, the RM scores."""
+    the reference's log-probs of the response tokens, the values of the positions predicting them, the reward PPO
+    optimises (``roles.proxy_scores``)."""
     n, R = b["ids"].shape[0], b["resp"].shape[1]
     out: dict[str, list[torch.Tensor]] = {"old_logprobs": [], "ref_logprobs": [], "old_values": [], "raw_scores": []}
     for s in range(0, n, roles.plan.rollout_micro):
@@ -49,5 +50,5 @@ def score_batch(roles, b: dict, temperature: float) -> dict:
         out["old_logprobs"].append(roles.logprobs("policy", ids, attn, resp, temperature)[0])
         out["ref_logprobs"].append(roles.logprobs("ref", ids, attn, resp, temperature)[0])
         out["old_values"].append(roles.values(ids, attn, n_last=R))
-        out["raw_scores"].append(roles.scores(ids, attn))
+        out["raw_scores"].append(roles.proxy_scores(ids, attn))  # ppo.reward: the RM, or the ensemble combined
     return {k: torch.cat(v) for k, v in out.items()}

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..config import METHOD_CONFIGS, TrialConfig, register_method_config
+from ..config.overopt import uses_ensemble, uses_gold_rm
 from ..config.schema import DPOConfig, GRPOConfig, PPOConfig, RLOOConfig
 from ..metrics import registry
 from ..models import memory
@@ -75,6 +76,7 @@ class Method:
     memory: Optional[Callable[[TrialConfig, memory.Parts], dict]]   # required: a method without one is refused
     uses_rm: Callable[[TrialConfig], bool] = lambda _cfg: True   # the trial's RM is upstream of training
     payload: Callable[[TrialConfig], dict] = lambda _cfg: {}     # more configuration its key hashes
+    extra_upstream: Callable[[TrialConfig], tuple[str, ...]] = lambda _cfg: ()   # more stages its training reads
     auxiliary: tuple[str, ...] = ()              # metric suffixes its training writes to metrics.json
     step_metrics: tuple[str, ...] = ()           # per-step stats it reports (``<name>/<suffix>``)
 
@@ -88,6 +90,18 @@ def _common(cfg: TrialConfig) -> dict:
 
 def _section(name: str) -> Callable[[TrialConfig], dict]:
     return lambda cfg: {name: dataclasses.asdict(getattr(cfg, name))}
+
+
+def _rm_payload(role: str) -> Callable[[TrialConfig], dict]:
+    """An RM stage's key: the rm section without the keys that only another RM stage reads (so the trial's RM is
+    shared by every rm.ensemble_size and rm.gold_max_steps)."""
+    skip = {"trial": ("ensemble_size", "gold_max_steps"), "gold": ("ensemble_size",),
+            "ensemble": ("gold_max_steps",)}[role]
+
+    def payload(cfg: TrialConfig) -> dict:
+        rm = {k: v for k, v in dataclasses.asdict(cfg.rm).items() if k not in skip}
+        return {"rm": rm} if role == "trial" else {"rm": rm, "role": role}
+    return payload
 
 
 def _eval_payload(policy: str) -> Callable[[TrialConfig], dict]:
@@ -124,6 +138,23 @@ def _build_rm(c: Ctx, out: Path) -> None:
     train_rm(c.cfg, c.data, c.dirs["sft"] if c.cfg.rm.init_from == "sft" else None, out)
 
 
+def _build_rm_gold(c: Ctx, out: Path) -> None:
+    from ..stages.rm import train_gold_rm
+
+    train_gold_rm(c.cfg, c.data, c.dirs["sft"] if c.cfg.rm.init_from == "sft" else None, out)
+
+
+def _build_rm_ensemble(c: Ctx, out: Path) -> None:
+    from ..stages.rm import train_rm_ensemble
+
+    train_rm_ensemble(c.cfg, c.data, c.dirs["sft"] if c.cfg.rm.init_from == "sft" else None, out)
+
+
+def _ensemble_promises(cfg: TrialConfig) -> tuple[str, ...]:
+    files = _weights_of(lambda c: c.rm.lora_rank)(cfg) + ("rm_info.json",)
+    return ("ensemble.json",) + tuple(f"members/{k}/{f}" for k in range(1, cfg.rm.ensemble_size) for f in files)
+
+
 def _build_eval_base(c: Ctx, out: Path) -> None:
     from ..stages.evaluate import generate_base
 
@@ -156,9 +187,18 @@ BEFORE = (
     Stage("sft", "sft", lambda cfg: (), _section("sft"), _build_sft,
           lambda cfg: ("model/config.json", "model/model.safetensors", "metrics.json", "history.json"),
           memory.sft_bytes, trains=True, history=True),
-    Stage("rm", "rm", lambda cfg: ("sft",) if cfg.rm.init_from == "sft" else (), _section("rm"), _build_rm,
+    Stage("rm", "rm", lambda cfg: ("sft",) if cfg.rm.init_from == "sft" else (), _rm_payload("trial"), _build_rm,
           lambda cfg: _weights_of(lambda c: c.rm.lora_rank)(cfg) + ("rm_info.json", "metrics.json", "records.json"),
           memory.rm_bytes, trains=True, records_as="rm", history=True),
+    # Over-optimization (rlhf_ablate/ppo/overopt.py): a gold RM on a disjoint fold of the preference data, and the
+    # other members of an RM ensemble (other seeds, same pairs). One RM trained at a time: the RM's memory.
+    Stage("rm_gold", "rm", lambda cfg: ("sft",) if cfg.rm.init_from == "sft" else (),
+          _rm_payload("gold"), _build_rm_gold,
+          lambda cfg: _weights_of(lambda c: c.rm.lora_rank)(cfg) + ("rm_info.json", "metrics.json"),
+          memory.rm_bytes, trains=True, when=lambda cfg: cfg.rm.gold == "disjoint"),
+    Stage("rm_ensemble", "rm", lambda cfg: ("sft",) if cfg.rm.init_from == "sft" else (),
+          _rm_payload("ensemble"), _build_rm_ensemble, _ensemble_promises,
+          memory.rm_bytes, trains=True, when=uses_ensemble),
     # The base model's greedy answers depend on the model, data and eval settings only (no seed): one artifact per
     # model and data; the trial's RM scores them in a small stage of its own.
     Stage("eval_base", "eval", lambda cfg: (), _eval_payload("base"), _build_eval_base,
@@ -173,7 +213,7 @@ BEFORE = (
 
 
 def _method_stages(m: Method) -> tuple[Stage, ...]:
-    train = Stage(m.name, m.name, lambda cfg: ("sft", "rm") if m.uses_rm(cfg) else ("sft",),
+    train = Stage(m.name, m.name, lambda cfg: (("sft", "rm") if m.uses_rm(cfg) else ("sft",)) + m.extra_upstream(cfg),
                   lambda cfg: {**_section(m.name)(cfg), **m.payload(cfg)}, m.train,
                   lambda cfg: _weights_of(_method_rank)(cfg) + ("metrics.json",), m.memory, trains=True,
                   history=True)
@@ -213,7 +253,13 @@ def register_method(m: Method, *, builtin: bool = False) -> Method:
 def _train_ppo(c: Ctx, out: Path) -> None:
     from ..stages.ppo import train_ppo
 
-    train_ppo(c.cfg, c.data, c.dirs["sft"], c.dirs["rm"], out, on_step=c.on_step)
+    extra = {name: c.dirs[name] for name in _ppo_reward_stages(c.cfg)}
+    train_ppo(c.cfg, c.data, c.dirs["sft"], c.dirs["rm"], out, on_step=c.on_step, extra_rm_dirs=extra)
+
+
+def _ppo_reward_stages(cfg: TrialConfig) -> tuple[str, ...]:
+    """The reward stages PPO reads besides the trial's RM: the ensemble's other members, the gold RM."""
+    return tuple(s for s, on in (("rm_ensemble", uses_ensemble(cfg)), ("rm_gold", uses_gold_rm(cfg))) if on)
 
 
 def _train_dpo(c: Ctx, out: Path) -> None:
@@ -234,7 +280,7 @@ _reward_from_rm = lambda cfg: cfg.reward.type == "rm"  # noqa: E731
 # The built-in methods. Their config sections are fields of TrialConfig and their metric names are declared in the
 # metric registry (layers below this one, which every reader of metrics imports without the graph); registering
 # them here checks that the three agree.
-for _m in (Method("ppo", "PPO", PPOConfig, _train_ppo, memory.ppo_bytes),
+for _m in (Method("ppo", "PPO", PPOConfig, _train_ppo, memory.ppo_bytes, extra_upstream=_ppo_reward_stages),
            Method("dpo", "DPO", DPOConfig, _train_dpo, memory.dpo_bytes, uses_rm=lambda _cfg: False),
            Method("grpo", "GRPO", GRPOConfig, _train_online, memory.online_rl_bytes, uses_rm=_reward_from_rm,
                   payload=_reward_payload),

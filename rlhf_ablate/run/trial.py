@@ -86,6 +86,9 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
                              if s.records_as}
         result["history"] = {s.name: read_json(ctx.dirs[s.name] / "history.json") for s in stages
                              if s.history and (ctx.dirs[s.name] / "history.json").exists()}
+        overopt = ctx.dirs[cfg.method] / "overoptimization.json"  # the alarm's record (rlhf_ablate/ppo/gold.py)
+        if overopt.is_file():
+            result["overoptimization"] = read_json(overopt)
     except Exception as e:  # noqa: BLE001 - a trial failure is recorded, never raised: the sweep goes on
         result["status"] = "failed"
         result["error"] = error_record(type(e).__name__, str(e), stage)
