@@ -29,8 +29,8 @@ class GoldParams:
                                   "set, which the final metrics use).")
     gold_k: float = _f(2.5, "Onset rule: gold's fall from its running maximum must exceed this many paired standard "
                             "errors of the probe mean (rlhf_ablate/ppo/overopt.py).")
-    gold_m: int = _f(2, "Onset rule: for this many consecutive evaluations, with the proxy above its value at gold's "
-                        "maximum.")
+    gold_m: int = _f(2, "Onset rule: for this many consecutive evaluations, while the proxy's least-squares "
+                        "slope over the evaluations so far is positive.")
     stop_on_overoptimization: bool = _f(
         False, "Stop PPO at the onset and keep the policy of gold's maximum (the last good checkpoint) as the "
                "stage's artifact.")

@@ -23,12 +23,11 @@ from .overopt import EnsembleParams, GoldParams, validate_overoptimization
 # Bump when a default below changes meaning, so trial ids (which hash the full config) move with it.
 # 2: the stage configs share their LoRA and training parts (DPO and RM gained weight_decay/warmup_ratio), and ids
 #    hash rlhf_ablate.files.canonical_json.
-# 3: data.columns, data.evasive_sft/evasive_rm; v2's garbage, length_outliers and evasive rules changed meaning
-#    (issue 11).
+# 3: data.columns, data.evasive_sft/evasive_rm; v2's garbage, length_outliers and evasive rules changed meaning.
 # 4: model.compute_dtype defaults to "auto" (bf16 on a GPU that supports it, fp32 on the CPU); PPO's AdamW weight
 #    decay is 0 (torch's default 0.01 before), prompts are cut to ppo.max_prompt_length, dropout is off in every
 #    PPO role, rollouts stop at the template's next-turn header, and the value model starts from the reward model
-#    only when rank and alpha both match (issue 9).
+#    only when rank and alpha both match.
 CONFIG_VERSION = 4
 
 BUILTIN_MODELS = ("tiny-llama", "tiny-gpt2")
@@ -346,8 +345,7 @@ def validate(cfg: TrialConfig, source: str) -> None:
         if getattr(p, name) < 1:
             bad(f"ppo.{name}", f"must be >= 1, got {getattr(p, name)}.")
     if p.rollout_batch_size % p.mini_batch_size:
-        bad("ppo.mini_batch_size", f"({p.mini_batch_size}) must divide ppo.rollout_batch_size "
-            f"({p.rollout_batch_size}).")
+        bad("ppo.mini_batch_size", f"({p.mini_batch_size}) must divide ppo.rollout_batch_size ({p.rollout_batch_size})")
     if p.mini_batch_size % p.grad_accum:
         bad("ppo.grad_accum", f"({p.grad_accum}) must divide ppo.mini_batch_size ({p.mini_batch_size}), so that "
             f"every forward/backward pass sees the same number of rollouts.")
