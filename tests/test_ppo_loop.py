@@ -31,11 +31,8 @@ def llama(arch_trials):
 
 
 def _roles(llama, **overrides):
-    from rlhf_ablate.ppo.roles import PPOModels
-
     at, r = llama
-    cfg = at.config(FAMILY, "none", **overrides)
-    return cfg, PPOModels(cfg, at.stage_dir(r, "sft"), at.stage_dir(r, "rm"))
+    return at.ppo_models(FAMILY, r, **overrides)
 
 
 def _rollout(cfg, roles, n: int = 8):

@@ -12,10 +12,14 @@ from ..data.prompting import format_prompt, normalize
 from ..files import write_json
 from ..runtime import seed_everything
 from ..models import rm_base_path, score_texts, seq_cls_scorer
-from .common import TRAINER_DIR, clean_up, fit, load_for_training, save_trained, train_args
+from .common import TRAINER_DIR, adaptive_trl_stage, clean_up, fit, load_for_training, save_trained, train_args
 
 
 def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path) -> None:
+    adaptive_trl_stage("rm", cfg.rm, out, lambda b, ga: _train_rm(cfg, data, sft_dir, out, (b, ga)))
+
+
+def _train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path, micro: tuple[int, int]) -> None:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -24,7 +28,7 @@ def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path) -> None:
     rows = [{"prompt": format_prompt(p.prompt), "chosen": normalize(p.chosen), "rejected": normalize(p.rejected)}
             for g in data.rm_train for p in g.pairs()]
     r = cfg.rm
-    args = RewardConfig(**train_args(r, out / TRAINER_DIR, cfg.seed, cfg.model),
+    args = RewardConfig(**train_args(r, out / TRAINER_DIR, cfg.seed, cfg.model, micro),
                         max_length=cfg.model.max_length,
                         center_rewards_coefficient=r.center_rewards_coefficient or None)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
