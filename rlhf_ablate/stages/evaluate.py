@@ -30,7 +30,8 @@ from ..files import read_json, write_json
 from ..metrics.registry import compute_stage_metrics
 from ..ppo.math import token_logprobs
 from ..ppo.rollout import build_batch
-from ..runtime import adapt_micro_batch, seed_everything
+from ..models.memory import EVAL_GENERATE_MICRO, EVAL_SCORE_MICRO
+from ..runtime import adapt_micro_batch, release_memory, seed_everything, stage_hooks
 from ..models import (autocast, eval_mode, generate, load_causal_lm, load_policy, load_rm, load_tokenizer,
                       position_ids, ppo_plan, model_shape, resolve_base, sampling_for, score_texts, seq_cls_scorer)
 
@@ -47,7 +48,8 @@ def _response_logprobs(model, b: dict, chunk: int, cfg: TrialConfig) -> torch.Te
     return token_logprobs(logits, b["resp"], 1.0, chunk)[0]
 
 
-GENERATE_MICRO, SCORE_MICRO = 16, 32   # eval's greedy answers and RM scoring: rows per pass (memory.eval_bytes)
+# eval's greedy answers and RM scoring: rows per pass, as the memory estimate reads them (memory.eval_bytes)
+GENERATE_MICRO, SCORE_MICRO = EVAL_GENERATE_MICRO, EVAL_SCORE_MICRO
 
 
 def kl_to_reference(cfg: TrialConfig, policy, ref, tok, prompts: list[str], micro: int | None = None) -> list[float]:
@@ -80,6 +82,8 @@ def evaluate_policy(cfg: TrialConfig, data, stage: str, sft_dir: Path, rm_dir: P
                     out: Path) -> None:
     seed_everything(cfg.seed)
     policy, ref, tok = load_policy(cfg, sft_dir, policy_dir)
+    # the memory probe (run/probe.py) measures from here to the end of the KL pass, the RM's load included
+    stage_hooks().model_ready(*(m for m in (policy, ref) if isinstance(m, torch.nn.Module)))
     examples = list(data.eval)
     prompts = [e.prompt for e in examples]
     e = cfg.eval
@@ -94,12 +98,14 @@ def evaluate_policy(cfg: TrialConfig, data, stage: str, sft_dir: Path, rm_dir: P
     rewards = adapt_micro_batch(name, SCORE_MICRO, lambda m: score_texts(
         scorer, rm_tok, prompts, preds, cfg.model.max_length, batch_size=m), phase="scoring")
     del rm_model, scorer
+    release_memory()  # the RM is part of the scoring phase only (memory.eval_bytes)
     if ref is None:
         kls = [0.0] * len(prompts)
     else:
         shape = model_shape(cfg.model)
         kls = adapt_micro_batch(name, ppo_plan(cfg.ppo, shape.params, shape.vocab).rollout_micro,
                                 lambda m: kl_to_reference(cfg, policy, ref, tok, prompts, m), phase="kl")
+    stage_hooks().trained()
     records = []
     for x, g, r, rw, kl in zip(examples, greedy, tm.records, rewards, kls):
         records.append({"data_id": x.data_id, "prompt": x.prompt, "reference": x.reference, "generation": g["text"],

@@ -12,6 +12,7 @@ from ..data.prompting import format_prompt, normalize
 from ..files import write_json
 from ..runtime import seed_everything
 from ..models import rm_base_path, score_texts, seq_cls_scorer
+from ..models.memory import EVAL_SCORE_MICRO
 from .common import TRAINER_DIR, adaptive_trl_stage, clean_up, fit, load_for_training, save_trained, train_args
 
 
@@ -47,7 +48,7 @@ def evaluate_rm(cfg: TrialConfig, model, tok, groups) -> tuple[dict, list[dict]]
     score = seq_cls_scorer(model)
     prompts = [g.prompt for g in groups for _ in g.answers]
     answers = [a for g in groups for a in g.answers]
-    flat = score_texts(score, tok, prompts, answers, cfg.model.max_length)
+    flat = score_texts(score, tok, prompts, answers, cfg.model.max_length, batch_size=EVAL_SCORE_MICRO)
     out_groups, i = [], 0
     for g in groups:
         s = flat[i:i + len(g.answers)]
