@@ -165,3 +165,21 @@ def test_trl_stage_retries_then_a_stage_that_never_fits_fails_the_trial(llama, t
     assert "the memory estimate for stage rm:" in msg and "GiB of tensors estimated on cpu" in msg, msg
     assert result["error"]["oom_retries"][-1] == {"stage": "rm", "from": 2, "to": 1}
     assert [e["to"] for e in events if e.get("event") == "oom_retry"] == [2, 2, 1]
+
+
+def test_memory_benchmark_slopes_on_synthetic_peaks():
+    """benchmarks/bench_memory_slopes.py: slope_ratios differences a 2 x 2 grid of peaks, so the constant part (the
+    weights) cancels and a 2x error in the growing term shows as a ratio of 2, whatever the total."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_memory_slopes import slope_ratios
+
+    weights = 5e9
+    measured = {(b, t): weights + 1000 * b * t + 7 * b for b in (1, 2) for t in (64, 128)}
+    est = {(b, t): 2 * weights + 2000 * b * t + 7 * b for b in (1, 2) for t in (64, 128)}
+    r = slope_ratios(measured, est)
+    assert r["per_sequence_measured"] == 1000 * 64 + 7 and r["per_token_measured"] == 1000
+    assert r["per_token_ratio"] == 2.0 and r["per_sequence_ratio"] == pytest.approx((2000 * 64 + 7) / (1000 * 64 + 7))
+    assert slope_ratios(measured, measured)["per_token_ratio"] == 1.0
