@@ -22,8 +22,11 @@ run the package's own code paths:
 - ``eval_rm_scoring``: ``models.score_texts`` with a sequence-classification model, b rows of ``model.max_length``;
   length axis: ``model.max_length``.
 
-SFT and RM training (TRL) are measured by ``--mode totals`` (one stage per fresh process, too slow for four points
-and three repeats on a 2-core CPU); their slopes are not measured here.
+- ``sft`` and ``rm``: the stages themselves (TRL's trainers, rlhf_ablate/run/graph.py's build functions, LoRA 8, one
+  optimizer step, data that fills ``model.max_length``: rlhf_ablate/run/probe.py: fill_data), measured from the
+  moment the model is prepared to the end of training, as the probe measures them (rlhf_ablate/runtime.py:
+  stage_hooks); the estimate compared is the training part (``Parts.trl_stage``: the RM's held-out scoring pass after
+  training is outside the window); length axis: ``model.max_length``.
 
     python benchmarks/bench_memory.py --mode slopes --device cpu [--repeats 3]
 """
@@ -48,7 +51,10 @@ FAMILY, LAYERS = "llama-3.2-1b", 1
 POINTS = {"ppo_generation": ((2, 4), (256, 512), 8),     # b x prompt length P, 8 new tokens
           "ppo_scoring": ((1, 2), (32, 64), 64),          # b x response length R, prompt 64
           "ppo_update": ((1, 2), (32, 64), 64),           # b x R, prompt 64
-          "eval_rm_scoring": ((2, 4), (256, 512), 0)}     # b x model.max_length
+          "eval_rm_scoring": ((2, 4), (256, 512), 0),     # b x model.max_length
+          "sft": ((1, 2), (64, 128), 0),                  # sft.batch_size x model.max_length
+          "rm": ((1, 2), (64, 128), 0)}                   # rm.batch_size (pairs) x model.max_length
+TRL_STAGES = ("sft", "rm")
 
 
 def slope_ratios(points: dict[tuple[int, int], float], est: dict[tuple[int, int], float]) -> dict:
@@ -100,6 +106,54 @@ def _model_dir(work: Path) -> Path:
     return out
 
 
+def _trl_config(mdir: Path, stage: str, b: int, T: int):
+    from rlhf_ablate.config import trial_config_from_overrides
+
+    return trial_config_from_overrides({
+        "model.base_model": str(mdir), "model.quantization": "none", "model.compute_dtype": "float32",
+        "model.max_length": T, "rm.init_from": "base", f"{stage}.batch_size": b, f"{stage}.grad_accum": 1,
+        f"{stage}.max_steps": 1, f"{stage}.lora_rank": 8})
+
+
+class _Stop(Exception):
+    """Raised from the stage hooks once training has ended: the measurement is taken, the artifact is not needed."""
+
+
+def _measure_trl(mdir: Path, stage: str, b: int, T: int, work: Path) -> int:
+    import shutil
+
+    from rlhf_ablate.models import load_tokenizer
+    from rlhf_ablate.run.graph import Ctx, trial_stages
+    from rlhf_ablate.run.probe import fill_data
+    from rlhf_ablate.runtime import StageHooks, observe_stages
+
+    cfg = _trl_config(mdir, stage, b, T)
+    data = fill_data(cfg, load_tokenizer(cfg.model, str(mdir)))
+    node = {s.name: s for s in trial_stages(cfg)}[stage]
+    seen: dict[str, int] = {}
+
+    class Window(StageHooks):
+        def model_ready(self, *models):
+            gc.collect()
+            seen["base"] = _kib("RssAnon") * 1024
+            Path("/proc/self/clear_refs").write_text("5")
+
+        def trained(self):
+            seen["peak"] = (_kib("VmHWM") - _kib("RssFile") - _kib("RssShmem")) * 1024
+            raise _Stop
+
+    out = work / f"{stage}-b{b}-T{T}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    try:
+        with observe_stages(Window()):
+            node.build(Ctx(cfg, data), out)
+    except _Stop:
+        pass
+    gc.collect()
+    return seen["peak"] - seen["base"]
+
+
 def _estimates(mdir: Path) -> dict[str, dict[tuple[int, int], float]]:
     """The estimate of each phase at each point, from the estimator the packer uses (device cpu, float32)."""
     from rlhf_ablate.config import trial_config_from_overrides
@@ -112,6 +166,13 @@ def _estimates(mdir: Path) -> dict[str, dict[tuple[int, int], float]]:
     for phase, (bs, ts, other) in POINTS.items():
         for b in bs:
             for t in ts:
+                if phase in TRL_STAGES:
+                    cfg = _trl_config(mdir, phase, b, t)
+                    parts = memory.Parts(cfg, "cpu")
+                    comp = (memory.sft_bytes(cfg, parts) if phase == "sft" else
+                            parts.trl_stage(cfg.rm, 2 * b, t, head=False, seq_cls=True))
+                    out[phase][(b, t)] = sum(comp.values())
+                    continue
                 if phase == "eval_rm_scoring":
                     cfg = trial_config_from_overrides({**base, "model.max_length": t})
                     out[phase][(b, t)] = memory.Parts(cfg, "cpu").fwd(b, t)
@@ -198,6 +259,14 @@ def _measure_all(mdir: Path, repeats: int) -> dict[str, dict[tuple[int, int], li
         return score_texts(scorer, tok, prompts[:b], prompts[b:2 * b], T, batch_size=b)
 
     run("eval_rm_scoring", rm_score)
+    del rm, scorer
+    gc.collect()
+    for stage in TRL_STAGES:
+        bs, ts, _ = POINTS[stage]
+        for b in bs:
+            for t in ts:
+                res[stage][(b, t)] = [_measure_trl(mdir, stage, b, t, mdir.parent / "trl") for _ in range(repeats)]
+                print(f"{stage:16s} b={b} len={t}: {[x / 2 ** 20 for x in res[stage][(b, t)]]} MiB", flush=True)
     return res, plan_gc
 
 
