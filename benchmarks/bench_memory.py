@@ -20,10 +20,14 @@ Each shape is measured at two depths; the difference is the per-layer cost, meas
 full-depth figures extrapolate from the deeper one (``measured(L) + (layers - L) * per_layer``). One measurement stays
 under about 3.5 GiB.
 
-    python benchmarks/bench_memory.py --device cpu [--shapes llama-3.2-1b,...] [--out FILE] [--work DIR [--reuse]]
+    python benchmarks/bench_memory.py --device cpu --mode totals [--shapes llama-3.2-1b,...] [--work DIR [--reuse]]
 
-Writes benchmarks/results/memory.json: one entry per stage and shape, ``ratio`` = estimate / measured at the deeper
-measured depth, and the per-layer and full-depth figures. Imports torch, transformers, peft and bitsandbytes only
+Writes the ``totals`` part of benchmarks/results/memory.json: one entry per stage and shape, ``ratio`` = estimate /
+measured at the deeper measured depth, the per-layer figures, and the full depth extrapolated from them
+(``full_depth_extrapolated_gib``: never measured at full depth).
+
+**What grows** (``--mode slopes``, the default; bench_memory_slopes.py): each phase measured at two batch sizes and
+two sequence lengths, and the slopes (bytes per extra sequence, per extra token) compared with the estimate's. Imports torch, transformers, peft and bitsandbytes only
 (the stages import TRL in the child processes).
 """
 
@@ -137,7 +141,7 @@ def run_shape(family: str, spec: dict, device: str, work: Path, reuse: bool = Fa
             "per_layer_estimate_mib": per_e / 2 ** 20, "per_layer_measured_mib": per_m / 2 ** 20,
             # full depth: measured = the deeper measurement plus (layers - L) measured per-layer increments;
             # estimated = the estimate of the full-depth config
-            "full_depth_measured_gib": full_m / GIB, "full_depth_estimate_gib": full_e / GIB,
+            "full_depth_extrapolated_gib": full_m / GIB, "full_depth_estimate_gib": full_e / GIB,
             "full_depth_ratio": full_e / full_m,
             "estimate_components_mib": {k: v / 2 ** 20 for k, v in rows[hi]["estimate"][st].items()},
             "seconds": rows[hi]["measured"][st]["seconds"]})
@@ -146,7 +150,9 @@ def run_shape(family: str, spec: dict, device: str, work: Path, reuse: bool = Fa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=["slopes", "totals"], default="slopes")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--repeats", type=int, default=3, help="slopes: measurements per point (medians reported)")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--work", type=Path, default=None, help="keep models and logs here (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
@@ -154,6 +160,11 @@ def main() -> None:
                     help="take the measurements a previous run left in --work, and only recompute the estimates")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_memory-"))
+    if args.mode == "slopes":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from bench_memory_slopes import run_slopes
+
+        return run_slopes(args.device, work, args.out, args.repeats)
     entries = []
     for family in args.shapes.split(","):
         entries += run_shape(family, SHAPES[family], args.device, work, args.reuse)
@@ -162,14 +173,16 @@ def main() -> None:
     for r in entries:
         print(f"{r['stage']:5s} {r['shape']:13s} {r['estimate_gib']:12.3f} {r['measured_gib']:12.3f} "
               f"{r['ratio']:6.3f} {r['per_layer_estimate_mib']:11.1f} / {r['per_layer_measured_mib']:<10.1f} "
-              f"{r['full_depth_measured_gib']:14.2f} ({r['full_depth_ratio']:.3f})")
+              f"{r['full_depth_extrapolated_gib']:14.2f} ({r['full_depth_ratio']:.3f})")
     ok = all(RATIO_BAND[0] <= r["ratio"] <= RATIO_BAND[1] for r in entries)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import write_result
 
-    path = write_result("memory", {"device": args.device, "settings": SETTINGS, "shapes": {
-        k: SHAPES[k] for k in args.shapes.split(",")}, "ratio_band": RATIO_BAND, "all_within_band": ok,
-        "gpu_measured": args.device == "cuda", "entries": entries}, args.out)
+    old = json.loads(args.out.read_text()) if args.out.exists() else {}
+    path = write_result("memory", {**{k: v for k, v in old.items() if k == "slopes"}, "totals": {
+        "device": args.device, "settings": SETTINGS, "shapes": {k: SHAPES[k] for k in args.shapes.split(",")},
+        "ratio_band": RATIO_BAND, "all_within_band": ok, "gpu_measured": args.device == "cuda",
+        "entries": entries}}, args.out)
     print(f"\nall ratios within {RATIO_BAND}: {ok}; wrote {path}")
 
 

@@ -1,5 +1,6 @@
 """Process-level settings that make a trial reproducible and stoppable: seeds, the torch thread count, memory
-release between trials, and SLURM's time-limit warning.
+release between trials, a stage's retry with a smaller micro-batch after an out-of-memory error
+(:func:`adapt_micro_batch`), and SLURM's time-limit warning.
 
 **Threads.** torch's CPU kernels split reductions (matmul, sums) by thread, so the same trial rounds differently
 with 1 and 2 threads, and PPO amplifies the difference into a different run (docs/stack.md, "Determinism"). A
@@ -17,7 +18,9 @@ import gc
 import random
 import signal
 import threading
-from typing import Iterator
+from typing import Callable, Iterator, Optional, TypeVar
+
+T = TypeVar("T")
 
 
 def seed_everything(seed: int) -> None:
@@ -122,3 +125,80 @@ def install_time_limit_handler() -> bool:
 
     signal.signal(TIME_LIMIT_SIGNAL, handler)
     return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Out of memory: halve the micro-batch and retry (every stage goes through adapt_micro_batch)
+# ---------------------------------------------------------------------------------------------------------
+
+class MicroBatchOutOfMemory(Exception):
+    """A stage ran out of memory at a micro-batch of 1: nothing smaller to try. rlhf_ablate/run/trial.py turns it
+    into a TrialFailed that names the stage, its memory estimate and the measured peak."""
+
+    def __init__(self, stage: str, peak: str, cause: str):
+        self.stage, self.peak, self.cause = stage, peak, cause
+        super().__init__(f"{stage}: out of memory at a micro-batch of 1 (measured peak {peak}): {cause}"[:600])
+
+
+_retries: list[list[dict]] = []                 # the open recorders (recording_retries), innermost last
+_on_retry: list[Callable[[dict], None]] = []
+
+
+@contextlib.contextmanager
+def recording_retries(on_retry: Optional[Callable[[dict], None]] = None) -> Iterator[list[dict]]:
+    """Collect the micro-batch retries of the stage run inside the block (``{"stage", "from", "to"}`` each), and
+    call ``on_retry`` with each as it happens (the trial's progress line)."""
+    rec: list[dict] = []
+    _retries.append(rec)
+    if on_retry is not None:
+        _on_retry.append(on_retry)
+    try:
+        yield rec
+    finally:
+        _retries.remove(rec)
+        if on_retry is not None:
+            _on_retry.remove(on_retry)
+
+
+def smaller_micro(micro: int, total: Optional[int] = None) -> int:
+    """The next micro-batch after an out-of-memory at ``micro``: half of it, rounded down to a divisor of ``total``
+    (the batch the micro-batches accumulate to) when given, so that ``micro * accumulation == total`` still holds."""
+    half = max(1, micro // 2)
+    if total is None:
+        return half
+    return next(d for d in range(half, 0, -1) if total % d == 0)
+
+
+def measured_peak() -> str:
+    """The peak the allocator measured in this process, for an error message."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return f"{torch.cuda.max_memory_allocated() / 1024 ** 3:.2f} GiB allocated by torch"
+    return "not measured on cpu"
+
+
+def adapt_micro_batch(stage: str, micro: int, attempt: Callable[[int], T], *, total: Optional[int] = None,
+                      phase: str = "") -> T:
+    """``attempt(micro)``; on ``torch.OutOfMemoryError`` free memory (:func:`release_memory`), record the retry and
+    run ``attempt`` again with :func:`smaller_micro`, down to 1. The caller keeps the effective batch by accumulating
+    over the smaller micro-batches. At a micro-batch of 1 the error becomes :class:`MicroBatchOutOfMemory`."""
+    import torch
+
+    while True:
+        try:
+            return attempt(micro)
+        except torch.OutOfMemoryError as e:
+            if micro <= 1:
+                where = f"{stage} ({phase})" if phase else stage
+                raise MicroBatchOutOfMemory(where, measured_peak(), str(e).splitlines()[0] if str(e) else "") from e
+            new = smaller_micro(micro, total)
+        # outside the except block: the traceback (and the tensors its frames hold) is gone before memory is freed
+        release_memory()
+        event = {"stage": stage, **({"phase": phase} if phase else {}), "from": micro, "to": new}
+        for rec in _retries:
+            rec.append(event)
+        for cb in list(_on_retry):
+            cb(event)
+        micro = new

@@ -95,6 +95,17 @@ class ArchTrials:
     def stage_dir(self, result: dict, stage: str):
         return self.cache.path(stage, result["timings"][stage]["key"])
 
+    def ppo_models(self, family: str, result: dict, **overrides):
+        """(config, PPOModels) on the SFT and RM of ``result`` (an unquantized trial of ``family``), with the fresh
+        adapters' random init (LoRA A) seeded, so two calls build the same roles."""
+        import torch
+
+        from rlhf_ablate.ppo.roles import PPOModels
+
+        cfg = self.config(family, "none", **overrides)
+        torch.manual_seed(0)
+        return cfg, PPOModels(cfg, self.stage_dir(result, "sft"), self.stage_dir(result, "rm"))
+
 
 @pytest.fixture(scope="session")
 def arch_trials(builtin_cache, tmp_path_factory) -> ArchTrials:

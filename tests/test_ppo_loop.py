@@ -31,11 +31,8 @@ def llama(arch_trials):
 
 
 def _roles(llama, **overrides):
-    from rlhf_ablate.ppo.roles import PPOModels
-
     at, r = llama
-    cfg = at.config(FAMILY, "none", **overrides)
-    return cfg, PPOModels(cfg, at.stage_dir(r, "sft"), at.stage_dir(r, "rm"))
+    return at.ppo_models(FAMILY, r, **overrides)
 
 
 def _rollout(cfg, roles, n: int = 8):
@@ -84,6 +81,23 @@ def test_checkpointed_update_recomputes_layers_trains_both_adapters_and_keeps_ra
     assert all(s["ratio_min"] == 1.0 == s["ratio_max"] and s["policy/clipfrac"] == 0 for s in first), first
     changed = [n for n, p in roles.model.named_parameters() if n in before and not torch.equal(before[n], p)]
     assert any(".policy." in n for n in changed) and any(".value." in n for n in changed), changed
+
+
+def test_bf16_step0_ratio_within_the_stated_tolerance(llama):
+    """bf16 autocast (on the CPU here; docs/stack.md states the GPU estimate): scored 4 rows at a time, updated 2 at a
+    time, the first minibatch's ratio stays within ppo.math's stated bf16 tolerances."""
+    from rlhf_ablate.ppo.math import BF16_STEP0_RATIO_MEAN_TOL, bf16_step0_token_bound
+
+    cfg, roles = _roles(llama, **{"model.compute_dtype": "bfloat16"})
+    assert (roles.plan.rollout_micro, roles.plan.train_micro) == (4, 2)
+    _, b, sc = _rollout(cfg, roles)
+    with torch.no_grad():
+        zmax = roles.policy_logits(b["ids"], b["attn"]).float().abs().max().item()
+    first = [s for s in _update(cfg, roles, b, sc) if s["epoch"] == 0 and s["minibatch"] == 0]
+    assert first
+    for s in first:
+        assert abs(s["ratio_mean"] - 1) <= BF16_STEP0_RATIO_MEAN_TOL, s
+        assert max(-math.log(s["ratio_min"]), math.log(s["ratio_max"])) <= bf16_step0_token_bound(zmax), (s, zmax)
 
 
 def test_no_rollout_sized_vocabulary_tensor_and_one_graph_at_a_time(llama):

@@ -66,6 +66,10 @@ class LiveLines:
             return f"{self.prefix(trial)} {stage} done {result.get('seconds', 0):.1f}s{hit}"
         if ev == "failed":
             return f"{self.prefix(trial)} {stage} failed: {result.get('error', '')}"[:200]
+        if ev == "oom_retry":  # a micro-batch that ran out of memory, halved (rlhf_ablate/runtime.py)
+            phase = f" {result['phase']}" if result.get("phase") else ""
+            return (f"{self.prefix(trial)} {stage}{phase}: out of memory at micro-batch {result.get('from')}; "
+                    f"retrying at {result.get('to')}")
         if ev == "repaired":  # the stage cache moved a damaged entry aside (rlhf_ablate/run/cache.py)
             return f"{self.prefix(trial)} {stage}: damaged cache entry {result.get('reason', '')}; rebuilding"[:300]
         if "step" in result:

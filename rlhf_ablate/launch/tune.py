@@ -90,6 +90,8 @@ def _trainable(config: dict, *, spec: Any, run_dir: str, use_cache: bool, trial_
             payload["error"] = str(event["error"])[:300]
         if "cache_hit" in event:
             payload["cache_hit"] = bool(event["cache_hit"])
+        if "phase" in event:  # an out-of-memory retry's part of the stage (launch/progress.py)
+            payload["phase"] = str(event["phase"])
         tune.report(payload)
 
     from ..runtime import release_memory

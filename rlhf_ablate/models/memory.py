@@ -159,6 +159,12 @@ BACKWARD_TRANSIENT = 0.5
 TRL_TILE_TOKENS, TRL_TILE_VOCAB = 4096, 32768
 
 
+# Rows per pass of eval's greedy answers and of every no-grad RM scoring pass (eval, score_base, compare, the RM
+# stage's held-out scoring): stages/evaluate.py, stages/compare.py and stages/rm.py pass them, the estimate reads them.
+EVAL_GENERATE_MICRO = 16
+EVAL_SCORE_MICRO = 16
+
+
 def _family(shape: ModelShape) -> str:
     return shape.model_type if shape.model_type in ACTIVATION_BYTES else "llama"
 
@@ -174,10 +180,20 @@ def _train_act(shape: ModelShape, w: int, b: int, T: int, gc: bool) -> float:
     """Activations of a training forward/backward of b sequences of T tokens. Checkpointing keeps each layer's input
     (b T h w) and recomputes one layer at a time; without it every layer keeps its activations. Either way one layer's
     backward temporaries come on top, and the embedding output and final norm keep two more hidden-size tensors."""
+    return sum(_train_act_parts(shape, w, b, T, gc))
+
+
+def _train_act_parts(shape: ModelShape, w: int, b: int, T: int, gc: bool) -> tuple[float, float]:
+    """:func:`_train_act` as (kept, layer): what stays alive from the forward until the backward reaches the layers
+    (every layer's activations, or with checkpointing only each layer's input; the embedding output and final norm),
+    and what comes on top while one layer's backward runs (with checkpointing its recomputed activations, and its
+    gradient temporaries). The LM head's backward comes before the layers', so the head's tensors and ``layer`` are
+    never alive together (:func:`_ppo_bytes`)."""
     tokens = b * T
     layer = _layer_act(shape, w, T)
-    kept = shape.layers * shape.hidden * w + layer if gc else shape.layers * layer
-    return tokens * (kept + BACKWARD_TRANSIENT * layer + 2 * shape.hidden * w)
+    kept = shape.layers * shape.hidden * w if gc else shape.layers * layer
+    step = layer + BACKWARD_TRANSIENT * layer if gc else BACKWARD_TRANSIENT * layer
+    return tokens * (kept + 2 * shape.hidden * w), tokens * step
 
 
 def _fwd_transient(shape: ModelShape, w: int, b: int, T: int) -> float:
@@ -198,20 +214,34 @@ def _weights(shape: ModelShape, quantized: bool, double_quant: bool, w: int) -> 
     return shape.quantizable * (0.5 + scales) + (shape.params - shape.quantizable) * w
 
 
+def target_dtype(model_cfg: ModelConfig, device: str = "cuda") -> str:
+    """The compute dtype a trial picks on ``device`` (models/loading.py: compute_dtype): for ``"cuda"``, this
+    machine's GPU when it has one (``auto`` is fp32 on a pre-Ampere card, bf16 from Ampere on), else a bf16-capable
+    GPU (a sweep's driver may have none); for ``"cpu"``, fp32 unless set."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return compute_dtype(model_cfg)
+    return compute_dtype(model_cfg, device)
+
+
 class Parts:
     """The terms every stage's estimate is made of, for one trial on one device (``device="cuda"``: what a GPU trial
-    allocates through torch, ``auto`` = bf16; ``device="cpu"``: what the same trial holds on a CPU, ``auto`` = fp32,
-    TRL's CPU head fallback, which benchmarks/bench_memory.py compares against the process's peak).
+    allocates through torch, ``auto`` resolved by :func:`target_dtype`; ``device="cpu"``: what the same trial holds on
+    a CPU, ``auto`` = fp32, TRL's CPU head fallback, which benchmarks/bench_memory.py compares against the process's
+    peak). ``dtype`` names the compute dtype instead (``"float32"`` for a pre-Ampere GPU seen from a driver without
+    one).
 
     A stage's estimator (declared with the stage in rlhf_ablate/run/graph.py) returns its components in bytes; the
     graph adds ``peak`` = their sum (PPO: the resident part plus its largest phase). The settings come from where the
     stages read them: ``model.max_length`` and the stage batch sizes, :func:`ppo_plan`, the 4-bit rule
     (models/loading.py: trains_in_4bit) and models/lora.py: wants_gradient_checkpointing."""
 
-    def __init__(self, cfg: Any, device: str = "cuda"):
+    def __init__(self, cfg: Any, device: str = "cuda", dtype: Optional[str] = None):
         self.cfg = cfg
         self.shape = model_shape(cfg.model)
-        self.w = {"float32": 4, "bfloat16": 2, "float16": 2}[compute_dtype(cfg.model, device)]
+        self.dtype = dtype or target_dtype(cfg.model, device)
+        self.w = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
         self.cpu = device == "cpu"
         self.gc = wants_gradient_checkpointing(self.shape.params)
 
@@ -269,8 +299,12 @@ def sft_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
 
 
 def rm_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
-    # chosen and rejected in one batch; a sequence-classification model has no LM head
-    return parts.trl_stage(cfg.rm, 2 * cfg.rm.batch_size, cfg.model.max_length, head=False, seq_cls=True)
+    """Chosen and rejected in one batch; a sequence-classification model has no LM head. After training, the stage
+    scores its held-out groups :data:`EVAL_SCORE_MICRO` at a time without grad (stages/rm.py: evaluate_rm): the larger
+    of that and the training activations."""
+    out = parts.trl_stage(cfg.rm, 2 * cfg.rm.batch_size, cfg.model.max_length, head=False, seq_cls=True)
+    out["activations"] = max(out["activations"], parts.fwd(EVAL_SCORE_MICRO, cfg.model.max_length))
+    return out
 
 
 def dpo_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
@@ -294,31 +328,30 @@ def online_rl_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
 
 def eval_bytes(cfg: Any, parts: Parts, *, generate: bool = True, rm: bool = True,
                kl_rank: Optional[int] = None) -> dict[str, float]:
-    """An eval stage (stages/evaluate.py). ``generate``: the policy on its base (4-bit when the model config
-    quantizes) answers greedily, 16 prompts at a time (``generate``'s batch). ``rm``: the trial's RM is loaded beside
-    it and scores the answers. ``kl_rank`` (a method's LoRA rank; None: no KL pass): the KL pass samples and scores
-    ``ppo.rollout_micro_batch_size`` prompts at a time with response-only, chunked log-probs, against a reference
-    that is the base with adapters off, or with a full fine-tune (rank 0) a separate copy."""
-    s = parts.shape
+    """An eval stage (stages/evaluate.py), phase by phase in the order it runs, the policy resident throughout:
+
+    - ``generate``: the policy on its base (4-bit when the model config quantizes) answers greedily,
+      :data:`EVAL_GENERATE_MICRO` prompts at a time (``ppo.max_prompt_length`` + ``eval.max_new_tokens``);
+    - ``rm``: the trial's RM is loaded beside it, scores the answers :data:`EVAL_SCORE_MICRO` at a time at
+      ``model.max_length``, and is freed (its weights are part of this phase only);
+    - ``kl_rank`` (a method's LoRA rank; None: no KL pass): the KL pass samples and scores ``ppo.rollout_micro_batch_
+      size`` prompts at a time with response-only, chunked log-probs, against a reference that is the base with
+      adapters off, or with a full fine-tune (rank 0) a separate copy, loaded with the policy."""
+    s, w = parts.shape, parts.w
     p = ppo_plan(cfg.ppo, s.params, s.vocab)
     P, R = p.prompt_len, cfg.eval.max_new_tokens
-    T = P + R
     out: dict[str, float] = {}
-    phases = {"generation": 0.0, "scoring": 0.0}
+    phases = {"generation": 0.0, "scoring": 0.0, "kl": 0.0}
     if generate:
         out["weights"] = parts.weights(cfg.model.quantization != "none") + (parts.weights(False) if kl_rank == 0
                                                                              else 0.0)
-        b = 16
-        phases["generation"] = (b * T * 2 * s.kv_dim * parts.w * (s.layers + 1) + parts.fwd(b, P)
-                                + b * s.vocab * (parts.w + 12))
+        phases["generation"] = _gen_phase(s, w, EVAL_GENERATE_MICRO, P, R)
     if rm:
-        out["reward"] = parts.rm_weights(parts.quantized(cfg.rm.lora_rank))
-        phases["scoring"] = parts.fwd(16, cfg.model.max_length)
+        phases["scoring"] = (parts.rm_weights(parts.quantized(cfg.rm.lora_rank))
+                             + _fwd_transient(s, w, EVAL_SCORE_MICRO, cfg.model.max_length))
     if kl_rank is not None:
         m = p.rollout_micro
-        chunk = min(p.logprob_chunk, m * R) * s.vocab * 4
-        phases["scoring"] = max(phases["scoring"], parts.fwd(m, T) + m * R * s.vocab * parts.w
-                                * (2 if s.softcap else 1) + 2 * chunk)
+        phases["kl"] = max(_gen_phase(s, w, m, P, R), _score_phase(s, w, m, P + R, R, p.logprob_chunk))
     out.update({f"phase:{k}": v for k, v in phases.items()})
     out["largest_phase"] = max(phases.values())
     return out
@@ -330,7 +363,7 @@ def compare_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
     if not (cfg.eval.judge == "rm" and cfg.eval.judge_rm_from):
         return {}
     return {"weights": parts.rm_weights(parts.quantized(cfg.rm.lora_rank)),
-            "activations": parts.fwd(16, cfg.model.max_length)}
+            "activations": parts.fwd(EVAL_SCORE_MICRO, cfg.model.max_length)}
 
 
 def ppo_bytes(cfg: Any, parts: Parts) -> dict[str, float]:
@@ -358,23 +391,42 @@ def with_peak(components: dict[str, float]) -> dict[str, float]:
     return {**components, "peak": sum(v for k, v in components.items() if not k.startswith("phase:"))}
 
 
+def _gen_phase(shape: ModelShape, w: int, b: int, P: int, R: int) -> float:
+    """``generate`` of b prompts of P tokens and R new ones: the KV cache of P + R positions (and one layer's copy as it
+    grows), plus the larger of the prompt's forward (one layer's intermediates) and a step's float32 next-token
+    scores, processed scores and probabilities, which come after the last layer and are never alive with it."""
+    kv = b * (P + R) * 2 * shape.kv_dim * w * (shape.layers + 1)
+    return kv + max(_fwd_transient(shape, w, b, P), b * shape.vocab * (w + 12))
+
+
+def _score_phase(shape: ModelShape, w: int, b: int, T: int, R: int, chunk_rows: int) -> float:
+    """A no-grad pass over b sequences of T tokens that keeps logits for the last R positions (ppo/roles.py:
+    logprobs): the larger of one layer's forward and what exists after the last layer, never alive together: the
+    final hidden states, the response logits in the compute dtype (Gemma-2's softcapping makes one more) and two
+    float32 chunks of ``chunk_rows`` positions."""
+    chunk = min(chunk_rows, b * R) * shape.vocab * 4
+    head = b * T * shape.hidden * w + b * R * shape.vocab * w * (2 if shape.softcap else 1) + 2 * chunk
+    return max(_fwd_transient(shape, w, b, T), head)
+
+
 def _ppo_bytes(cfg: Any, shape: ModelShape, w: int, weights: Any, rm_weights: Any, dequant: Any) -> dict[str, float]:
     """PPO: the resident part (the shared base, policy and value adapters with AdamW state, the frozen reward adapter,
-    the rollout's tensors) plus the largest of its three phases (rlhf_ablate/ppo/loop.py):
+    the rollout's tensors) plus the largest of its three phases (rlhf_ablate/ppo/loop.py), each the largest moment
+    inside it (tensors that are never alive together are not added):
 
-    - generation, ``plan.rollout_micro`` prompts at a time: the KV cache of P + R positions (and one layer's copy as it
-      grows), the prompt's forward, and per step float32 next-token scores, processed scores and probabilities;
-    - scoring, the same micro-batches without grad: a forward over P + R tokens and the response positions' logits
-      in the compute dtype (Gemma-2's softcapping makes one more), reduced in float32 chunks;
-    - the update, ``plan.train_micro`` rollouts per forward/backward: training activations (checkpointed when the plan
-      says so), the response logits and their gradient (with softcapping, its saved tanh and that one's gradient),
-      float32 chunks for log-probs and entropy, and the dequantized weight of a 4-bit matmul.
+    - generation, ``plan.rollout_micro`` prompts at a time (:func:`_gen_phase`);
+    - scoring, the same micro-batches without grad (:func:`_score_phase`);
+    - the update, ``plan.train_micro`` rollouts per forward/backward: what the forward keeps for the backward
+      (checkpointed when the plan says so) plus the larger of the head's moment (the response logits and their
+      gradient, with softcapping its saved tanh and that one's gradient, float32 chunks for log-probs and entropy)
+      and one layer's backward (its recomputed activations and gradient temporaries), which starts after the head's
+      tensors are freed; and the dequantized weight of a 4-bit matmul.
     Policy and value never hold graphs at the same time, so the update is one role's pass.
     """
     p = cfg.ppo
     quantized = cfg.model.quantization != "none"
     plan = ppo_plan(p, shape.params, shape.vocab)
-    h, V, L, R = shape.hidden, shape.vocab, shape.layers, plan.response_len
+    V, R = shape.vocab, plan.response_len
     T = plan.prompt_len + R
     lora_fp32 = p.lora_rank * shape.lora_dims * 4
     rm_shared = p.lora_rank > 0 and cfg.rm.lora_rank > 0 and cfg.rm.init_from == "sft"
@@ -392,15 +444,13 @@ def _ppo_bytes(cfg: Any, shape: ModelShape, w: int, weights: Any, rm_weights: An
     B = p.rollout_batch_size
     out["rollout"] = B * T * 8 * 2 + B * R * 4 * 8  # ids and mask (int64), ~8 float32 [B, R] tensors
     b = plan.rollout_micro
-    chunk = min(plan.logprob_chunk, b * R) * V * 4  # one float32 [chunk, V] slice
-    cap = 1 if shape.softcap else 0
-    kv_row = T * 2 * shape.kv_dim * w
-    gen = (b * kv_row * (L + 1) + _fwd_transient(shape, w, b, plan.prompt_len) + b * V * (w + 12))
-    score = _fwd_transient(shape, w, b, T) + b * T * h * w + b * R * V * w * (1 + cap) + 2 * chunk
+    gen = _gen_phase(shape, w, b, plan.prompt_len, R)
+    score = _score_phase(shape, w, b, T, R, plan.logprob_chunk)
     bt = plan.train_micro
+    cap = 1 if shape.softcap else 0
     chunk = min(plan.logprob_chunk, bt * R) * V * 4
-    update = (_train_act(shape, w, bt, T, plan.gradient_checkpointing) + bt * R * V * w * (2 + 2 * cap)
-              + 3 * chunk + dequant(q))
+    kept, layer = _train_act_parts(shape, w, bt, T, plan.gradient_checkpointing)
+    update = kept + max(bt * R * V * w * (2 + 2 * cap) + 3 * chunk, layer) + dequant(q)
     out["phase:generation"], out["phase:scoring"], out["phase:update"] = gen, score, update
     out["largest_phase"] = max(gen, score, update)
     return out

@@ -15,14 +15,18 @@ Memory (issue 9): generation and the four scoring passes run ``plan.rollout_micr
 for response positions, reduced in float32 chunks; the policy's backward runs before the value's forward, so the
 two graphs are never alive together (and with gradient checkpointing, each adapter's layers are recomputed while
 that adapter is active). The plan comes from rlhf_ablate/models/memory.py, which the memory estimate reads too.
+On an out-of-memory error (rlhf_ablate/runtime.py: adapt_micro_batch) generation and scoring rerun with half the
+rollout micro-batch, and the update reruns the minibatch with half the train micro-batch, accumulating over twice as
+many passes (the effective minibatch is unchanged); the smaller micro-batch stays for the rest of the stage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 
@@ -31,11 +35,13 @@ from ..data.splits import hold_out_probe
 from ..errors import TrialFailed
 from ..files import write_json
 from ..models import compute_dtype, enable_tf32
-from ..runtime import seed_everything, stage_hooks
+from ..runtime import adapt_micro_batch, seed_everything, stage_hooks
 from . import math as ppo_math
 from .gold import GoldProbe, reward_roles
 from .roles import PPOModels
 from .rollout import build_batch, score_batch
+
+T = TypeVar("T")
 
 
 def learning_rate(p: PPOConfig, step: int, n_steps: int) -> float:
@@ -92,11 +98,12 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
         batch_prompts = [prompts[i] for i in order[:p.rollout_batch_size]]
         order = order[p.rollout_batch_size:]
         t0 = time.perf_counter()
-        responses = roles.generate(batch_prompts)  # the rollout sampling (models/generation.py: sampling_for)
+        # the rollout sampling (models/generation.py: sampling_for)
+        responses = rollout_adaptive(roles, "generation", lambda: roles.generate(batch_prompts))
         b = build_batch(tok, batch_prompts, responses, dev)
         t1 = time.perf_counter()
         # ---- score -------------------------------------------------------------------------------------------
-        sc = score_batch(roles, b, p.temperature)
+        sc = rollout_adaptive(roles, "scoring", lambda: score_batch(roles, b, p.temperature))
         raw_scores = sc["raw_scores"]
         if normalizer is None:
             # N+ details: normalise the RM by its scores on the initial (SFT) policy's samples, so that one kl_coef
@@ -169,55 +176,47 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
                                                             if p.gold != "none" else {})})
 
 
+def rollout_adaptive(roles: PPOModels, phase: str, run: Callable[[], T]) -> T:
+    """``run()`` (generation or scoring, ``roles.plan.rollout_micro`` rows at a time), rerun with half the rollout
+    micro-batch after an out-of-memory error (rlhf_ablate/runtime.py: adapt_micro_batch)."""
+    def attempt(micro: int) -> T:
+        roles.plan = dataclasses.replace(roles.plan, rollout_micro=micro)
+        return run()
+
+    return adapt_micro_batch("ppo", roles.plan.rollout_micro, attempt, phase=phase)
+
+
 def ppo_update(roles: PPOModels, optimizer: torch.optim.Optimizer, b: dict, sc: dict, advantages: torch.Tensor,
                returns: torch.Tensor, p: PPOConfig, g: torch.Generator, step: int = 0,
                scaler: Optional[torch.amp.GradScaler] = None) -> list[dict]:
     """``ppo.ppo_epochs`` epochs over shuffled minibatches of the rollout, ``roles.plan.train_micro`` rollouts per
     forward/backward. Returns one stats dict per forward/backward pass, in order (``stats[0]`` is the first micro-batch
     of the first minibatch of the first epoch, where the ratio must be exactly 1); the minibatch's gradient norm (before
-    clipping) is on its last micro-batch."""
+    clipping) is on its last micro-batch.
+
+    A minibatch that runs out of memory is rerun from zeroed gradients with half the micro-batch (to a divisor of
+    ``ppo.mini_batch_size``); each pass's loss is weighted by its share of the minibatch, so the accumulated gradient
+    is the same sum (rlhf_ablate/runtime.py: adapt_micro_batch)."""
     scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
     params = roles.trainable_parameters()
-    mask = b["rmask"]
-    R = b["resp"].shape[1]
-    n = mask.shape[0]
-    micro = roles.plan.train_micro
+    n = b["rmask"].shape[0]
     out: list[dict] = []
     optimizer.zero_grad(set_to_none=True)
     for epoch in range(p.ppo_epochs):
         perm = torch.randperm(n, generator=g)
         for start in range(0, n, p.mini_batch_size):
             mb = perm[start:start + p.mini_batch_size]
-            stepped = False
-            for ms in range(0, len(mb), micro):
-                idx = mb[ms:ms + micro].to(mask.device)
-                m = mask[idx]
-                if m.sum() == 0:  # only empty responses: nothing to train on
-                    continue
-                ids, attn, resp = b["ids"][idx], b["attn"][idx], b["resp"][idx]
-                weight = len(idx) / len(mb)
-                # Policy forward and backward first, then the value's: never both graphs at once.
-                new_logprobs, entropy = roles.logprobs("policy", ids, attn, resp, p.temperature, with_entropy=True)
-                pg_loss, pg_stats = ppo_math.policy_loss(new_logprobs, sc["old_logprobs"][idx], advantages[idx], m,
-                                                         p.cliprange)
-                _check_finite(pg_loss, "policy", step)
-                scaler.scale(pg_loss * weight).backward()
-                del new_logprobs
-                new_values = roles.values(ids, attn, n_last=R)
-                vf_loss, vf_clipfrac = ppo_math.value_loss(new_values, sc["old_values"][idx], returns[idx], m,
-                                                           p.cliprange_value)
-                _check_finite(vf_loss, "value", step)
-                scaler.scale(vf_loss * (p.vf_coef * weight)).backward()
-                stepped = True
-                out.append({"epoch": epoch, "minibatch": start // p.mini_batch_size,
-                            "policy/clipfrac": float(pg_stats["clipfrac"]),
-                            "policy/approx_kl": float(pg_stats["approx_kl"]),
-                            "ratio_mean": float(pg_stats["ratio_mean"]),
-                            "ratio_min": float(pg_stats["ratio_min"]), "ratio_max": float(pg_stats["ratio_max"]),
-                            "val/clipfrac": float(vf_clipfrac),
-                            "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
-                            "objective/entropy": ppo_math.masked_mean(entropy, m).item()})
-            if not stepped:
+            mark = len(out)
+
+            def attempt(micro: int) -> bool:
+                del out[mark:]  # the failed attempt's passes
+                optimizer.zero_grad(set_to_none=True)
+                roles.plan = dataclasses.replace(roles.plan, train_micro=micro)
+                return _minibatch(roles, b, sc, advantages, returns, p, mb, micro, scaler, step,
+                                  {"epoch": epoch, "minibatch": start // p.mini_batch_size}, out)
+
+            if not adapt_micro_batch("ppo", roles.plan.train_micro, attempt, total=p.mini_batch_size,
+                                     phase="update"):
                 continue
             scaler.unscale_(optimizer)
             out[-1]["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm))
@@ -226,6 +225,45 @@ def ppo_update(roles: PPOModels, optimizer: torch.optim.Optimizer, b: dict, sc: 
             # Gradients are freed, not zeroed: they would otherwise sit in memory through the next rollout.
             optimizer.zero_grad(set_to_none=True)
     return out
+
+
+def _minibatch(roles: PPOModels, b: dict, sc: dict, advantages: torch.Tensor, returns: torch.Tensor, p: PPOConfig,
+               mb: torch.Tensor, micro: int, scaler: torch.amp.GradScaler, step: int, where: dict,
+               out: list[dict]) -> bool:
+    """Forward/backward passes of ``micro`` rollouts over the minibatch ``mb``, gradients accumulated, one stats dict
+    per pass appended to ``out``. Returns whether any pass ran (False: only empty responses)."""
+    mask = b["rmask"]
+    R = b["resp"].shape[1]
+    stepped = False
+    for ms in range(0, len(mb), micro):
+        idx = mb[ms:ms + micro].to(mask.device)
+        m = mask[idx]
+        if m.sum() == 0:  # only empty responses: nothing to train on
+            continue
+        ids, attn, resp = b["ids"][idx], b["attn"][idx], b["resp"][idx]
+        weight = len(idx) / len(mb)
+        # Policy forward and backward first, then the value's: never both graphs at once.
+        new_logprobs, entropy = roles.logprobs("policy", ids, attn, resp, p.temperature, with_entropy=True)
+        pg_loss, pg_stats = ppo_math.policy_loss(new_logprobs, sc["old_logprobs"][idx], advantages[idx], m,
+                                                 p.cliprange)
+        _check_finite(pg_loss, "policy", step)
+        scaler.scale(pg_loss * weight).backward()
+        del new_logprobs
+        new_values = roles.values(ids, attn, n_last=R)
+        vf_loss, vf_clipfrac = ppo_math.value_loss(new_values, sc["old_values"][idx], returns[idx], m,
+                                                   p.cliprange_value)
+        _check_finite(vf_loss, "value", step)
+        scaler.scale(vf_loss * (p.vf_coef * weight)).backward()
+        stepped = True
+        out.append({**where,
+                    "policy/clipfrac": float(pg_stats["clipfrac"]),
+                    "policy/approx_kl": float(pg_stats["approx_kl"]),
+                    "ratio_mean": float(pg_stats["ratio_mean"]),
+                    "ratio_min": float(pg_stats["ratio_min"]), "ratio_max": float(pg_stats["ratio_max"]),
+                    "val/clipfrac": float(vf_clipfrac),
+                    "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
+                    "objective/entropy": ppo_math.masked_mean(entropy, m).item()})
+    return stepped
 
 
 def _check_finite(loss: torch.Tensor, which: str, step: int) -> None:

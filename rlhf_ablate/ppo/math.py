@@ -301,6 +301,19 @@ def compute_gae(
 # Losses
 # ---------------------------------------------------------------------------------------------------------
 
+# The step-0 ratio under bf16 autocast (docs/stack.md, "bf16 and the step-0 ratio"; an estimate from bf16's 8-bit
+# mantissa, not a GPU measurement). Scoring (rollout micro-batch) and the update (train micro-batch) run different batch
+# shapes, so different kernels round the logits to bf16 separately; in fp32 on the CPU the ratio is exactly 1.
+BF16_STEP0_RATIO_MEAN_TOL = 0.01   # |mean ratio - 1| over a micro-batch's response tokens
+
+
+def bf16_step0_token_bound(max_abs_logit: float) -> float:
+    """Worst-case |log ratio| of one token at step 0 under bf16: in each of the two passes the token's log-prob moves
+    by at most half a bf16 ulp (2^-9 relative) of its own logit and of the log-sum-exp's dominant one, so by at most
+    2^-8 * max|z| per pass and 2^-7 * max|z| between them (0.23 nats for logits up to 30)."""
+    return 2 ** -7 * max_abs_logit
+
+
 def policy_loss(
     new_logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,

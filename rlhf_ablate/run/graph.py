@@ -319,11 +319,14 @@ def policy_stages() -> list[str]:
     return ["base", "sft", *METHODS]
 
 
-def estimate_stage_bytes(cfg: TrialConfig, device: str = "cuda") -> dict[str, dict[str, float]]:
+def estimate_stage_bytes(cfg: TrialConfig, device: str = "cuda",
+                         dtype: Optional[str] = None) -> dict[str, dict[str, float]]:
     """Peak memory of each stage of the trial that loads a model, in bytes by component, with ``peak``
     (models/memory.py: Parts and the estimators the stages declare). Stages run one after another and free their
-    models (rlhf_ablate/run/trial.py releases memory between stages), so a trial's peak is its largest stage."""
-    parts = memory.Parts(cfg, device)
+    models (rlhf_ablate/run/trial.py releases memory between stages), so a trial's peak is its largest stage.
+    ``dtype``: the compute dtype of the target device (default: what ``model.compute_dtype`` resolves to there,
+    models/memory.py: target_dtype; ``"float32"`` for ``auto`` on a pre-Ampere GPU)."""
+    parts = memory.Parts(cfg, device, dtype)
     out = {}
     for s in trial_stages(cfg):
         comp = s.memory(cfg, parts) if s.memory is not None else {}
@@ -332,10 +335,11 @@ def estimate_stage_bytes(cfg: TrialConfig, device: str = "cuda") -> dict[str, di
     return out
 
 
-def estimate_trial_memory_gb(cfg: TrialConfig) -> float:
+def estimate_trial_memory_gb(cfg: TrialConfig, dtype: Optional[str] = None) -> float:
     """Estimated peak GPU memory of one trial, in GiB, used to pack trials on GPUs and refuse impossible ones:
-    ``FRAGMENTATION * max(stage peaks) + CUDA_OVERHEAD_GIB``."""
-    stages = estimate_stage_bytes(cfg, "cuda")
+    ``FRAGMENTATION * max(stage peaks) + CUDA_OVERHEAD_GIB``, every stage (eval and compare included) in ``dtype``
+    (see :func:`estimate_stage_bytes`)."""
+    stages = estimate_stage_bytes(cfg, "cuda", dtype)
     return memory.FRAGMENTATION * max(st["peak"] for st in stages.values()) / memory.GIB + memory.CUDA_OVERHEAD_GIB
 
 

@@ -1,11 +1,19 @@
 """Measured peak memory of a trial's stages: the truth the memory estimate (rlhf_ablate/models/memory.py) is
 checked against (benchmarks/bench_memory.py) and what ``resources.gpu: probe`` packs by (rlhf_ablate/launch/resources.py).
 
-Each training stage of the trial's graph (SFT, RM, the method; rlhf_ablate/run/graph.py) runs for real, shortened to a step or two, in a fresh process on data whose every text
-fills the configured lengths (``model.max_length``, ``ppo.max_prompt_length``), so the measurement is the worst case
-the estimate describes. The peak is taken over the stage's training part, from the moment its model is loaded and
-prepared to the moment training ends (the SFT merge that follows runs on the CPU on every device and is not part of a
-GPU's peak), relative to the process before the model was loaded. The stage marks those two points itself
+Each training stage of the trial's graph (SFT, RM, the method; rlhf_ablate/run/graph.py) and the method's eval stage
+run for real, shortened to a step or two, in a fresh process on data whose every text fills the configured lengths
+(``model.max_length``, ``ppo.max_prompt_length``), so the measurement is the worst case the estimate describes. The
+peak is taken over the stage's training part, from the moment its model is loaded and prepared to the moment training
+ends (the SFT merge that follows runs on the CPU on every device and is not part of a GPU's peak), relative to the
+process before the model was loaded; for eval, from the policy's load to the end of the KL pass (greedy answers of
+``memory.EVAL_GENERATE_MICRO`` prompts, the RM's scoring, the KL pass at the rollout micro-batch).
+
+Not probed: ``eval_base``, ``score_base`` and ``eval_sft`` (the same passes as the method's eval with fewer models:
+the base or SFT policy, no KL pass or no policy), and ``compare``, whose only model is an RM from another run
+(``eval.judge_rm_from``), scored :data:`memory.EVAL_SCORE_MICRO` rows at a time: the method's eval loads an RM of the
+trial's own shape beside its policy and scores the same rows, so it bounds compare's peak when the judge RM has the
+trial's base model (the estimate assumes that too, models/memory.py: compare_bytes). The stage marks those two points itself
 (rlhf_ablate/runtime.py: stage_hooks); the probe observes them, it patches nothing:
 
 - on a GPU: ``torch.cuda.max_memory_allocated`` (reset after loading) minus what was allocated before loading;
@@ -36,7 +44,8 @@ _FILL_CHARS = 6000
 def probe_overrides(cfg: Any) -> dict:
     """Dotted overrides that shorten a trial to what its peak needs: one or two optimizer steps per TRL stage (the
     second step holds the AdamW state), and one PPO step whose rollout is one generation/scoring micro-batch and whose
-    update is one minibatch of one forward/backward micro-batch (the phases' sizes stay as configured)."""
+    update is one minibatch of one forward/backward micro-batch (the phases' sizes stay as configured; eval keeps
+    ``eval.max_new_tokens``: its generation's KV cache is part of its peak)."""
     p = cfg.ppo
     micro = min(p.rollout_micro_batch_size, p.rollout_batch_size)
     train_micro = max(1, p.mini_batch_size // p.grad_accum)
@@ -46,8 +55,7 @@ def probe_overrides(cfg: Any) -> dict:
     trl_steps = {f"{m}.max_steps": 2 for m, c in METHOD_CONFIGS.items() if "max_steps" in c.__dataclass_fields__}
     return {"sft.max_steps": 2, "rm.max_steps": 2, **trl_steps, "ppo.total_episodes": rollout,
             "ppo.rollout_batch_size": rollout, "ppo.rollout_micro_batch_size": micro,
-            "ppo.mini_batch_size": train_micro, "ppo.grad_accum": 1, "ppo.ppo_epochs": 1,
-            "eval.max_new_tokens": 1}
+            "ppo.mini_batch_size": train_micro, "ppo.grad_accum": 1, "ppo.ppo_epochs": 1}
 
 
 def fill_data(cfg: Any, tokenizer: Any) -> Any:
@@ -60,7 +68,10 @@ def fill_data(cfg: Any, tokenizer: Any) -> Any:
     from ..data.records import PromptExample, RankedGroup, SFTExample
 
     text = " ".join(" ".join(corpus_texts()).split())
-    n = max(cfg.sft.batch_size, cfg.rm.batch_size, cfg.dpo.batch_size) * 3 + cfg.ppo.rollout_batch_size
+    from ..models.memory import EVAL_GENERATE_MICRO
+
+    n_eval = max(EVAL_GENERATE_MICRO, min(cfg.ppo.rollout_micro_batch_size, cfg.ppo.rollout_batch_size))
+    n = max(cfg.sft.batch_size, cfg.rm.batch_size, cfg.dpo.batch_size) * 3 + max(cfg.ppo.rollout_batch_size, n_eval)
 
     def chunk(i: int, chars: int = _FILL_CHARS) -> str:
         start = (i * 977) % max(1, len(text) - chars)
@@ -82,7 +93,7 @@ def fill_data(cfg: Any, tokenizer: Any) -> Any:
     groups = [RankedGroup(f"r{i}", rm_prompt[i], (fitted(rm_prompt[i], i + 2), fitted(rm_prompt[i], i + 3)), (1, 2))
               for i in range(n)]
     prompts = [PromptExample(f"p{i}", chunk(i + 4), chunk(i + 5, 40)) for i in range(n)]
-    return DataBundle(sft_train=sft, rm_train=groups, rm_eval=groups[:2], ppo_prompts=prompts, eval=prompts[:2],
+    return DataBundle(sft_train=sft, rm_train=groups, rm_eval=groups[:2], ppo_prompts=prompts, eval=prompts[:n_eval],
                       version="probe", fingerprint="probe")
 
 
@@ -224,12 +235,21 @@ def trained_stages(config_dict: dict) -> tuple[str, ...]:
     return tuple(s.name for s in trial_stages(build_trial_config(config_dict, "<probe>")) if s.trains)
 
 
+def probed_stages(config_dict: dict) -> tuple[str, ...]:
+    """What the probe measures, in run order: the training stages (:func:`trained_stages`) and the method's eval
+    (the module docstring says why the other eval stages and compare are not measured)."""
+    from ..config import build_trial_config
+
+    return (*trained_stages(config_dict), "eval_" + build_trial_config(config_dict, "<probe>").method)
+
+
 def measure_stages(config_dict: dict, work: Path, device: str, stages: tuple[str, ...] | None = None,
                    timeout: float = 3600) -> dict[str, dict]:
-    """The trial's training stages in run order, each measured in its own process on the artifacts of the ones
-    before it; ``stages`` (default: all of them) are returned, and the stages they build on run too."""
+    """The trial's probed stages (:func:`probed_stages`) in run order, each measured in its own process on the
+    artifacts of the ones before it; ``stages`` (default: all of them) are returned, and the stages they build on run
+    too."""
     work.mkdir(parents=True, exist_ok=True)
-    order = trained_stages(config_dict)
+    order = probed_stages(config_dict)
     wanted = set(order if stages is None else stages)
     last = max((order.index(s) for s in wanted if s in order), default=-1)
     res: dict[str, dict] = {}

@@ -32,7 +32,7 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
     it (else it is loaded here)."""
     from ..data import load_data
     from ..files import read_json
-    from ..runtime import release_memory, set_threads
+    from ..runtime import MicroBatchOutOfMemory, recording_retries, release_memory, set_threads
     from .graph import Ctx, stage_keys, trial_stages
 
     set_threads(threads)
@@ -46,6 +46,7 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
     emit = on_step or (lambda _e: None)
     t_start = time.perf_counter()
     stage = "data"
+    retries: list[dict] = []
 
     def step_cb(event: dict) -> None:
         emit(event)
@@ -65,9 +66,12 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
         for s in stages:  # run order: each stage after its upstream ones (rlhf_ablate/run/graph.py)
             stage = s.name
             emit({"stage": s.name, "event": "start"})
-            r = cache.run(s.bucket, keys[s.name], lambda out, s=s: s.build(ctx, out), s.promises(cfg))
+            with recording_retries(lambda ev: emit({**ev, "event": "oom_retry"})) as retries:
+                r = cache.run(s.bucket, keys[s.name], lambda out, s=s: _build(s, ctx, out), s.promises(cfg))
             release_memory()  # the stage's models are gone: give their memory back before the next one loads
             result["timings"][s.name] = r.timing()
+            if (r.path / RETRIES_FILE).is_file():  # how the artifact was built, also on a cache hit
+                result["timings"][s.name]["oom_retries"] = read_json(r.path / RETRIES_FILE)
             if r.repaired:
                 emit({"stage": s.name, "event": "repaired", "reason": f"{s.bucket}/{r.key}: {r.repaired}"})
             emit({"stage": s.name, "event": "end", "cache_hit": r.hit, "seconds": r.seconds})
@@ -90,8 +94,12 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
         if overopt.is_file():
             result["overoptimization"] = read_json(overopt)
     except Exception as e:  # noqa: BLE001 - a trial failure is recorded, never raised: the sweep goes on
+        if isinstance(e, MicroBatchOutOfMemory):
+            e = out_of_memory_failure(cfg, stage, e)
         result["status"] = "failed"
         result["error"] = error_record(type(e).__name__, str(e), stage)
+        if retries and stage not in result["timings"]:  # the failed stage's retries, before its last attempt
+            result["error"]["oom_retries"] = list(retries)
         (tdir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
         emit({"stage": stage, "event": "failed", "error": f"{type(e).__name__}: {e}"[:300]})
     result["versions"].update(_builtin_weights(cfg))
@@ -101,6 +109,40 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
     if tracker is not None:
         _track_final(tracker, cfg, result)
     return result
+
+
+RETRIES_FILE = "oom_retries.json"   # in a stage's artifact: its micro-batch retries (rlhf_ablate/runtime.py)
+
+
+def _build(s: Any, ctx: Any, out: Path) -> None:
+    """Build stage ``s`` into ``out``, with its out-of-memory retries (if any) in ``out/oom_retries.json``."""
+    from ..files import write_json
+    from ..runtime import recording_retries
+
+    with recording_retries() as retries:
+        s.build(ctx, out)
+    if retries:
+        write_json(out / RETRIES_FILE, retries)
+
+
+def out_of_memory_failure(cfg: TrialConfig, stage: str, e: Exception) -> Exception:
+    """The TrialFailed of a stage that ran out of memory at a micro-batch of 1: what it measured and what the memory
+    estimate (rlhf_ablate/models/memory.py, per stage in rlhf_ablate/run/graph.py) expected on this device."""
+    from ..errors import TrialFailed
+    from ..models import memory
+    from .graph import estimate_stage_bytes
+
+    try:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        est = estimate_stage_bytes(cfg, device).get(stage, {}).get("peak")
+        est_text = (f"{est / memory.GIB:.2f} GiB of tensors estimated on {device}" if est is not None
+                    else "no estimate (the stage loads no model)")
+    except Exception as err:  # noqa: BLE001 - the estimate must not hide the out-of-memory error
+        est_text = f"no estimate ({type(err).__name__}: {err})"
+    return TrialFailed(f"{e} (the memory estimate for stage {stage}: {est_text}). Lower the stage's batch or "
+                       f"sequence lengths, or give the trial more memory (resources.gpu).")
 
 
 def _builtin_weights(cfg: TrialConfig) -> dict:

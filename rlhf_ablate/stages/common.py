@@ -1,17 +1,21 @@
 """The one recipe of a TRL-trained stage (SFT, RM, DPO, GRPO, RLOO): load the stage's model with the 4-bit rule and
 prepare its adapters (:func:`load_for_training`), TRL arguments that are right on CPU and GPU (:func:`train_args`),
 train with the dtype fix and the stage hooks (:func:`fit`), save the adapter or the whole model
-(:func:`save_trained`), and remove the trainer's scratch directory (:func:`clean_up`)."""
+(:func:`save_trained`), and remove the trainer's scratch directory (:func:`clean_up`). On an out-of-memory error the
+stage restarts with half the micro-batch and twice the accumulation (:func:`adaptive_trl_stage`)."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
 from .. import models
-from ..runtime import stage_hooks
+from ..runtime import adapt_micro_batch, stage_hooks
+
+T = TypeVar("T")
 
 TRAINER_DIR = "trainer"   # TRL's output_dir inside the artifact: scratch, removed before the artifact is complete
 
@@ -44,6 +48,21 @@ def clean_up(out: Path) -> None:
     shutil.rmtree(out / TRAINER_DIR, ignore_errors=True)
 
 
+def adaptive_trl_stage(stage: str, section, out: Path, body: Callable[[int, int], T]) -> T:
+    """``body(batch_size, grad_accum)``: a TRL stage run whole with ``per_device_train_batch_size`` and
+    ``gradient_accumulation_steps``. It starts with the section's settings; on an out-of-memory error the batch
+    halves (to a divisor of ``section.batch_size``), the accumulation grows by the same factor, so the effective
+    batch stays ``batch_size * grad_accum``, and the stage restarts from its seed (rlhf_ablate/runtime.py:
+    adapt_micro_batch records the retry)."""
+    b, ga = section.batch_size, section.grad_accum
+
+    def attempt(micro: int) -> T:
+        clean_up(out)  # a failed attempt's trainer scratch
+        return body(micro, ga * (b // micro))
+
+    return adapt_micro_batch(stage, b, attempt, total=b)
+
+
 def trl_common_args(output_dir: Path, seed: int, *, lr: float, epochs: float, max_steps: int, batch_size: int,
                     grad_accum: int, dtype: str, warmup_ratio: float = 0.0, weight_decay: float = 0.0) -> dict:
     """TRL config arguments that are right on a laptop CPU and on a GPU alike.
@@ -69,13 +88,15 @@ def trl_common_args(output_dir: Path, seed: int, *, lr: float, epochs: float, ma
     )
 
 
-def train_args(p, output_dir: Path, seed: int, model_cfg) -> dict:
+def train_args(p, output_dir: Path, seed: int, model_cfg, micro: tuple[int, int] | None = None) -> dict:
     """:func:`trl_common_args` from a stage's shared training part (config.schema.TrainParams) and the trial's
-    ``model`` config (its compute dtype)."""
+    ``model`` config (its compute dtype). ``micro``: (batch size, accumulation) in place of the section's, after an
+    out-of-memory retry (:func:`adaptive_trl_stage`)."""
     from ..models import compute_dtype
 
+    batch_size, grad_accum = micro or (p.batch_size, p.grad_accum)
     return trl_common_args(output_dir, seed, lr=p.learning_rate, epochs=p.epochs, max_steps=p.max_steps,
-                           batch_size=p.batch_size, grad_accum=p.grad_accum, dtype=compute_dtype(model_cfg),
+                           batch_size=batch_size, grad_accum=grad_accum, dtype=compute_dtype(model_cfg),
                            warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay)
 
 

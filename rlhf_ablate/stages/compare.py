@@ -28,6 +28,8 @@ from ..files import read_json, write_json
 from ..rundir import artifact_path, cache_root_of, read_result, run_dir_of_trial
 from ..metrics.embedding import similarities
 from ..metrics.winrate import outcome_from_scores, outcome_from_verdicts, summarize_outcomes
+from ..models.memory import EVAL_SCORE_MICRO
+from ..runtime import adapt_micro_batch
 
 SELF_JUDGED = ("the trial's own RM judged: the policy was optimised against it (or, for DPO, on the same "
                "preferences), so this win rate flatters the policy; set eval.judge_rm_from to an independent RM")
@@ -66,8 +68,10 @@ def _rm_outcomes(cfg: TrialConfig, mine: list[dict], theirs: list[dict]) -> list
     rm, tok = models.load_rm(other, rm_dir, sft_dir)
     score = models.seq_cls_scorer(rm)
     prompts = [a["prompt"] for a in mine]
-    s_mine = models.score_texts(score, tok, prompts, [a["generation"] for a in mine], other.model.max_length)
-    s_theirs = models.score_texts(score, tok, prompts, [b["generation"] for b in theirs], other.model.max_length)
+    # rows per pass as the memory estimate reads them, halved on an out-of-memory error (runtime.adapt_micro_batch)
+    s_mine, s_theirs = (adapt_micro_batch("compare", EVAL_SCORE_MICRO, lambda m, rows=rows: models.score_texts(
+        score, tok, prompts, [a["generation"] for a in rows], other.model.max_length, batch_size=m), phase="scoring")
+        for rows in (mine, theirs))
     return [outcome_from_scores(x, y) for x, y in zip(s_mine, s_theirs)]
 
 

@@ -10,10 +10,14 @@ from ..config import TrialConfig
 from ..data.prompting import format_prompt, normalize
 from ..files import write_json
 from ..runtime import seed_everything
-from .common import TRAINER_DIR, clean_up, fit, load_for_training, save_trained, train_args
+from .common import TRAINER_DIR, adaptive_trl_stage, clean_up, fit, load_for_training, save_trained, train_args
 
 
 def train_dpo(cfg: TrialConfig, data, sft_dir: Path, out: Path) -> None:
+    adaptive_trl_stage("dpo", cfg.dpo, out, lambda b, ga: _train_dpo(cfg, data, sft_dir, out, (b, ga)))
+
+
+def _train_dpo(cfg: TrialConfig, data, sft_dir: Path, out: Path, micro: tuple[int, int]) -> None:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -23,7 +27,7 @@ def train_dpo(cfg: TrialConfig, data, sft_dir: Path, out: Path) -> None:
     rows = [{"prompt": format_prompt(p.prompt), "chosen": normalize(p.chosen), "rejected": normalize(p.rejected)}
             for g in data.rm_train for p in g.pairs()]
     d = cfg.dpo
-    args = DPOConfig(**train_args(d, out / TRAINER_DIR, cfg.seed, cfg.model), beta=d.beta,
+    args = DPOConfig(**train_args(d, out / TRAINER_DIR, cfg.seed, cfg.model, micro), beta=d.beta,
                      max_length=cfg.model.max_length)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     history = fit(trainer, cfg)

@@ -9,6 +9,9 @@ Every number is also kept per prompt (records), so that analysis can pair trials
 metrics are computed from those records by the metric registry (rlhf_ablate/metrics/registry.py), the same
 reducers the tables use.
 
+Each micro-batched pass (greedy generation, RM scoring, the KL pass) reruns with half its micro-batch after an
+out-of-memory error (rlhf_ablate/runtime.py: adapt_micro_batch); no pass accumulates, so the numbers are the same.
+
 The base model is evaluated in two cached steps (rlhf_ablate/run/trial.py): :func:`generate_base` (its greedy
 answers depend on the model, the data and the eval settings only, so one artifact serves every seed and every
 reward model) and :func:`score_base` (the trial's RM scores those answers: per trial, and cheap).
@@ -16,6 +19,7 @@ reward model) and :func:`score_base` (the trial's RM scores those answers: per t
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -26,7 +30,8 @@ from ..files import read_json, write_json
 from ..metrics.registry import compute_stage_metrics
 from ..ppo.math import token_logprobs
 from ..ppo.rollout import build_batch
-from ..runtime import seed_everything
+from ..models.memory import EVAL_GENERATE_MICRO, EVAL_SCORE_MICRO
+from ..runtime import adapt_micro_batch, release_memory, seed_everything, stage_hooks
 from ..models import (autocast, eval_mode, generate, load_causal_lm, load_policy, load_rm, load_tokenizer,
                       position_ids, ppo_plan, model_shape, resolve_base, sampling_for, score_texts, seq_cls_scorer)
 
@@ -43,12 +48,19 @@ def _response_logprobs(model, b: dict, chunk: int, cfg: TrialConfig) -> torch.Te
     return token_logprobs(logits, b["resp"], 1.0, chunk)[0]
 
 
-def kl_to_reference(cfg: TrialConfig, policy, ref, tok, prompts: list[str]) -> list[float]:
+# eval's greedy answers and RM scoring: rows per pass, as the memory estimate reads them (memory.eval_bytes)
+GENERATE_MICRO, SCORE_MICRO = EVAL_GENERATE_MICRO, EVAL_SCORE_MICRO
+
+
+def kl_to_reference(cfg: TrialConfig, policy, ref, tok, prompts: list[str], micro: int | None = None) -> list[float]:
     """KL(policy || reference) per prompt, summed over the tokens of one temperature-1 sample (a KL is an expectation
     under the policy's own samples). Sampled and scored ``ppo.rollout_micro_batch_size`` prompts at a time with the
-    response-only, chunked log-probs of PPO's scoring, so eval stays inside the memory PPO's plan allows."""
+    response-only, chunked log-probs of PPO's scoring, so eval stays inside the memory PPO's plan allows (``micro``:
+    fewer prompts at a time, after an out-of-memory error)."""
     shape = model_shape(cfg.model)
     plan = ppo_plan(cfg.ppo, shape.params, shape.vocab)
+    if micro is not None:
+        plan = dataclasses.replace(plan, rollout_micro=micro)
     torch.manual_seed(cfg.seed + 1)
     sampled = generate(policy, tok, prompts, **sampling_for(cfg, "eval_kl").kwargs(), batch_size=plan.rollout_micro)
     dev = next(policy.parameters()).device
@@ -70,17 +82,30 @@ def evaluate_policy(cfg: TrialConfig, data, stage: str, sft_dir: Path, rm_dir: P
                     out: Path) -> None:
     seed_everything(cfg.seed)
     policy, ref, tok = load_policy(cfg, sft_dir, policy_dir)
+    # the memory probe (run/probe.py) measures from here to the end of the KL pass, the RM's load included
+    stage_hooks().model_ready(*(m for m in (policy, ref) if isinstance(m, torch.nn.Module)))
     examples = list(data.eval)
     prompts = [e.prompt for e in examples]
     e = cfg.eval
-    greedy = generate(policy, tok, prompts, **sampling_for(cfg, "eval").kwargs())
+    name = f"eval_{stage}"
+    greedy = adapt_micro_batch(name, GENERATE_MICRO, lambda m: generate(
+        policy, tok, prompts, **sampling_for(cfg, "eval").kwargs(), batch_size=m), phase="generation")
     preds = [g["text"] for g in greedy]
     tm = metrics.text_metrics(preds, [x.reference or "" for x in examples], rouge_tokenizer=e.rouge_tokenizer,
                               bleu_tokenize=e.bleu_tokenize)
     rm_model, rm_tok = load_rm(cfg, rm_dir, sft_dir)
-    rewards = score_texts(seq_cls_scorer(rm_model), rm_tok, prompts, preds, cfg.model.max_length)
-    del rm_model
-    kls = kl_to_reference(cfg, policy, ref, tok, prompts) if ref is not None else [0.0] * len(prompts)
+    scorer = seq_cls_scorer(rm_model)
+    rewards = adapt_micro_batch(name, SCORE_MICRO, lambda m: score_texts(
+        scorer, rm_tok, prompts, preds, cfg.model.max_length, batch_size=m), phase="scoring")
+    del rm_model, scorer
+    release_memory()  # the RM is part of the scoring phase only (memory.eval_bytes)
+    if ref is None:
+        kls = [0.0] * len(prompts)
+    else:
+        shape = model_shape(cfg.model)
+        kls = adapt_micro_batch(name, ppo_plan(cfg.ppo, shape.params, shape.vocab).rollout_micro,
+                                lambda m: kl_to_reference(cfg, policy, ref, tok, prompts, m), phase="kl")
+    stage_hooks().trained()
     records = []
     for x, g, r, rw, kl in zip(examples, greedy, tm.records, rewards, kls):
         records.append({"data_id": x.data_id, "prompt": x.prompt, "reference": x.reference, "generation": g["text"],
@@ -100,7 +125,9 @@ def generate_base(cfg: TrialConfig, data, out: Path) -> None:
     model = load_causal_lm(cfg.model, base, quantize=cfg.model.quantization != "none")
     examples = list(data.eval)
     e = cfg.eval
-    greedy = generate(model, tok, [x.prompt for x in examples], **sampling_for(cfg, "eval").kwargs())
+    greedy = adapt_micro_batch("eval_base", GENERATE_MICRO, lambda m: generate(
+        model, tok, [x.prompt for x in examples], **sampling_for(cfg, "eval").kwargs(), batch_size=m),
+        phase="generation")
     tm = metrics.text_metrics([g["text"] for g in greedy], [x.reference or "" for x in examples],
                               rouge_tokenizer=e.rouge_tokenizer, bleu_tokenize=e.bleu_tokenize)
     records = [{"data_id": x.data_id, "prompt": x.prompt, "reference": x.reference, "generation": g["text"], **r,
@@ -114,8 +141,10 @@ def score_base(cfg: TrialConfig, sft_dir: Path, rm_dir: Path, base_dir: Path, ou
     """The trial's RM scores the base model's answers; writes the ``base/`` metrics and records."""
     records = read_json(base_dir / "records.json")
     rm_model, rm_tok = load_rm(cfg, rm_dir, sft_dir)
-    rewards = score_texts(seq_cls_scorer(rm_model), rm_tok, [r["prompt"] for r in records],
-                          [r["generation"] for r in records], cfg.model.max_length)
+    scorer = seq_cls_scorer(rm_model)
+    rewards = adapt_micro_batch("score_base", SCORE_MICRO, lambda m: score_texts(
+        scorer, rm_tok, [r["prompt"] for r in records], [r["generation"] for r in records], cfg.model.max_length,
+        batch_size=m), phase="scoring")
     records = [{**r, "reward": rw} for r, rw in zip(records, rewards)]
     write_json(out / "metrics.json", compute_stage_metrics("base", records))
     write_json(out / "records.json", records)

@@ -25,7 +25,7 @@ from ..errors import TrialFailed
 from ..files import write_json
 from ..metrics.verifiable import verifiable_reward
 from ..runtime import seed_everything
-from .common import TRAINER_DIR, clean_up, fit, load_for_training, save_trained, train_args
+from .common import TRAINER_DIR, adaptive_trl_stage, clean_up, fit, load_for_training, save_trained, train_args
 
 METHODS = ("grpo", "rloo")
 
@@ -86,11 +86,16 @@ def answer_text(completion: str) -> str:
 
 
 def train_online_rl(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path) -> None:
+    if cfg.method not in METHODS:
+        raise ValueError(f"train_online_rl trains {METHODS}, not {cfg.method!r}")
+    adaptive_trl_stage(cfg.method, getattr(cfg, cfg.method), out,
+                       lambda b, ga: _train_online_rl(cfg, data, sft_dir, rm_dir, out, (b, ga)))
+
+
+def _train_online_rl(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path, micro: tuple[int, int]) -> None:
     from datasets import Dataset
 
     method = cfg.method
-    if method not in METHODS:
-        raise ValueError(f"train_online_rl trains {METHODS}, not {method!r}")
     if method == "grpo":
         from trl import GRPOConfig as TrlConfig, GRPOTrainer as Trainer
     else:
@@ -101,7 +106,7 @@ def train_online_rl(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Pa
     model, tok = load_for_training(cfg, o, str(sft_dir / "model"))
     tok.padding_side = "left"  # decoder-only sampling needs right-aligned prompts
     rows = reward_prompts(cfg, data)
-    common = train_args(o, out / TRAINER_DIR, cfg.seed, cfg.model)
+    common = train_args(o, out / TRAINER_DIR, cfg.seed, cfg.model, micro)
     common["remove_unused_columns"] = False  # the reward function reads raw_prompt and reference
     args = TrlConfig(**common, **trl_sampling_args(cfg), beta=o.beta, log_completions=False,
                      # The RM rewards of one prompt's group are compared with each other: no global scaling needed.

@@ -18,7 +18,8 @@ from ..data.splits import gold_fold
 from ..files import write_json
 from ..runtime import seed_everything
 from ..models import rm_base_path, score_texts, seq_cls_scorer
-from .common import TRAINER_DIR, clean_up, fit, load_for_training, save_trained, train_args
+from ..models.memory import EVAL_SCORE_MICRO
+from .common import TRAINER_DIR, adaptive_trl_stage, clean_up, fit, load_for_training, save_trained, train_args
 
 
 # Seeds of the ensemble members: member k trains with seed + k * MEMBER_SEED_STRIDE (member 0 is the trial's RM);
@@ -39,15 +40,22 @@ def rm_groups(cfg: TrialConfig, data, gold: bool = False) -> list:
 def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path, *, member: int = 0,
              gold: bool = False) -> None:
     """The trial's RM (``member`` 0), an ensemble member (other seeds), or the gold RM (``gold``: its fold and
-    ``rm.gold_max_steps``)."""
+    ``rm.gold_max_steps``); restarted with a smaller micro-batch after an out-of-memory error
+    (stages/common.py: adaptive_trl_stage)."""
+    r = cfg.rm
+    if gold and r.gold_max_steps > 0:
+        r = dataclasses.replace(r, max_steps=r.gold_max_steps)
+    adaptive_trl_stage("rm_gold" if gold else "rm", r, out,
+                       lambda b, ga: _train_rm(cfg, r, data, sft_dir, out, (b, ga), member, gold))
+
+
+def _train_rm(cfg: TrialConfig, r, data, sft_dir: Path | None, out: Path, micro: tuple[int, int], member: int,
+              gold: bool) -> None:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
     seed = cfg.seed + (GOLD_SEED_OFFSET if gold else member * MEMBER_SEED_STRIDE)
     seed_everything(seed)
-    r = cfg.rm
-    if gold and r.gold_max_steps > 0:
-        r = dataclasses.replace(r, max_steps=r.gold_max_steps)
     model, tok = load_for_training(cfg, r, rm_base_path(cfg, sft_dir), "SEQ_CLS")
     rows = [{"prompt": format_prompt(p.prompt), "chosen": normalize(p.chosen), "rejected": normalize(p.rejected)}
             for g in rm_groups(cfg, data, gold) for p in g.pairs()]
@@ -56,7 +64,7 @@ def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path, *, member:
 
         raise TrialFailed(f"rm: no preference pairs to train on ({'gold' if gold else 'proxy'} fold of "
                           f"{len(data.rm_train)} groups); lower or raise rm.gold_fraction, or use more RM data")
-    args = RewardConfig(**train_args(r, out / TRAINER_DIR, seed, cfg.model),
+    args = RewardConfig(**train_args(r, out / TRAINER_DIR, seed, cfg.model, micro),
                         max_length=cfg.model.max_length,
                         center_rewards_coefficient=r.center_rewards_coefficient or None)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
@@ -96,7 +104,7 @@ def evaluate_rm(cfg: TrialConfig, model, tok, groups) -> tuple[dict, list[dict]]
     score = seq_cls_scorer(model)
     prompts = [g.prompt for g in groups for _ in g.answers]
     answers = [a for g in groups for a in g.answers]
-    flat = score_texts(score, tok, prompts, answers, cfg.model.max_length)
+    flat = score_texts(score, tok, prompts, answers, cfg.model.max_length, batch_size=EVAL_SCORE_MICRO)
     out_groups, i = [], 0
     for g in groups:
         s = flat[i:i + len(g.answers)]

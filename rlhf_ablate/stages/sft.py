@@ -11,10 +11,14 @@ from ..config import TrialConfig
 from ..data.prompting import format_prompt, normalize
 from ..files import write_json
 from ..runtime import seed_everything
-from .common import TRAINER_DIR, clean_up, fit, load_for_training, train_args
+from .common import TRAINER_DIR, adaptive_trl_stage, clean_up, fit, load_for_training, train_args
 
 
 def train_sft(cfg: TrialConfig, data, out: Path) -> None:
+    adaptive_trl_stage("sft", cfg.sft, out, lambda b, ga: _train_sft(cfg, data, out, (b, ga)))
+
+
+def _train_sft(cfg: TrialConfig, data, out: Path, micro: tuple[int, int]) -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -23,7 +27,7 @@ def train_sft(cfg: TrialConfig, data, out: Path) -> None:
     # EOS is appended by TRL to plain-text completions: the model learns to stop, which PPO's
     # missing-EOS penalty relies on.
     rows = [{"prompt": format_prompt(e.prompt), "completion": normalize(e.completion)} for e in data.sft_train]
-    args = SFTConfig(**train_args(cfg.sft, out / TRAINER_DIR, cfg.seed, cfg.model),
+    args = SFTConfig(**train_args(cfg.sft, out / TRAINER_DIR, cfg.seed, cfg.model, micro),
                      max_length=cfg.model.max_length, completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     history = fit(trainer, cfg)
