@@ -13,9 +13,7 @@ from .builtin import _builtin_model_config
 from .loading import _explain_load_errors, _hub_kwargs, compute_dtype, resolve_base, trains_in_4bit
 from .lora import _is_linear_like, lora_target_modules, wants_gradient_checkpointing
 
-# ---------------------------------------------------------------------------------------------------------
-# Sizes and memory
-# ---------------------------------------------------------------------------------------------------------
+# ---- Sizes read from a model config ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -85,9 +83,7 @@ def _shape_cached(cfg: ModelConfig) -> ModelShape:
                       softcap=getattr(text, "final_logit_softcapping", None) is not None, untied_head=untied)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The PPO plan: what the loop does and the estimate assumes (one function, so the two cannot drift apart)
-# ---------------------------------------------------------------------------------------------------------
+# ---- The PPO plan: what the loop does and the estimate assumes (one function, so the two cannot drift apart)
 
 # Float32 bytes of one [chunk, vocab] log-softmax slice (ppo.math.token_logprobs): 64 MiB is 130 positions of a
 # 128k vocabulary, and the whole response of a tiny model's batch in one chunk.
@@ -128,10 +124,8 @@ def param_count(cfg: ModelConfig) -> int:
 
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The memory estimate (what the packer in rlhf_ablate/launch/resources.py reads; benchmarks/bench_memory.py
+# ---- The memory estimate (what the packer in rlhf_ablate/launch/resources.py reads; benchmarks/bench_memory.py
 # measures it against the truth)
-# ---------------------------------------------------------------------------------------------------------
 
 GIB = 1024 ** 3
 CUDA_OVERHEAD_GIB = 0.5   # CUDA context and cuBLAS workspace: outside torch's allocator, so not in the stage sums
