@@ -53,6 +53,10 @@ RULE = ("The rule (rlhf_ablate/ppo/overopt.py; docs/metrics.md, \"Over-optimizat
 def summary_line(run: RunResults) -> Optional[str]:
     w, a = watched(run), affected(run)
     if not w:
+        # Say so where PPO ran unwatched: an absent alarm must not read as "no over-optimization".
+        if any(t.config.get("method", "ppo") == "ppo" for t in run.ok_trials):
+            return ("Over-optimization alarm: off (no PPO trial had a gold signal; set ppo.gold, e.g. with "
+                    "rm.gold=disjoint, or run the bundled `overoptimization` sweep; docs/metrics.md).")
         return None
     ids = ", ".join(f"`{t.trial_id}` (step {onset_step(t)})" for t in a)
     return (f"Over-optimization alarm: fired in {len(a)} of {len(w)} trials with a gold probe"

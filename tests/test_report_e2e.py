@@ -75,6 +75,7 @@ def test_lora_rank_report_has_rm_sft_and_ppo_tables_with_base_rows(reports):
         assert (rep / png).stat().st_size > 10_000
         assert (rep / png.replace(".png", ".svg")).stat().st_size > 10_000
     assert "No Korean font" not in md
+    assert "Over-optimization alarm: off (no PPO trial had a gold signal" in md   # unwatched PPO is said so
     page = (rep / "report.html").read_text(encoding="utf-8")   # the same report as one page (test_report_html.py)
     assert page.count('<table class="sortable" id="tbl-lora_rank_') == 3 and page.count("<figure") == 4
 
