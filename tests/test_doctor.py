@@ -71,3 +71,38 @@ def test_doctor_exits_1_naming_a_broken_requirement(builtin_cache, capsys, monke
     assert rc == 1
     assert re.search(r"PROBLEM: 4-bit is requested \(model\.quantization\).*no kernel for this device", out)
     assert "largest trial" not in out  # stopped before measuring anything
+
+
+def test_doctor_measures_and_forecasts_the_overoptimization_work(builtin_cache, capsys):
+    """The overoptimization sweep, made small: the largest trial (an ensemble reward with a gold RM) builds its gold
+    RM and ensemble members, PPO holds them, the gold probe is measured phase by phase, and the forecast has the
+    rm_gold / rm_ensemble stages and the probe's time inside PPO's."""
+    from rlhf_ablate.files import read_json
+    from rlhf_ablate.models import ensure_builtin
+
+    ensure_builtin("tiny-llama")
+    capsys.readouterr()
+    # ppo.max_new_tokens=64 makes PPO the largest stage, where the ensemble's members and the gold RM weigh
+    small = ("ppo.max_new_tokens=64", "ppo.gold_probe_size=4", "ppo.gold_every=2", "ppo.total_episodes=64")
+    rc, out, seconds = _doctor(capsys, "overoptimization", *small)
+    assert rc == 0, out
+    assert re.search(r"^largest trial: #1 .*ppo\.reward=ensemble_mean", out, re.M), out
+    for phase in ("rm_gold", "rm_ensemble", "probe_generation", "probe_proxy", "probe_gold", "scoring", "eval"):
+        m = re.search(rf"^{phase}\s+.*?\s(\d+\.\d+)\s+not measured \(CPU\)\s+(\d+\.\d+)$", out, re.M)
+        assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, (phase, out)
+    line = re.search(r"^  #1 t\w+ \(ppo\.reward=ensemble_mean, seed=0\): [\d.e-]+ h  \((.*)\)$", out, re.M)
+    assert line, out
+    mins = {k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) min", line.group(1))}
+    assert mins["rm_gold"] > 0 and mins["rm_ensemble"] > 0 and mins["ppo"] > 0, line.group(1)
+    probe = float(re.search(r"\(gold probe ([\d.]+)\)", line.group(1)).group(1))
+    assert 0 < probe < mins["ppo"]
+    single = re.search(r"^  #0 t\w+ \(ppo\.reward=single, seed=0\): [\d.e-]+ h \*  \((.*)\)$", out, re.M)
+    assert single and "rm_ensemble" not in single.group(1) and "rm_gold" in single.group(1), out
+    # 64 episodes / 16 = 4 PPO steps, the probe every 2: at steps 0, 2 and 4
+    recs = [read_json(p) for p in (builtin_cache / "doctor").glob("*.json")]
+    rec = next(r for r in recs if r["basis"] == "measured" and r["sweep"] == "overoptimization")
+    ph = rec["phases"]
+    assert ph["rm_ensemble"]["models"] == 2 and ph["probe_gold"]["gold_models"] == 1
+    expected = 3 * sum(ph[k]["seconds"] for k in ("probe_generation", "probe_proxy", "probe_gold"))
+    assert rec["gold_probe_seconds"] == pytest.approx(expected, rel=1e-6)
+    assert seconds < 120, f"doctor took {seconds:.0f} s"

@@ -6,9 +6,12 @@
 2. For the sweep's largest trial by the memory estimate (rlhf_ablate/run/graph.py: estimate_trial_memory_gb), its
    models built through the real loading path on data that fills the configured lengths (run/probe.py: fill_data),
    and one micro-batch of every phase timed, with its peak memory against the estimate on a GPU:
-   SFT and RM (two optimizer steps of the real stages), PPO's generation, scoring and update (one micro-batch each,
-   on the four roles of ppo/roles.py; another method: two steps of its stage), and eval (one batch of 16 prompts as
-   stages/evaluate.py runs it: greedy answers, RM scores, the KL pass; its loading timed apart).
+   SFT, RM and the over-optimization reward stages rm_gold / rm_ensemble (two optimizer steps of the real stages, of
+   each ensemble member), PPO's generation, scoring and update (one micro-batch each, on the roles of ppo/roles.py
+   with the trial's extra reward models) and, with ``ppo.gold`` set, one gold-probe evaluation (answers, proxy and
+   gold scores of ``ppo.gold_probe_size`` prompts); another method: two steps of its stage; and eval (one batch of
+   16 prompts as stages/evaluate.py runs it: greedy answers, then the RM's scores, then the KL pass; loading timed
+   apart). The measuring is rlhf_ablate/run/doctor_phases.py.
 3. Decode tokens/s of the rollout micro-batch and of eval's greedy answers.
 4. A forecast of the sweep's device-hours, per trial and in all: each stage's measured time per unit (optimizer
    step, rollout micro-batch, eval prompt) times the trial's own counts (SFT and RM steps from the data and
@@ -26,14 +29,13 @@ bf16 where the trials compute in bf16, a compiled backend that cannot build, a p
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..runtime import StageHooks, observe_stages, release_memory
+from .doctor_phases import STEPS, estimates, measure
 from .forecast import EVAL_BATCH, device_name, doctor_dir, forecast_sweep
 
 
@@ -127,202 +129,6 @@ def device_checks(trials: list) -> tuple[list[str], list[str]]:
     return lines, problems
 
 
-# ---- 2. one micro-batch of every phase ----------------------------------------------------------------------------
-
-class Meter:
-    """Time and, on a GPU, peak memory of a block, relative to what was allocated before the models were loaded."""
-
-    def __init__(self):
-        import torch
-
-        self.cuda = torch.cuda.is_available()
-        self.base = torch.cuda.memory_allocated() if self.cuda else 0
-        self.base_reserved = torch.cuda.memory_reserved() if self.cuda else 0
-
-    def start(self) -> None:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        self.t0 = time.perf_counter()
-
-    def stop(self) -> dict:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-        out = {"seconds": time.perf_counter() - self.t0}
-        if self.cuda:
-            out["allocated_bytes"] = torch.cuda.max_memory_allocated() - self.base
-            out["reserved_bytes"] = torch.cuda.max_memory_reserved() - self.base_reserved
-        return out
-
-
-class _Window(StageHooks):
-    """A TRL stage's training, from the prepared model to the end of training (rlhf_ablate/runtime.py)."""
-
-    def __init__(self, meter: Meter):
-        self.meter, self.result = meter, None
-
-    def model_ready(self, *models: Any) -> None:
-        self.meter.start()
-
-    def trained(self) -> None:
-        self.result = self.meter.stop()
-
-
-STEPS = 2  # optimizer steps of each TRL stage measured: the second holds the AdamW state
-
-
-def measure_config(cfg: Any) -> Any:
-    """The trial cut to what the measurement needs: two optimizer steps of each TRL-trained stage."""
-    from ..config import METHOD_CONFIGS
-
-    over = {f"{m}.max_steps": STEPS for m, c in METHOD_CONFIGS.items() if "max_steps" in c.__dataclass_fields__}
-    return cfg.replace(**{"sft.max_steps": STEPS, "rm.max_steps": STEPS, **over})
-
-
-def _trl_stage(node: Any, ctx: Any, out: Path) -> dict:
-    meter = Meter()
-    window = _Window(meter)
-    t0 = time.perf_counter()
-    with observe_stages(window):
-        node.build(ctx, out)
-    if window.result is None:
-        raise RuntimeError(f"doctor: the {node.name} stage ended without training")
-    release_memory()
-    # Loading, preparing, merging and saving: once per stage, whatever its step count.
-    return {**window.result, "steps": STEPS, "fixed_seconds": time.perf_counter() - t0 - window.result["seconds"]}
-
-
-def _ppo_phases(cfg: Any, data: Any, sft: Path, rm: Path, out: Path) -> dict:
-    """Generation, scoring and one update micro-batch of PPO on its four roles, as ppo/loop.py runs them."""
-    import torch
-
-    from ..ppo import math as ppo_math
-    from ..ppo.loop import ppo_update
-    from ..ppo.roles import PPOModels
-    from ..ppo.rollout import build_batch, score_batch
-
-    p = cfg.ppo
-    meter = Meter()
-    t0 = time.perf_counter()
-    roles = PPOModels(cfg, sft, rm)
-    fixed = time.perf_counter() - t0
-    dev = next(roles.model.parameters()).device
-    prompts = [x.prompt for x in data.ppo_prompts][:roles.plan.rollout_micro]
-    res: dict[str, dict] = {}
-    warmup = None
-    if p.generation_backend == "compiled":  # the first call compiles the decode step: once per process, not per step
-        t0 = time.perf_counter()
-        roles.generate(prompts)
-        warmup = time.perf_counter() - t0
-    meter.start()
-    responses = roles.generate(prompts)
-    res["generation"] = {**meter.stop(), "rows": len(prompts),
-                         "tokens": sum(len(r["ids"]) for r in responses), "compile_seconds": warmup}
-    b = build_batch(roles.tokenizer, prompts, responses, dev)
-    meter.start()
-    sc = score_batch(roles, b, p.temperature)
-    res["scoring"] = {**meter.stop(), "rows": len(prompts)}
-    rewards, _ = ppo_math.per_token_rewards(sc["raw_scores"], sc["old_logprobs"], sc["ref_logprobs"], b["rmask"],
-                                            p.kl_coef, p.kl_estimator)
-    adv, ret = ppo_math.compute_gae(rewards, sc["old_values"], b["rmask"], p.gamma, p.lam)
-    n = min(roles.plan.train_micro, len(prompts))
-    keep = lambda d: {k: (v[:n] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in d.items()}  # noqa: E731
-    optimizer = torch.optim.AdamW(roles.trainable_parameters(), lr=p.learning_rate)
-    one = dataclasses.replace(p, ppo_epochs=1, mini_batch_size=n)
-    meter.start()
-    ppo_update(roles, optimizer, keep(b), keep(sc), adv[:n], ret[:n], one, torch.Generator().manual_seed(0))
-    res["update"] = {**meter.stop(), "rows": n}
-    t0 = time.perf_counter()
-    roles.save_policy(out)
-    res["update"]["fixed_seconds"] = fixed + time.perf_counter() - t0  # loading the four roles, saving the policy
-    del roles, optimizer
-    release_memory()
-    return res
-
-
-def _eval_phase(cfg: Any, data: Any, sft: Path, rm: Path, policy_dir: Path) -> dict:
-    """One eval batch as stages/evaluate.py: evaluate_policy runs it (its text metrics aside): the policy's greedy
-    answers, the RM's scores of them, then, with the RM freed, the KL pass. Loading is timed apart."""
-    from ..models import generate, load_policy, load_rm, sampling_for, score_texts, seq_cls_scorer
-    from ..stages.evaluate import kl_to_reference
-
-    prompts = [x.prompt for x in data.eval][:EVAL_BATCH]
-    meter = Meter()
-    t0 = time.perf_counter()
-    policy, ref, tok = load_policy(cfg, sft, policy_dir)
-    rm_model, rm_tok = load_rm(cfg, rm, sft)
-    load = time.perf_counter() - t0
-    if cfg.ppo.generation_backend == "compiled":  # compile the decode steps of both samplings outside the timing
-        generate(policy, tok, prompts, **sampling_for(cfg, "eval").kwargs())
-        if ref is not None:
-            kl_to_reference(cfg, policy, ref, tok, prompts)
-    meter.start()
-    t1 = time.perf_counter()
-    greedy = generate(policy, tok, prompts, **sampling_for(cfg, "eval").kwargs())
-    decode = {"decode_seconds": time.perf_counter() - t1, "decode_tokens": sum(len(g["ids"]) for g in greedy)}
-    score_texts(seq_cls_scorer(rm_model), rm_tok, prompts, [g["text"] for g in greedy], cfg.model.max_length)
-    del rm_model
-    if ref is not None:
-        kl_to_reference(cfg, policy, ref, tok, prompts)
-    out = {**meter.stop(), "rows": len(prompts), "load_seconds": load, **decode}
-    del policy, ref
-    release_memory()
-    return out
-
-
-def measure(cfg: Any, work: Path, say: Callable[[str], None]) -> dict:
-    """Every phase of one trial, one micro-batch each (see the module docstring); ``work`` holds the artifacts."""
-    from .. import models
-    from .graph import Ctx, trial_stages
-    from .probe import fill_data
-
-    mcfg = measure_config(cfg)
-    data = fill_data(mcfg, models.load_tokenizer(mcfg.model))
-    data = dataclasses.replace(data, eval=list(data.ppo_prompts)[:EVAL_BATCH])
-    nodes = {s.name: s for s in trial_stages(mcfg)}
-    dirs: dict[str, Path] = {}
-    phases: dict[str, dict] = {}
-    for name in ("sft", "rm"):
-        say(f"measuring {name} ({STEPS} optimizer steps) ...")
-        dirs[name] = work / name
-        dirs[name].mkdir(parents=True)
-        phases[name] = _trl_stage(nodes[name], Ctx(mcfg, data, dirs=dict(dirs)), dirs[name])
-    m = mcfg.method
-    dirs[m] = work / m
-    dirs[m].mkdir(parents=True)
-    if m == "ppo":
-        say("measuring ppo: generation, scoring, update (one micro-batch each) ...")
-        phases.update(_ppo_phases(mcfg, data, dirs["sft"], dirs["rm"], dirs[m]))
-    else:
-        say(f"measuring {m} ({STEPS} optimizer steps) ...")
-        phases["update"] = _trl_stage(nodes[m], Ctx(mcfg, data, dirs=dict(dirs)), dirs[m])
-    say(f"measuring eval ({EVAL_BATCH} prompts: greedy answers, RM scores, the KL pass) ...")
-    phases["eval"] = _eval_phase(mcfg, data, dirs["sft"], dirs["rm"], dirs[m])
-    release_memory()
-    return phases
-
-
-def estimates(cfg: Any, device: str) -> dict[str, float]:
-    """The memory estimate of each measured phase, in bytes (rlhf_ablate/run/graph.py: estimate_stage_bytes): a
-    phase of PPO is PPO's resident part plus that phase."""
-    from .graph import estimate_stage_bytes
-
-    st = estimate_stage_bytes(cfg, device)
-    out = {k: st[k]["peak"] for k in ("sft", "rm") if k in st}
-    m = st.get(cfg.method, {})
-    resident = m.get("peak", 0.0) - m.get("largest_phase", 0.0)
-    for ph in ("generation", "scoring", "update"):
-        out[ph] = resident + m[f"phase:{ph}"] if f"phase:{ph}" in m else m.get("peak", 0.0)
-    ev = st.get("eval_" + cfg.method)
-    if ev:
-        out["eval"] = ev["peak"]
-    return out
-
-
 # ---- the command ---------------------------------------------------------------------------------------------------
 
 def _mib(b: Optional[float]) -> str:
@@ -380,18 +186,22 @@ def run_doctor(spec: Any, trials: list, work: Path, say: Optional[Callable[[str]
         return 1
     gpu = torch.cuda.is_available()
     est = estimates(cfg, "cuda" if gpu else "cpu")
-    say("phase       unit                     seconds  measured alloc / reserved MiB  estimate MiB")
-    units = {"sft": f"optimizer step (x{STEPS})", "rm": f"optimizer step (x{STEPS})", "generation": "rollout "
-             "micro-batch", "scoring": "rollout micro-batch", "update": "train micro-batch", "eval": f"{EVAL_BATCH} eval prompts"}
+    say("phase            unit                     seconds  measured alloc / reserved MiB  estimate MiB")
+    probe = f"probe of {cfg.ppo.gold_probe_size}"
+    units = {"sft": f"optimizer step (x{STEPS})", "rm": f"optimizer step (x{STEPS})", "rm_gold": f"optimizer step "
+             f"(x{STEPS})", "rm_ensemble": f"opt. step (x{STEPS}) per RM", "generation": "rollout micro-batch",
+             "scoring": "rollout micro-batch", "update": "train micro-batch", "eval": f"{EVAL_BATCH} eval prompts",
+             "probe_generation": probe, "probe_proxy": probe, "probe_gold": probe}
     for ph, r in phases.items():
         unit = units[ph] if not (ph == "update" and cfg.method != "ppo") else f"{cfg.method} step (x{STEPS})"
         mem = (f"{_mib(r.get('allocated_bytes'))} / {_mib(r.get('reserved_bytes'))}" if gpu else "not measured (CPU)")
-        say(f"{ph:<11} {unit:<24} {r['seconds']:8.2f}  {mem:<30} {_mib(est.get(ph))}")
+        say(f"{ph:<16} {unit:<24} {r['seconds']:8.2f}  {mem:<30} {_mib(est.get(ph))}")
     fixed = {ph: r["fixed_seconds"] for ph, r in phases.items() if r.get("fixed_seconds")}
     if "eval" in phases:
         fixed["eval"] = phases["eval"]["load_seconds"]
     say("  once per stage (loading, preparing, merging, saving): "
-        + ", ".join(f"{'ppo' if ph == 'update' and cfg.method == 'ppo' else ph} {v:.2f} s" for ph, v in fixed.items()))
+        + ", ".join(f"{'ppo' if ph == 'update' and cfg.method == 'ppo' else ph} {v:.2f} s"
+                    + (" per RM" if ph == "rm_ensemble" else "") for ph, v in fixed.items()))
     if not gpu:
         say("  memory is measured on a GPU only (torch.cuda.max_memory_allocated/reserved); on the CPU the "
             "estimates are for a GPU run of this trial")
@@ -409,19 +219,23 @@ def run_doctor(spec: Any, trials: list, work: Path, say: Optional[Callable[[str]
     # ---- forecast -------------------------------------------------------------------------------------------
     say("forecast (device-hours on this device; * extrapolated linearly in tokens from the measured trial):")
     rows, total = forecast_sweep(spec, trials, trial, phases, dev)
-    for t, hours, basis, secs in rows:
+    for t, hours, basis, secs, probe in rows:
         axes = ", ".join(f"{k}={v}" for k, v in t.axes.items())
         say(f"  #{t.index} {t.trial_id} ({axes + ', ' if axes else ''}seed={t.seed}): {hours:.4g} h"
             + ("" if basis == "measured" else " *") + "  ("
-            + ", ".join(f"{k} {v / 60:.2f} min" for k, v in secs.items()) + ")")
+            + ", ".join(f"{k} {v / 60:.2f} min" + (f" (gold probe {probe / 60:.2f})" if k == "ppo" and probe else "")
+                        for k, v in secs.items()) + ")")
     say(f"total: {total:.4g} device-hours for {len(trials)} trial(s), stages shared through the stage cache "
         f"counted once ({sum(r[1] for r in rows):.4g} h if none were shared)")
     say("measured: one micro-batch (or two optimizer steps) of each phase of the largest trial, and each stage's "
-        "loading and saving; extrapolated: every count (SFT/RM steps from the data and max_steps/epochs, their batches' padded "
-        "length from a sample of the data, total_episodes // "
-        "rollout_batch_size PPO steps, eval prompts), and for * trials their sizes, linearly in tokens, at the "
-        "measured trial's speed per token (its model, quantization and LoRA ranks); not counted: process start-up, "
-        "reading data, eval's text metrics, compare")
+        "loading and saving (rm_ensemble: per RM); extrapolated: every count (SFT/RM steps from the data and "
+        "max_steps/epochs, the RMs on their fold of rm.gold=disjoint, rm_gold's rm.gold_max_steps, ensemble_size - 1 "
+        "extra RMs, their batches' padded length from a sample of the data, total_episodes // rollout_batch_size PPO "
+        "steps, gold-probe evaluations at step 0, every gold_every steps and the last, eval prompts), and for * "
+        "trials their sizes, linearly in tokens (scoring also in forward passes: 3 + the reward models PPO's reward "
+        "reads), at the measured trial's speed per token (its model, quantization and LoRA ranks); a probe the "
+        "measured trial lacked is its rollout phases per token; not counted: process start-up, reading data, eval's "
+        "text metrics, compare")
     say(f"cached {len(rows)} forecast(s) under {doctor_dir()} (sweep --dry-run shows them)")
     say(f"doctor finished in {time.perf_counter() - t_start:.0f} s: nothing broken")
     return 0
