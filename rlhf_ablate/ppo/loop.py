@@ -17,7 +17,12 @@ two graphs are never alive together (and with gradient checkpointing, each adapt
 that adapter is active). The plan comes from rlhf_ablate/models/memory.py, which the memory estimate reads too.
 On an out-of-memory error (rlhf_ablate/runtime.py: adapt_micro_batch) generation and scoring rerun with half the
 rollout micro-batch, and the update reruns the minibatch with half the train micro-batch, accumulating over twice as
-many passes (the effective minibatch is unchanged); the smaller micro-batch stays for the rest of the stage.
+many passes (the effective minibatch is unchanged); the smaller micro-batch stays for the rest of the stage. The gold
+probe's generation and scoring retry the same way (rlhf_ablate/ppo/gold.py). A retried rollout generation draws
+its samples again, at a different micro-batch, from where the failed attempt left the random stream, so the random
+stream differs from that step on: the run stays valid but is not bit-identical to one that did not hit the error
+(result.json's ``oom_retries`` says that it happened). Scoring and the update are deterministic and reproduce the
+numbers of a run at the smaller micro-batch.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional
 
 import torch
 
@@ -39,10 +44,7 @@ from ..runtime import adapt_micro_batch, seed_everything, stage_hooks
 from . import math as ppo_math
 from .gold import GoldProbe, reward_roles
 from .roles import PPOModels
-from .rollout import build_batch, score_batch
-
-T = TypeVar("T")
-
+from .rollout import build_batch, rollout_adaptive, score_batch
 
 def learning_rate(p: PPOConfig, step: int, n_steps: int) -> float:
     """``ppo.lr_schedule``: constant, or linear decay from the peak at step 1 towards 0 (cleanrl's anneal_lr:
@@ -174,16 +176,6 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
         "ppo/steps": last["step"], "ppo/time_generate": t_gen, "ppo/time_score": t_score,
         "ppo/time_update": t_update, **probe.metrics(), **({"ppo/overopt_stopped": float(stopped)}
                                                             if p.gold != "none" else {})})
-
-
-def rollout_adaptive(roles: PPOModels, phase: str, run: Callable[[], T]) -> T:
-    """``run()`` (generation or scoring, ``roles.plan.rollout_micro`` rows at a time), rerun with half the rollout
-    micro-batch after an out-of-memory error (rlhf_ablate/runtime.py: adapt_micro_batch)."""
-    def attempt(micro: int) -> T:
-        roles.plan = dataclasses.replace(roles.plan, rollout_micro=micro)
-        return run()
-
-    return adapt_micro_batch("ppo", roles.plan.rollout_micro, attempt, phase=phase)
 
 
 def ppo_update(roles: PPOModels, optimizer: torch.optim.Optimizer, b: dict, sc: dict, advantages: torch.Tensor,
