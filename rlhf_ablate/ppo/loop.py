@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from ..config import PPOConfig, TrialConfig
+from ..config.overopt import probe_prompts_problem
 from ..data.splits import hold_out_probe
 from ..errors import TrialFailed
 from ..files import write_json
@@ -71,10 +72,8 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and compute_dtype(cfg.model) == "float16")
     kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
               else ppo_math.FixedKLController(p.kl_coef))
-    if p.gold != "none" and len(data.ppo_prompts) < 2 * p.gold_probe_size:
-        raise TrialFailed(f"ppo: ppo.gold_probe_size={p.gold_probe_size} holds out that many PPO prompts for the gold "
-                          f"probe, but the data has {len(data.ppo_prompts)} (fewer than twice as many); lower "
-                          f"ppo.gold_probe_size or raise data.max_ppo_prompts")
+    if probe_prompts_problem(cfg, len(data.ppo_prompts)):  # run/trial.py checks it before the first stage too
+        raise TrialFailed(f"ppo: {probe_prompts_problem(cfg, len(data.ppo_prompts))}")
     train_rows, probe_rows = (hold_out_probe(data.ppo_prompts, p.gold_probe_size, cfg.data.split_seed)
                               if p.gold != "none" else (data.ppo_prompts, []))
     prompts = [x.prompt for x in train_rows]
