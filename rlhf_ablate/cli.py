@@ -172,9 +172,10 @@ def preflight(spec: Any, trials: list, rows: int | None = 20) -> list[str]:
     """What can be checked before any GPU-second: each distinct data source exists and parses (its first `rows`
     rows for a dry run, rlhf_ablate/data/sources.py: check_source; every row before a real sweep, `rows=None`),
     each distinct base model resolves (rlhf_ablate/models/loading.py: check_base, a few seconds at most without
-    network). Raises the first problem; returns one line per check."""
+    network), PPO's gold probe has its prompts (run/trial.py). Raises the first problem; one line per check."""
     from .data import check_source, read_sources
     from .files import canonical_json
+    from .run.trial import probe_prompt_checks
 
     lines: list[str] = []
     seen: set[str] = set()
@@ -190,6 +191,7 @@ def preflight(spec: Any, trials: list, rows: int | None = 20) -> list[str]:
                                                                for k, r in results.items() if r is not None))
             else:
                 lines.append(f"data {d.source}: {check_source(d, rows)}")
+    lines.extend(probe_prompt_checks(trials))
     models = {}
     for t in trials:
         models.setdefault((t.config.model.base_model, t.config.model.revision), t.config.model)

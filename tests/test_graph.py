@@ -68,6 +68,20 @@ def _env(tmp_path: Path, builtin_cache: Path) -> dict:
             "RAY_AUTH_MODE": "disabled"}
 
 
+def test_eval_keys_follow_the_generation_backend_and_the_gold_rm_only_runs_for_ppo():
+    from rlhf_ablate.run.cache import StageCache
+
+    a = graph.stage_keys(TrialConfig(), StageCache("/x", enabled=False), "fp")
+    b = graph.stage_keys(TrialConfig().replace(**{"ppo.generation_backend": "compiled"}),
+                         StageCache("/x", enabled=False), "fp")
+    moved = {k for k in a if a[k] != b[k]}
+    assert {"eval_base", "eval_sft", "eval_ppo", "ppo"} <= moved and not moved & {"sft", "rm"}
+    # rm.gold=disjoint splits the RM's data for any method, but only PPO with ppo.gold=rm_gold reads a gold RM
+    dpo = [s.name for s in graph.trial_stages(TrialConfig().replace(method="dpo", **{"rm.gold": "disjoint"}))]
+    ppo = [s.name for s in graph.trial_stages(TrialConfig().replace(**{"rm.gold": "disjoint", "ppo.gold": "rm_gold"}))]
+    assert "rm_gold" not in dpo and "rm_gold" in ppo
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("cluster")  # a real sweep through Ray
 def test_a_method_is_one_graph_entry(tmp_path, builtin_cache):

@@ -132,6 +132,34 @@ def test_ppo_update_and_scoring_retry_at_half_the_micro_batch(llama):
         torch.testing.assert_close(params[n], ref_params[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_gold_probe_generation_retries_from_the_probe_seed(llama):
+    """The gold probe's generation runs out of memory above 2 rows: it reruns at 2, reseeded inside the attempt, and
+    its numbers equal a probe run at a rollout micro-batch of 2 from the start (rlhf_ablate/ppo/gold.py)."""
+    from rlhf_ablate.data import load_data
+    from rlhf_ablate.ppo.gold import GoldProbe
+    from rlhf_ablate.runtime import recording_retries
+
+    class Probe(GoldProbe):  # gold = the trial's RM: these roles have no gold RM, and the retry path is the same
+        gold_names = ["reward"]
+
+    cfg, roles = llama[0].ppo_models(FAMILY, llama[1])
+    assert roles.plan.rollout_micro == 4
+    prompts = [x.prompt for x in load_data(cfg.data).ppo_prompts][:8]
+    handle = _oom_above(roles.model.get_base_model().model, 2)
+    torch.manual_seed(123)
+    with recording_retries() as rec:
+        retried = Probe(cfg, prompts)
+        row = retried.evaluate(roles, 0)
+    handle.remove()
+    after_retry = torch.rand(3)  # the probe's forked RNG leaves the caller's stream alone, retry or not
+    assert rec == [{"stage": "ppo", "phase": "probe_generation", "from": 4, "to": 2}] and roles.plan.rollout_micro == 2
+    torch.manual_seed(123)
+    ref = Probe(cfg, prompts)
+    ref_row = ref.evaluate(roles, 0)
+    torch.testing.assert_close(torch.rand(3), after_retry)
+    assert row == ref_row and retried.rows == ref.rows
+
+
 def test_trl_stage_retries_then_a_stage_that_never_fits_fails_the_trial(llama, tmp_path):
     """SFT runs out of memory above 2 rows (sft.batch_size 4: it reruns at 2 with 2 accumulation steps); the reward
     model runs out of memory at any size, so the trial fails at rm with the estimate and the peak in its error."""

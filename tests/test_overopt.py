@@ -223,3 +223,55 @@ def test_progress_line_shows_proxy_gold_and_the_alarm():
     assert "gold=-0.25" in line and "proxy=0.75" in line and "rho=0.5" in line and "OVER-OPTIMIZED" in line
     quiet = {k: v for k, v in ev.items() if "gold" not in k} | {"step": 7}
     assert lines.line(trial, quiet) is None
+    # probed steps keep the 10% cadence (ppo.gold_every=1 probes every step); the alarm prints once, when it fires
+    probed = ev | {"step": 8, "ppo/gold/overoptimized": 0.0}
+    assert lines.line(trial, probed) is None and lines.line(trial, probed | {"step": 10}) is not None
+    assert lines.line(trial, ev | {"step": 11}) is None  # still over-optimized, already said
+    other = SimpleNamespace(trial_id="tother123456", index=1, axes={"ppo.reward": "single"}, seed=0)
+    assert "OVER-OPTIMIZED" in lines.line(other, ev | {"step": 13})
+
+
+def test_probe_prompt_count_is_checked_before_any_stage(tmp_path):
+    """Too few PPO prompts for ppo.gold_probe_size fail the config (data.max_ppo_prompts), the trial at its data
+    stage (before SFT trains), and the launchers' preflight, each naming the key and the count."""
+    from types import SimpleNamespace
+
+    from rlhf_ablate.cli import preflight
+    from rlhf_ablate.config import TrialConfig
+    from rlhf_ablate.data import load_data
+    from rlhf_ablate.errors import ConfigError
+    from rlhf_ablate.run.cache import StageCache
+    from rlhf_ablate.run.trial import run_trial
+
+    gold = {"rm.ensemble_size": 3, "ppo.gold": "ensemble"}
+    with pytest.raises(ConfigError, match=r"'ppo.gold_probe_size' is 32, but data.max_ppo_prompts=40"):
+        TrialConfig().replace(**gold, **{"data.max_ppo_prompts": 40})
+    n = len(load_data(TrialConfig().data).ppo_prompts)
+    cfg = TrialConfig().replace(**gold, **{"ppo.gold_probe_size": n // 2 + 1})
+    res = run_trial(cfg, tmp_path / "runs", cache=StageCache(tmp_path / "stages"))
+    assert res["status"] == "failed" and res["error"]["stage"] == "data" and list(res["timings"]) == ["total"], res
+    assert f"ppo.gold_probe_size={n // 2 + 1}" in res["error"]["message"]
+    assert f"the data has {n} PPO prompts" in res["error"]["message"]
+    trial = SimpleNamespace(config=cfg, index=0, trial_id="t0")
+    spec = SimpleNamespace()
+    with pytest.raises(ConfigError, match=f"trial 0 \\(t0\\): ppo.gold_probe_size={n // 2 + 1} .* {n} PPO"):
+        preflight(spec, [trial])
+    ok = SimpleNamespace(config=TrialConfig().replace(**gold, **{"ppo.gold_probe_size": n // 2}), index=0,
+                         trial_id="t1")
+    assert f"{n} PPO prompts" in "\n".join(preflight(spec, [ok]))
+
+
+def test_memory_probe_data_holds_the_gold_probe():
+    """run/probe.py: fill_data makes enough PPO prompts for the bundled over-optimization sweep's probe, under the
+    memory probe's overrides (what train_ppo checks: config/overopt.py, probe_prompts_problem)."""
+    from rlhf_ablate import models
+    from rlhf_ablate.config.overopt import probe_prompts_problem
+    from rlhf_ablate.config.sweep import expand, load_sweep
+    from rlhf_ablate.config.sweep_files import BUNDLED_DIR
+    from rlhf_ablate.run.probe import fill_data, probe_overrides
+
+    trial = expand(load_sweep(BUNDLED_DIR / "overoptimization.yaml"))[0]
+    cfg = trial.config.replace(**probe_overrides(trial.config))
+    data = fill_data(cfg, models.load_tokenizer(cfg.model))
+    assert cfg.ppo.gold == "rm_gold" and cfg.ppo.gold_probe_size == 48
+    assert len(data.ppo_prompts) >= 2 * 48 and not probe_prompts_problem(cfg, len(data.ppo_prompts))

@@ -63,3 +63,22 @@ def test_detect_gpus_env_override(monkeypatch):
     monkeypatch.setenv("RLHF_ABLATE_GPUS", "lots")
     with pytest.raises(ConfigError):
         detect_gpus()
+
+
+@pytest.mark.parametrize("base, key, value", [
+    ({}, "eval.max_new_tokens", 17),
+    ({}, "ppo.generation_backend", "compiled"),
+    ({"method": "dpo"}, "ppo.generation_backend", "compiled"),  # every method's eval decodes with it
+    ({}, "rm.ensemble_size", 3),
+    ({"rm.ensemble_size": 3}, "ppo.reward", "ensemble_min"),
+    ({"rm.ensemble_size": 3}, "ppo.gold", "ensemble"),
+    ({"rm.ensemble_size": 3, "ppo.gold": "ensemble"}, "ppo.gold_probe_size", 16),
+    ({"method": "dpo"}, "rm.gold", "disjoint"),
+])
+def test_probe_key_follows_what_sets_the_peak(base, key, value):
+    from rlhf_ablate.config import TrialConfig
+    from rlhf_ablate.launch.resources import probe_key
+
+    a = TrialConfig().replace(**base)
+    assert probe_key(a) != probe_key(a.replace(**{key: value}))
+    assert probe_key(a) == probe_key(a.replace(**{"ppo.kl_coef": 0.5}))  # not every key: kl_coef sets no peak

@@ -80,6 +80,23 @@ def validate_overoptimization(cfg: Any, source: str) -> None:
             f"would be judged by its own reward. Use ppo.gold=rm_gold with an ensemble reward.")
     if p.stop_on_overoptimization and p.gold == "none":
         bad("ppo.stop_on_overoptimization", "needs a gold signal: set ppo.gold (rm_gold or ensemble).")
+    cap = cfg.data.max_ppo_prompts
+    if cap and probe_prompts_problem(cfg, cap):
+        bad("ppo.gold_probe_size", f"is {p.gold_probe_size}, but data.max_ppo_prompts={cap} caps the PPO prompts below "
+            f"twice that (the probe holds out {p.gold_probe_size}, PPO trains on the rest): lower "
+            f"ppo.gold_probe_size or raise data.max_ppo_prompts.")
+
+
+def probe_prompts_problem(cfg: Any, n_ppo_prompts: int) -> str:
+    """Why ``n_ppo_prompts`` PPO prompts are too few for the gold probe (``""`` when they are enough): the probe
+    holds out ``ppo.gold_probe_size`` of them and PPO needs at least as many left to train on. Checked on the config
+    (data.max_ppo_prompts), before any stage runs (run/trial.py, the launchers' preflight) and by PPO itself."""
+    p = cfg.ppo
+    if cfg.method != "ppo" or p.gold == "none" or n_ppo_prompts >= 2 * p.gold_probe_size:
+        return ""
+    return (f"ppo.gold_probe_size={p.gold_probe_size} holds out that many PPO prompts for the gold probe, but the "
+            f"data has {n_ppo_prompts} PPO prompts (fewer than twice as many, {2 * p.gold_probe_size}); lower "
+            f"ppo.gold_probe_size or use more PPO prompts (data.max_ppo_prompts, data.ppo_file)")
 
 
 def uses_ensemble(cfg: Any) -> bool:

@@ -46,6 +46,7 @@ class LiveLines:
         self.stream = stream or sys.stdout
         self.metric = spec.scheduler.metric if spec.scheduler.type == "asha" else None
         self.trials: dict[str, Any] = {}
+        self.alarmed: set[str] = set()  # trials whose over-optimization alarm has been printed
 
     def prefix(self, trial: Any) -> str:
         axes = " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in trial.axes.items())
@@ -78,13 +79,18 @@ class LiveLines:
             keys = [self.metric] if self.metric in result else []
             keys += [k for k in KEY_METRICS if k in result and k not in keys]
             shown = " ".join(f"{k.split('/', 1)[-1]}={_fmt(result[k])}" for k in keys[:2])
-            if "ppo/gold/score" in result:  # the probe was scored at this step (rlhf_ablate/ppo/gold.py)
+            # The step's line every 10% of the steps, at the first and the last; a probed step (gold/*, from
+            # rlhf_ablate/ppo/gold.py) adds the probe's numbers, and the step where the alarm fires always prints.
+            fired = bool(result.get("ppo/gold/overoptimized")) and trial.trial_id not in self.alarmed
+            if step % every and step != steps and step != 1 and not fired:
+                return None
+            if fired:
+                self.alarmed.add(trial.trial_id)
+            if "ppo/gold/score" in result:
                 shown += (f" gold={_fmt(result['ppo/gold/score'])} proxy={_fmt(result['ppo/gold/proxy'])}"
                           f" rho={_fmt(result.get('ppo/gold/spearman'))} kl={_fmt(result.get('ppo/gold/kl'))}"
                           f" len={_fmt(result.get('ppo/gold/response_len'))}"
                           + (" OVER-OPTIMIZED" if result.get("ppo/gold/overoptimized") else ""))
-            elif step % every and step != steps and step != 1:
-                return None
             return f"{self.prefix(trial)} {stage} step {step}/{steps or '?'} {shown}"
         return None
 

@@ -124,16 +124,22 @@ def _margin(spec: Any) -> float:
 
 
 def probe_key(trial_cfg: Any) -> str:
-    """What a probe's measurement depends on: the model config and the stages' batch and length settings."""
+    """What a probe's measurement depends on: the model config, the stages' batch and length settings, and what else
+    sets a stage's peak: eval's answer length and decoding backend (``ppo.generation_backend``, which every method's
+    eval decodes with), the RM stages that run (``rm.ensemble_size``, ``rm.gold``) and, for PPO, the reward models it
+    holds (``ppo.reward``, ``ppo.gold``) and the gold probe's size."""
     from ..files import config_hash
 
     c = trial_cfg.to_dict()
+    shared = ("lora_rank", "batch_size", "grad_accum", "rollout_batch_size", "rollout_micro_batch_size",
+              "mini_batch_size", "max_prompt_length", "max_new_tokens", "init_from")
+    extra = {"rm": ("ensemble_size", "gold"), "ppo": ("reward", "gold", "gold_probe_size", "generation_backend")}
     keep = {"model": c["model"], "method": c["method"],
-            **{s: {k: v for k, v in c[s].items() if k in ("lora_rank", "batch_size", "grad_accum",
-                                                             "rollout_batch_size", "rollout_micro_batch_size",
-                                                             "mini_batch_size", "max_prompt_length",
-                                                             "max_new_tokens", "init_from")}
-               for s in ("sft", "rm", c["method"])}}
+            **{s: {k: v for k, v in c[s].items() if k in shared + extra.get(s, ())}
+               for s in ("sft", "rm", c["method"])},
+            "eval": {"max_new_tokens": c["eval"]["max_new_tokens"],
+                     "generation_backend": c["ppo"]["generation_backend"],
+                     "max_prompt_length": c["ppo"]["max_prompt_length"]}}
     return config_hash(keep)[:16]
 
 

@@ -9,6 +9,9 @@ against both score; the onset rule (rlhf_ablate/ppo/overopt.py) watches the two.
 - The answers are sampled as in a rollout (temperature ``ppo.temperature``) with the same fixed seed at every
   evaluation, from a forked RNG, so that turning the probe on leaves the PPO rollouts' random numbers alone and
   consecutive evaluations share their sampling noise where the policy did not change.
+- Generation and scoring retry at half the rollout micro-batch after an out-of-memory error, as the rollout does
+  (rollout.py: rollout_adaptive; phases ``probe_generation`` and ``probe_scoring``); the seed is set inside each
+  attempt, so a retried probe samples what a run at the smaller micro-batch samples.
 - Gold is the gold RM (``ppo.gold=rm_gold``) or the mean of ensemble members 2..K (``ppo.gold=ensemble``).
 """
 
@@ -22,7 +25,7 @@ import torch
 from ..config import TrialConfig
 from ..files import read_json
 from .overopt import Evaluation, find_onset, probe_summary
-from .rollout import build_batch, score_batch
+from .rollout import build_batch, rollout_adaptive, score_batch
 
 PROBE_SEED_OFFSET = 7777  # the probe's sampling seed: trial seed + this, the same at every evaluation
 
@@ -67,16 +70,25 @@ class GoldProbe:
         the best checkpoint)."""
         p = self.cfg.ppo
         dev = next(roles.model.parameters()).device
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(self.cfg.seed + PROBE_SEED_OFFSET)
-            responses = roles.generate(self.prompts)
+
+        def sample() -> list[dict]:  # seeded inside the attempt: a retry after an out-of-memory error resamples
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # from the same seed
+                torch.manual_seed(self.cfg.seed + PROBE_SEED_OFFSET)
+                return roles.generate(self.prompts)
+
+        responses = rollout_adaptive(roles, "probe_generation", sample)
         b = build_batch(roles.tokenizer, self.prompts, responses, dev)
-        sc = score_batch(roles, b, p.temperature)
-        micro = roles.plan.rollout_micro
-        gold = torch.zeros(b["ids"].shape[0], device=dev)
-        for s in range(0, b["ids"].shape[0], micro):
-            ids, attn = b["ids"][s:s + micro], b["attn"][s:s + micro]
-            gold[s:s + micro] = torch.stack([roles.scores(ids, attn, n) for n in self.gold_names]).mean(0)
+
+        def score() -> tuple[dict, torch.Tensor]:
+            sc = score_batch(roles, b, p.temperature)
+            micro = roles.plan.rollout_micro
+            gold = torch.zeros(b["ids"].shape[0], device=dev)
+            for s in range(0, b["ids"].shape[0], micro):
+                ids, attn = b["ids"][s:s + micro], b["attn"][s:s + micro]
+                gold[s:s + micro] = torch.stack([roles.scores(ids, attn, n) for n in self.gold_names]).mean(0)
+            return sc, gold
+
+        sc, gold = rollout_adaptive(roles, "probe_scoring", score)
         mask = b["rmask"]
         kl = ((sc["old_logprobs"] - sc["ref_logprobs"]) * mask).sum(1).mean().item()
         proxy = sc["raw_scores"].cpu().tolist()

@@ -17,7 +17,12 @@ two graphs are never alive together (and with gradient checkpointing, each adapt
 that adapter is active). The plan comes from rlhf_ablate/models/memory.py, which the memory estimate reads too.
 On an out-of-memory error (rlhf_ablate/runtime.py: adapt_micro_batch) generation and scoring rerun with half the
 rollout micro-batch, and the update reruns the minibatch with half the train micro-batch, accumulating over twice as
-many passes (the effective minibatch is unchanged); the smaller micro-batch stays for the rest of the stage.
+many passes (the effective minibatch is unchanged); the smaller micro-batch stays for the rest of the stage. The gold
+probe's generation and scoring retry the same way (rlhf_ablate/ppo/gold.py). A retried rollout generation draws
+its samples again, at a different micro-batch, from where the failed attempt left the random stream, so the random
+stream differs from that step on: the run stays valid but is not bit-identical to one that did not hit the error
+(result.json's ``oom_retries`` says that it happened). Scoring and the update are deterministic and reproduce the
+numbers of a run at the smaller micro-batch.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional
 
 import torch
 
 from ..config import PPOConfig, TrialConfig
+from ..config.overopt import probe_prompts_problem
 from ..data.splits import hold_out_probe
 from ..errors import TrialFailed
 from ..files import write_json
@@ -39,10 +45,7 @@ from ..runtime import adapt_micro_batch, seed_everything, stage_hooks
 from . import math as ppo_math
 from .gold import GoldProbe, reward_roles
 from .roles import PPOModels
-from .rollout import build_batch, score_batch
-
-T = TypeVar("T")
-
+from .rollout import build_batch, rollout_adaptive, score_batch
 
 def learning_rate(p: PPOConfig, step: int, n_steps: int) -> float:
     """``ppo.lr_schedule``: constant, or linear decay from the peak at step 1 towards 0 (cleanrl's anneal_lr:
@@ -69,10 +72,8 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and compute_dtype(cfg.model) == "float16")
     kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
               else ppo_math.FixedKLController(p.kl_coef))
-    if p.gold != "none" and len(data.ppo_prompts) < 2 * p.gold_probe_size:
-        raise TrialFailed(f"ppo: ppo.gold_probe_size={p.gold_probe_size} holds out that many PPO prompts for the gold "
-                          f"probe, but the data has {len(data.ppo_prompts)} (fewer than twice as many); lower "
-                          f"ppo.gold_probe_size or raise data.max_ppo_prompts")
+    if probe_prompts_problem(cfg, len(data.ppo_prompts)):  # run/trial.py checks it before the first stage too
+        raise TrialFailed(f"ppo: {probe_prompts_problem(cfg, len(data.ppo_prompts))}")
     train_rows, probe_rows = (hold_out_probe(data.ppo_prompts, p.gold_probe_size, cfg.data.split_seed)
                               if p.gold != "none" else (data.ppo_prompts, []))
     prompts = [x.prompt for x in train_rows]
@@ -174,16 +175,6 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
         "ppo/steps": last["step"], "ppo/time_generate": t_gen, "ppo/time_score": t_score,
         "ppo/time_update": t_update, **probe.metrics(), **({"ppo/overopt_stopped": float(stopped)}
                                                             if p.gold != "none" else {})})
-
-
-def rollout_adaptive(roles: PPOModels, phase: str, run: Callable[[], T]) -> T:
-    """``run()`` (generation or scoring, ``roles.plan.rollout_micro`` rows at a time), rerun with half the rollout
-    micro-batch after an out-of-memory error (rlhf_ablate/runtime.py: adapt_micro_batch)."""
-    def attempt(micro: int) -> T:
-        roles.plan = dataclasses.replace(roles.plan, rollout_micro=micro)
-        return run()
-
-    return adapt_micro_batch("ppo", roles.plan.rollout_micro, attempt, phase=phase)
 
 
 def ppo_update(roles: PPOModels, optimizer: torch.optim.Optimizer, b: dict, sc: dict, advantages: torch.Tensor,

@@ -8,10 +8,16 @@ the first minibatch of the update are the same numbers (ratio exactly 1).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable, TypeVar
+
 import torch
 
 from ..data.prompting import format_prompt
 from ..models import left_pad
+from ..runtime import adapt_micro_batch
+
+T = TypeVar("T")
 
 
 def build_batch(tokenizer, prompts: list[str], responses: list[dict], device) -> dict:
@@ -52,3 +58,13 @@ def score_batch(roles, b: dict, temperature: float) -> dict:
         out["old_values"].append(roles.values(ids, attn, n_last=R))
         out["raw_scores"].append(roles.proxy_scores(ids, attn))  # ppo.reward: the RM, or the ensemble combined
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def rollout_adaptive(roles, phase: str, run: Callable[[], T]) -> T:
+    """``run()`` (generation or scoring, ``roles.plan.rollout_micro`` rows at a time), rerun with half the rollout
+    micro-batch after an out-of-memory error (rlhf_ablate/runtime.py: adapt_micro_batch)."""
+    def attempt(micro: int) -> T:
+        roles.plan = dataclasses.replace(roles.plan, rollout_micro=micro)
+        return run()
+
+    return adapt_micro_batch("ppo", roles.plan.rollout_micro, attempt, phase=phase)

@@ -105,8 +105,13 @@ def _rm_payload(role: str) -> Callable[[TrialConfig], dict]:
 
 
 def _eval_payload(policy: str) -> Callable[[TrialConfig], dict]:
-    return lambda cfg: {"eval": dataclasses.asdict(cfg.eval), "policy": policy,
-                        "max_prompt_length": cfg.ppo.max_prompt_length}
+    """An eval stage's key: the eval section, the prompt cut and, when not the default eager, the decoding backend
+    (``ppo.generation_backend``: eval decodes with it; eager keys stay as they were before the backend existed)."""
+    def payload(cfg: TrialConfig) -> dict:
+        backend = cfg.ppo.generation_backend
+        return {"eval": dataclasses.asdict(cfg.eval), "policy": policy, "max_prompt_length": cfg.ppo.max_prompt_length,
+                **({"generation_backend": backend} if backend != "eager" else {})}
+    return payload
 
 
 def _weights_of(rank_of: Callable[[TrialConfig], int]) -> Callable[[TrialConfig], tuple[str, ...]]:
@@ -195,7 +200,7 @@ BEFORE = (
     Stage("rm_gold", "rm", lambda cfg: ("sft",) if cfg.rm.init_from == "sft" else (),
           _rm_payload("gold"), _build_rm_gold,
           lambda cfg: _weights_of(lambda c: c.rm.lora_rank)(cfg) + ("rm_info.json", "metrics.json"),
-          memory.rm_bytes, trains=True, when=lambda cfg: cfg.rm.gold == "disjoint"),
+          memory.rm_bytes, trains=True, when=uses_gold_rm),  # only when PPO reads it
     Stage("rm_ensemble", "rm", lambda cfg: ("sft",) if cfg.rm.init_from == "sft" else (),
           _rm_payload("ensemble"), _build_rm_ensemble, _ensemble_promises,
           memory.rm_bytes, trains=True, when=uses_ensemble),

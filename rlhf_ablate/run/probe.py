@@ -60,9 +60,9 @@ def probe_overrides(cfg: Any) -> dict:
 
 def fill_data(cfg: Any, tokenizer: Any) -> Any:
     """A DataBundle whose every text fills the configured lengths: SFT rows of a short prompt and a completion longer
-    than ``model.max_length`` (TRL truncates them), RM pairs of exactly ``model.max_length`` tokens or just under (TRL's RewardTrainer drops longer
-    ones), PPO prompts longer than ``ppo.max_prompt_length`` (cut to it). Texts are stretches of the bundled Korean
-    corpus."""
+    than ``model.max_length`` (TRL truncates them), RM pairs of exactly ``model.max_length`` tokens or just under
+    (TRL's RewardTrainer drops longer ones), PPO prompts longer than ``ppo.max_prompt_length`` (cut to it), enough
+    of them for the gold probe. Texts are stretches of the bundled Korean corpus."""
     from ..data import DataBundle, corpus_texts
     from ..data.prompting import format_prompt, normalize
     from ..data.records import PromptExample, RankedGroup, SFTExample
@@ -72,6 +72,9 @@ def fill_data(cfg: Any, tokenizer: Any) -> Any:
 
     n_eval = max(EVAL_GENERATE_MICRO, min(cfg.ppo.rollout_micro_batch_size, cfg.ppo.rollout_batch_size))
     n = max(cfg.sft.batch_size, cfg.rm.batch_size, cfg.dpo.batch_size) * 3 + max(cfg.ppo.rollout_batch_size, n_eval)
+    # PPO's gold probe holds out ppo.gold_probe_size prompts and needs as many left (config/overopt.py:
+    # probe_prompts_problem); its generation and scoring are part of PPO's peak, so the probe runs at its real size.
+    n_ppo = n + (2 * cfg.ppo.gold_probe_size if cfg.ppo.gold != "none" else 0)
 
     def chunk(i: int, chars: int = _FILL_CHARS) -> str:
         start = (i * 977) % max(1, len(text) - chars)
@@ -92,7 +95,7 @@ def fill_data(cfg: Any, tokenizer: Any) -> Any:
     rm_prompt = [chunk(i, 40) for i in range(n)]
     groups = [RankedGroup(f"r{i}", rm_prompt[i], (fitted(rm_prompt[i], i + 2), fitted(rm_prompt[i], i + 3)), (1, 2))
               for i in range(n)]
-    prompts = [PromptExample(f"p{i}", chunk(i + 4), chunk(i + 5, 40)) for i in range(n)]
+    prompts = [PromptExample(f"p{i}", chunk(i + 4), chunk(i + 5, 40)) for i in range(n_ppo)]
     return DataBundle(sft_train=sft, rm_train=groups, rm_eval=groups[:2], ppo_prompts=prompts, eval=prompts[:n_eval],
                       version="probe", fingerprint="probe")
 

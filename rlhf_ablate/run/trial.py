@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import TrialConfig
+from ..config.overopt import probe_prompts_problem
+from ..errors import TrialFailed
 from .cache import StageCache
 from ..rundir import (SCHEMA, begin_attempt, default_cache_root, error_record, new_result, now, read_result,
                       result_path, trial_dir, versions, write_result)
@@ -60,6 +62,8 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
         result["data"] = {"version": data.version, "fingerprint": data.fingerprint,
                           "sizes": {k: len(getattr(data, k)) for k in ("sft_train", "rm_train", "rm_eval",
                                                                        "ppo_prompts", "eval")}}
+        if probe_prompts_problem(cfg, len(data.ppo_prompts)):  # before SFT and the RMs train, not at PPO
+            raise TrialFailed(f"data: {probe_prompts_problem(cfg, len(data.ppo_prompts))}")
         keys = stage_keys(cfg, cache, data.fingerprint, threads)
         ctx = Ctx(cfg, data, on_step=step_cb)
         stages = trial_stages(cfg)
@@ -109,6 +113,36 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
     if tracker is not None:
         _track_final(tracker, cfg, result)
     return result
+
+
+def probe_prompt_checks(trials: list) -> list[str]:
+    """The gold probe's share of the PPO prompts (config/overopt.py: probe_prompts_problem), on the cleaned data of
+    each distinct data config a probing PPO trial reads (load_data: what the trial reads first anyway), for the
+    launchers' preflight (cli.py: preflight). A data source that does not load is left to the source checks and to
+    the trial, which records it."""
+    import dataclasses
+
+    from ..data import load_data
+    from ..errors import ConfigError
+    from ..files import canonical_json
+
+    counts: dict[str, int] = {}
+    lines = []
+    for t in trials:
+        cfg = t.config
+        if not probe_prompts_problem(cfg, 0):  # no probe (not PPO, or ppo.gold=none)
+            continue
+        key = canonical_json(dataclasses.asdict(cfg.data))
+        if key not in counts:
+            try:
+                counts[key] = len(load_data(cfg.data).ppo_prompts)
+            except Exception:  # noqa: BLE001 - reported by the preflight's source checks, or by the trial itself
+                continue
+            lines.append(f"data {cfg.data.source}: {counts[key]} PPO prompts")
+        problem = probe_prompts_problem(cfg, counts[key])
+        if problem:
+            raise ConfigError(f"trial {t.index} ({t.trial_id}): {problem}")
+    return lines
 
 
 RETRIES_FILE = "oom_retries.json"   # in a stage's artifact: its micro-batch retries (rlhf_ablate/runtime.py)
@@ -208,4 +242,4 @@ def run_trial_in_sweep(spec, trial, run_dir: Path, *, use_cache: bool = True, on
         tracker.finish(status)
 
 
-__all__ = ["run_trial", "run_trial_in_sweep", "result_path", "read_result", "SCHEMA"]
+__all__ = ["run_trial", "run_trial_in_sweep", "probe_prompt_checks", "result_path", "read_result", "SCHEMA"]

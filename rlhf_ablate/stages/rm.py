@@ -45,7 +45,8 @@ def train_rm(cfg: TrialConfig, data, sft_dir: Path | None, out: Path, *, member:
     r = cfg.rm
     if gold and r.gold_max_steps > 0:
         r = dataclasses.replace(r, max_steps=r.gold_max_steps)
-    adaptive_trl_stage("rm_gold" if gold else "rm", r, out,
+    stage = "rm_gold" if gold else ("rm_ensemble" if member else "rm")  # the graph's stage names (run/graph.py)
+    adaptive_trl_stage(stage, r, out,
                        lambda b, ga: _train_rm(cfg, r, data, sft_dir, out, (b, ga), member, gold))
 
 
