@@ -127,7 +127,9 @@ so that a scheduler never sees a step 0). `overoptimization.json` in the PPO art
 **The onset rule** (`rlhf_ablate/ppo/overopt.py: find_onset`). At evaluation i, let j be gold's running maximum (the
 first evaluation with the highest probe mean so far). Evaluation i is over-optimized when gold's mean fell from j by
 more than `ppo.gold_k` (k = 2.5) standard errors of the paired per-prompt differences (g_j - g_i over the probe
-prompts: a hard prompt is hard at both evaluations) **and** the proxy's probe mean is above its value at j. The alarm
+prompts: a hard prompt is hard at both evaluations) **and** the proxy's trend is up (the least-squares slope of its
+probe means over the evaluations so far is positive; a trend rather than "above its value at j", because one noisy
+proxy evaluation a hair below the peak's would otherwise reset the count while gold kept falling). The alarm
 fires at the end of `ppo.gold_m` (m = 2) consecutive over-optimized evaluations; `onset_step` is the first of them,
 `peak_step` is j. `ppo.stop_on_overoptimization: true` ends PPO there and saves the policy of `peak_step` (the last
 good checkpoint, gold's maximum) as the stage's artifact, which eval then scores.
