@@ -61,6 +61,17 @@ class GoldProbe:
             return ["gold"]
         return [f"reward_{k}" for k in range(1, self.cfg.rm.ensemble_size)]
 
+    @torch.no_grad()
+    def gold_scores(self, roles, b: dict) -> torch.Tensor:
+        """Gold's score of each row of the batch ``b``: the mean over :attr:`gold_names`, ``roles.plan.rollout_micro``
+        rows at a time (doctor measures this pass too: run/doctor_phases.py)."""
+        micro, n = roles.plan.rollout_micro, b["ids"].shape[0]
+        gold = torch.zeros(n, device=b["ids"].device)
+        for s in range(0, n, micro):
+            ids, attn = b["ids"][s:s + micro], b["attn"][s:s + micro]
+            gold[s:s + micro] = torch.stack([roles.scores(ids, attn, name) for name in self.gold_names]).mean(0)
+        return gold
+
     def due(self, step: int, last: bool = False) -> bool:
         return self.cfg.ppo.gold != "none" and (step % self.cfg.ppo.gold_every == 0 or last)
 
@@ -79,16 +90,8 @@ class GoldProbe:
         responses = rollout_adaptive(roles, "probe_generation", sample)
         b = build_batch(roles.tokenizer, self.prompts, responses, dev)
 
-        def score() -> tuple[dict, torch.Tensor]:
-            sc = score_batch(roles, b, p.temperature)
-            micro = roles.plan.rollout_micro
-            gold = torch.zeros(b["ids"].shape[0], device=dev)
-            for s in range(0, b["ids"].shape[0], micro):
-                ids, attn = b["ids"][s:s + micro], b["attn"][s:s + micro]
-                gold[s:s + micro] = torch.stack([roles.scores(ids, attn, n) for n in self.gold_names]).mean(0)
-            return sc, gold
-
-        sc, gold = rollout_adaptive(roles, "probe_scoring", score)
+        sc, gold = rollout_adaptive(roles, "probe_scoring",
+                                    lambda: (score_batch(roles, b, p.temperature), self.gold_scores(roles, b)))
         mask = b["rmask"]
         kl = ((sc["old_logprobs"] - sc["ref_logprobs"]) * mask).sum(1).mean().item()
         proxy = sc["raw_scores"].cpu().tolist()

@@ -47,6 +47,7 @@ from .gold import GoldProbe, reward_roles
 from .roles import PPOModels
 from .rollout import build_batch, rollout_adaptive, score_batch
 
+
 def learning_rate(p: PPOConfig, step: int, n_steps: int) -> float:
     """``ppo.lr_schedule``: constant, or linear decay from the peak at step 1 towards 0 (cleanrl's anneal_lr:
     ``frac = 1 - (step - 1) / n_steps``)."""
@@ -72,8 +73,8 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda" and compute_dtype(cfg.model) == "float16")
     kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
               else ppo_math.FixedKLController(p.kl_coef))
-    if probe_prompts_problem(cfg, len(data.ppo_prompts)):  # run/trial.py checks it before the first stage too
-        raise TrialFailed(f"ppo: {probe_prompts_problem(cfg, len(data.ppo_prompts))}")
+    if problem := probe_prompts_problem(cfg, len(data.ppo_prompts)):  # run/trial.py checks it before any stage too
+        raise TrialFailed(f"ppo: {problem}")
     train_rows, probe_rows = (hold_out_probe(data.ppo_prompts, p.gold_probe_size, cfg.data.split_seed)
                               if p.gold != "none" else (data.ppo_prompts, []))
     prompts = [x.prompt for x in train_rows]

@@ -153,14 +153,12 @@ def _probe_phases(cfg: Any, roles: Any, data: Any, meter: Meter, dev: Any) -> di
     """One evaluation of the gold probe as ppo/gold.py: GoldProbe.evaluate runs it on ``ppo.gold_probe_size``
     prompts: the sampled answers, the proxy's pass (score_batch's four passes, the ensemble's members included) and
     gold's scores (the gold RM or members 2..K), ``plan.rollout_micro`` rows at a time."""
-    import torch
-
     from ..ppo.gold import GoldProbe
     from ..ppo.rollout import build_batch, score_batch
 
     rows = list(data.ppo_prompts)
     prompts = [rows[i % len(rows)].prompt for i in range(cfg.ppo.gold_probe_size)]
-    names, micro, res = GoldProbe(cfg, prompts).gold_names, roles.plan.rollout_micro, {}
+    probe, res = GoldProbe(cfg, prompts), {}
     meter.start()
     responses = roles.generate(prompts)
     res["probe_generation"] = {**meter.stop(), "rows": len(prompts)}
@@ -169,22 +167,20 @@ def _probe_phases(cfg: Any, roles: Any, data: Any, meter: Meter, dev: Any) -> di
     score_batch(roles, b, cfg.ppo.temperature)
     res["probe_proxy"] = {**meter.stop(), "rows": len(prompts)}
     meter.start()
-    with torch.no_grad():
-        for s in range(0, len(prompts), micro):
-            for name in names:
-                roles.scores(b["ids"][s:s + micro], b["attn"][s:s + micro], name)
-    res["probe_gold"] = {**meter.stop(), "rows": len(prompts), "gold_models": len(names)}
+    probe.gold_scores(roles, b)
+    res["probe_gold"] = {**meter.stop(), "rows": len(prompts), "gold_models": len(probe.gold_names)}
     return res
 
 
 def _eval_phase(cfg: Any, data: Any, sft: Path, rm: Path, policy_dir: Path) -> dict:
     """One eval batch as stages/evaluate.py: evaluate_policy runs it (its text metrics aside), in its order and
-    micro-batches: the policy's greedy answers (GENERATE_MICRO prompts a call), then the RM loaded and scoring them
-    (SCORE_MICRO a pass), then, with the RM freed, the KL pass (PPO's rollout micro-batch). Loading the policy and
-    the RM is timed apart (``load_seconds``)."""
+    micro-batches: the policy's greedy answers (EVAL_GENERATE_MICRO prompts a call), then the RM loaded and scoring
+    them (EVAL_SCORE_MICRO a pass), then, with the RM freed, the KL pass (PPO's rollout micro-batch). Loading the
+    policy and the RM is timed apart (``load_seconds``)."""
     from ..models import generate, load_policy, load_rm, model_shape, ppo_plan, sampling_for, score_texts
     from ..models import seq_cls_scorer
-    from ..stages.evaluate import GENERATE_MICRO, SCORE_MICRO, kl_to_reference
+    from ..models.memory import EVAL_GENERATE_MICRO, EVAL_SCORE_MICRO
+    from ..stages.evaluate import kl_to_reference
 
     prompts = [x.prompt for x in data.eval][:EVAL_BATCH]
     shape = model_shape(cfg.model)
@@ -195,18 +191,18 @@ def _eval_phase(cfg: Any, data: Any, sft: Path, rm: Path, policy_dir: Path) -> d
     load = time.perf_counter() - t0
     sampling = sampling_for(cfg, "eval").kwargs()
     if cfg.ppo.generation_backend == "compiled":  # compile the decode steps of both samplings outside the timing
-        generate(policy, tok, prompts, **sampling, batch_size=GENERATE_MICRO)
+        generate(policy, tok, prompts, **sampling, batch_size=EVAL_GENERATE_MICRO)
         if ref is not None:
             kl_to_reference(cfg, policy, ref, tok, prompts, kl_micro)
     meter.start()
     t1 = time.perf_counter()
-    greedy = generate(policy, tok, prompts, **sampling, batch_size=GENERATE_MICRO)
+    greedy = generate(policy, tok, prompts, **sampling, batch_size=EVAL_GENERATE_MICRO)
     decode = {"decode_seconds": time.perf_counter() - t1, "decode_tokens": sum(len(g["ids"]) for g in greedy)}
     t2 = time.perf_counter()
     rm_model, rm_tok = load_rm(cfg, rm, sft)
     rm_load = time.perf_counter() - t2
     scorer = seq_cls_scorer(rm_model)
-    score_texts(scorer, rm_tok, prompts, [g["text"] for g in greedy], cfg.model.max_length, batch_size=SCORE_MICRO)
+    score_texts(scorer, rm_tok, prompts, [g["text"] for g in greedy], cfg.model.max_length, batch_size=EVAL_SCORE_MICRO)
     del rm_model, scorer
     release_memory()  # the RM is part of the scoring phase only, as in evaluate_policy
     if ref is not None:

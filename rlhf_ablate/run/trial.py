@@ -62,8 +62,8 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
         result["data"] = {"version": data.version, "fingerprint": data.fingerprint,
                           "sizes": {k: len(getattr(data, k)) for k in ("sft_train", "rm_train", "rm_eval",
                                                                        "ppo_prompts", "eval")}}
-        if probe_prompts_problem(cfg, len(data.ppo_prompts)):  # before SFT and the RMs train, not at PPO
-            raise TrialFailed(f"data: {probe_prompts_problem(cfg, len(data.ppo_prompts))}")
+        if problem := probe_prompts_problem(cfg, len(data.ppo_prompts)):  # before SFT and the RMs train, not at PPO
+            raise TrialFailed(f"data: {problem}")
         keys = stage_keys(cfg, cache, data.fingerprint, threads)
         ctx = Ctx(cfg, data, on_step=step_cb)
         stages = trial_stages(cfg)

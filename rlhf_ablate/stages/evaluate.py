@@ -30,6 +30,7 @@ from ..files import read_json, write_json
 from ..metrics.registry import compute_stage_metrics
 from ..ppo.math import token_logprobs
 from ..ppo.rollout import build_batch
+# eval's greedy answers and RM scoring: rows per pass, as the memory estimate reads them (memory.eval_bytes)
 from ..models.memory import EVAL_GENERATE_MICRO, EVAL_SCORE_MICRO
 from ..runtime import adapt_micro_batch, release_memory, seed_everything, stage_hooks
 from ..models import (autocast, eval_mode, generate, load_causal_lm, load_policy, load_rm, load_tokenizer,
@@ -46,10 +47,6 @@ def _response_logprobs(model, b: dict, chunk: int, cfg: TrialConfig) -> torch.Te
         logits = model(input_ids=b["ids"], attention_mask=b["attn"], position_ids=position_ids(b["attn"]),
                        use_cache=False, logits_to_keep=keep).logits
     return token_logprobs(logits, b["resp"], 1.0, chunk)[0]
-
-
-# eval's greedy answers and RM scoring: rows per pass, as the memory estimate reads them (memory.eval_bytes)
-GENERATE_MICRO, SCORE_MICRO = EVAL_GENERATE_MICRO, EVAL_SCORE_MICRO
 
 
 def kl_to_reference(cfg: TrialConfig, policy, ref, tok, prompts: list[str], micro: int | None = None) -> list[float]:
@@ -88,14 +85,14 @@ def evaluate_policy(cfg: TrialConfig, data, stage: str, sft_dir: Path, rm_dir: P
     prompts = [e.prompt for e in examples]
     e = cfg.eval
     name = f"eval_{stage}"
-    greedy = adapt_micro_batch(name, GENERATE_MICRO, lambda m: generate(
+    greedy = adapt_micro_batch(name, EVAL_GENERATE_MICRO, lambda m: generate(
         policy, tok, prompts, **sampling_for(cfg, "eval").kwargs(), batch_size=m), phase="generation")
     preds = [g["text"] for g in greedy]
     tm = metrics.text_metrics(preds, [x.reference or "" for x in examples], rouge_tokenizer=e.rouge_tokenizer,
                               bleu_tokenize=e.bleu_tokenize)
     rm_model, rm_tok = load_rm(cfg, rm_dir, sft_dir)
     scorer = seq_cls_scorer(rm_model)
-    rewards = adapt_micro_batch(name, SCORE_MICRO, lambda m: score_texts(
+    rewards = adapt_micro_batch(name, EVAL_SCORE_MICRO, lambda m: score_texts(
         scorer, rm_tok, prompts, preds, cfg.model.max_length, batch_size=m), phase="scoring")
     del rm_model, scorer
     release_memory()  # the RM is part of the scoring phase only (memory.eval_bytes)
@@ -125,7 +122,7 @@ def generate_base(cfg: TrialConfig, data, out: Path) -> None:
     model = load_causal_lm(cfg.model, base, quantize=cfg.model.quantization != "none")
     examples = list(data.eval)
     e = cfg.eval
-    greedy = adapt_micro_batch("eval_base", GENERATE_MICRO, lambda m: generate(
+    greedy = adapt_micro_batch("eval_base", EVAL_GENERATE_MICRO, lambda m: generate(
         model, tok, [x.prompt for x in examples], **sampling_for(cfg, "eval").kwargs(), batch_size=m),
         phase="generation")
     tm = metrics.text_metrics([g["text"] for g in greedy], [x.reference or "" for x in examples],
@@ -142,7 +139,7 @@ def score_base(cfg: TrialConfig, sft_dir: Path, rm_dir: Path, base_dir: Path, ou
     records = read_json(base_dir / "records.json")
     rm_model, rm_tok = load_rm(cfg, rm_dir, sft_dir)
     scorer = seq_cls_scorer(rm_model)
-    rewards = adapt_micro_batch("score_base", SCORE_MICRO, lambda m: score_texts(
+    rewards = adapt_micro_batch("score_base", EVAL_SCORE_MICRO, lambda m: score_texts(
         scorer, rm_tok, [r["prompt"] for r in records], [r["generation"] for r in records], cfg.model.max_length,
         batch_size=m), phase="scoring")
     records = [{**r, "reward": rw} for r, rw in zip(records, rewards)]
