@@ -153,7 +153,7 @@ def main() -> None:
     ap.add_argument("--mode", choices=["slopes", "totals"], default="slopes")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--repeats", type=int, default=3, help="slopes: measurements per point (medians reported)")
-    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--shapes", default=None, help="comma-separated (default: all three)")
     ap.add_argument("--work", type=Path, default=None, help="keep models and logs here (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
     ap.add_argument("--reuse", action="store_true",
@@ -164,9 +164,11 @@ def main() -> None:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from bench_memory_slopes import run_slopes
 
-        return run_slopes(args.device, work, args.out, args.repeats)
+        return run_slopes(args.device, work, args.out, args.repeats,
+                          args.shapes.split(",") if args.shapes else None)
+    shapes = args.shapes.split(",") if args.shapes else list(SHAPES)
     entries = []
-    for family in args.shapes.split(","):
+    for family in shapes:
         entries += run_shape(family, SHAPES[family], args.device, work, args.reuse)
     print(f"\n{'stage':5s} {'shape':13s} {'estimate GiB':>12s} {'measured GiB':>12s} {'ratio':>6s} "
           f"{'per-layer est/meas MiB':>24s} {'full-depth GiB (ratio)':>24s}")
@@ -180,7 +182,7 @@ def main() -> None:
 
     old = json.loads(args.out.read_text()) if args.out.exists() else {}
     path = write_result("memory", {**{k: v for k, v in old.items() if k == "slopes"}, "totals": {
-        "device": args.device, "settings": SETTINGS, "shapes": {k: SHAPES[k] for k in args.shapes.split(",")},
+        "device": args.device, "settings": SETTINGS, "shapes": {k: SHAPES[k] for k in shapes},
         "ratio_band": RATIO_BAND, "all_within_band": ok, "gpu_measured": args.device == "cuda",
         "entries": entries}}, args.out)
     print(f"\nall ratios within {RATIO_BAND}: {ok}; wrote {path}")

@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RATIO_BAND = (0.75, 1.33)
-FAMILY, LAYERS = "llama-3.2-1b", 1
+LAYERS = 1
+SHAPES = ("llama-3.2-1b", "llama-3.1-8b", "gemma-2-2b")  # width-true, one layer each
 # (batch sizes, lengths, the other length) per phase
 POINTS = {"ppo_generation": ((2, 4), (256, 512), 8),     # b x prompt length P, 8 new tokens
           "ppo_scoring": ((1, 2), (32, 64), 64),          # b x response length R, prompt 64
@@ -87,7 +88,7 @@ def measure(fn) -> int:
     return peak - base
 
 
-def _model_dir(work: Path) -> Path:
+def _model_dir(work: Path, family: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -95,10 +96,10 @@ def _model_dir(work: Path) -> Path:
     from rlhf_ablate.models import ensure_builtin, load_tokenizer
     from rlhf_ablate.models.families import family_config
 
-    out = work / f"{FAMILY}-L{LAYERS}"
+    out = work / f"{family}-L{LAYERS}"
     if not (out / "config.json").exists():
         tok = load_tokenizer(ModelConfig(), ensure_builtin("tiny-llama"))
-        cfg = family_config(FAMILY, layers=LAYERS, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        cfg = family_config(family, layers=LAYERS, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                             eos_token_id=tok.eos_token_id)
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(out, safe_serialization=True)
@@ -270,7 +271,7 @@ def _measure_all(mdir: Path, repeats: int) -> dict[str, dict[tuple[int, int], li
     return res, plan_gc
 
 
-def run_slopes(device: str, work: Path, out: Path, repeats: int) -> None:
+def run_slopes(device: str, work: Path, out: Path, repeats: int, shapes: list[str] | None = None) -> None:
     if device != "cpu":
         raise SystemExit("bench_memory --mode slopes measures on the CPU only in this version (no GPU was available "
                          "to write and check a CUDA path)")
@@ -278,12 +279,21 @@ def run_slopes(device: str, work: Path, out: Path, repeats: int) -> None:
 
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # resident memory must follow live tensors
         os.execve(sys.executable, [sys.executable, *sys.argv], child_env())
+    unknown = sorted(set(shapes or ()) - set(SHAPES))
+    if unknown:
+        raise SystemExit(f"bench_memory --mode slopes: unknown shape(s) {unknown}; known: {', '.join(SHAPES)}")
+    for family in shapes or SHAPES:
+        _run_shape(family, work, out, repeats)
+
+
+def _run_shape(family: str, work: Path, out: Path, repeats: int) -> None:
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
-    mdir = _model_dir(work)
+    mdir = _model_dir(work, family)
     est = _estimates(mdir)
     measured, plan_gc = _measure_all(mdir, repeats)
     entries = []
+    print(f"-- {family}", flush=True)
     for phase in POINTS:
         med = {k: statistics.median(v) for k, v in measured[phase].items()}
         r = slope_ratios(med, est[phase])
@@ -302,12 +312,14 @@ def run_slopes(device: str, work: Path, out: Path, repeats: int) -> None:
     from common import write_result
 
     old = json.loads(out.read_text()) if out.exists() else {}
-    keep = {k: v for k, v in old.items() if k == "totals"}
-    if not keep and "entries" in old:  # the file of an earlier version: its totals, keys as named now
-        keep = {"totals": {k: v for k, v in old.items() if k not in ("benchmark", "machine")}}
-    path = write_result("memory", {**keep, "slopes": {
-        "device": "cpu", "gpu_measured": False, "model": f"{FAMILY} width, {LAYERS} layer, random init, float32",
+    slopes = old.get("slopes", {})
+    if "entries" in slopes:  # an earlier version's single shape, keyed by its shape now
+        slopes = {slopes["model"].split()[0]: slopes}
+    slopes[family] = {
+        "device": "cpu", "gpu_measured": False, "model": f"{family} width, {LAYERS} layer, random init, float32",
         "gradient_checkpointing": plan_gc, "repeats": repeats, "statistic": "median of repeats",
         "ratio": "estimate / measured", "ratio_band": RATIO_BAND, "seconds": time.perf_counter() - t0,
-        "entries": entries}}, out)
-    print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
+        "entries": entries}
+    keep = {k: v for k, v in old.items() if k == "totals"}
+    path = write_result("memory", {**keep, "slopes": slopes}, out)
+    print(f"wrote {path} ({family}) in {time.perf_counter() - t0:.0f} s")

@@ -9,7 +9,7 @@ from .generation import (NEXT_TURN_HEADER, Sampling, cut_at_header, disable_drop
 from .loading import (autocast, bnb_config, compute_dtype, enable_tf32, gpu_supports_bf16, is_quantized,
                       load_causal_lm, load_seq_cls, load_tokenizer, resolve_base, torch_dtype, trains_in_4bit)
 from .lora import (enable_gradient_checkpointing, freeze_for_kbit_training, logical_param_count, lora_target_modules,
-                   make_lora_config, merge_and_save, prepare_for_training, wants_gradient_checkpointing)
+                   make_lora_config, merge_and_save, prepare_for_training, route_rows, wants_gradient_checkpointing)
 from .memory import ModelShape, PPOPlan, model_shape, param_count, ppo_plan
 
 __all__ = ["ModelShape", "NEXT_TURN_HEADER", "PPOPlan", "Sampling", "cut_at_header", "sampling_for", "autocast", "bnb_config", "compute_dtype", "corpus_texts",
@@ -18,5 +18,5 @@ __all__ = ["ModelShape", "NEXT_TURN_HEADER", "PPOPlan", "Sampling", "cut_at_head
            "is_quantized", "last_token_index", "left_pad", "load_causal_lm", "load_policy", "load_rm", "load_seq_cls",
            "load_tokenizer", "logical_param_count", "lora_target_modules", "make_lora_config", "merge_and_save",
            "model_shape", "param_count", "position_ids", "ppo_plan", "prepare_for_training", "resolve_base",
-           "rm_base_path", "score_texts", "seq_cls_scorer", "torch_dtype", "trains_in_4bit",
+           "rm_base_path", "route_rows", "score_texts", "seq_cls_scorer", "torch_dtype", "trains_in_4bit",
            "wants_gradient_checkpointing"]

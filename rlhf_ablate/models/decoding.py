@@ -160,3 +160,51 @@ def static_decode(model: Any, tokenizer: Any, ids: torch.Tensor, attn: torch.Ten
     if streamer is not None:
         streamer.end()
     return seqs, scores
+
+
+@torch.no_grad()
+def segmented_decode(model: Any, tokenizer: Any, ids: torch.Tensor, attn: torch.Tensor, gcfg: Any,
+                     segments: list[tuple[int, int, Optional[torch.Generator]]]) -> torch.Tensor:
+    """Eager decoding of a batch whose rows belong to independent samplers (trial groups, rlhf_ablate/ppo/group.py):
+    ``segments`` are ``(first row, end row, generator)``. Each segment is sampled as ``model.generate`` would sample
+    it alone from its generator's state: one ``torch.multinomial`` per step over the segment's rows, drawn only while
+    one of them is unfinished (``generate`` stops its loop there, so a segment that finished first draws nothing
+    more), at most ``max_new_tokens`` tokens, transformers' EOS and stop-string criteria per row. The rows share
+    the forward passes (one KV cache); a row that finished is padded. Returns the sequences (prompt columns first),
+    as ``generate`` does for the whole batch. ``generator=None``: the global random stream."""
+    from transformers import DynamicCache
+
+    hf = _inner(model)
+    B = ids.shape[0]
+    stopping = _stopping(tokenizer, gcfg, ids.shape[1] + gcfg.max_new_tokens)
+    pad = torch.tensor(gcfg.pad_token_id if gcfg.pad_token_id is not None else 0, device=ids.device)
+    temperature = float(gcfg.temperature) if gcfg.do_sample else 1.0
+    pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)
+    cache = DynamicCache(config=hf.config)
+    logits = hf(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                use_cache=True).logits[:, -1]
+    seqs, mask, last_pos = ids, attn, pos[:, -1:]
+    unfinished = torch.ones(B, dtype=torch.long, device=ids.device)
+    for _ in range(gcfg.max_new_tokens):
+        logits = logits.to(copy=True, dtype=torch.float32)
+        if temperature != 1.0:
+            logits = logits / temperature
+        nxt = torch.full((B,), int(pad), dtype=torch.long, device=ids.device)
+        for a, b, gen in segments:
+            if unfinished[a:b].max() == 0:
+                continue
+            if gcfg.do_sample:
+                probs = torch.nn.functional.softmax(logits[a:b], dim=-1)
+                nxt[a:b] = torch.multinomial(probs, num_samples=1, generator=gen).squeeze(1)
+            else:
+                nxt[a:b] = torch.argmax(logits[a:b], dim=-1)
+        nxt = nxt * unfinished + pad * (1 - unfinished)
+        seqs = torch.cat([seqs, nxt[:, None]], dim=-1)
+        unfinished = unfinished & ~stopping(seqs, None)
+        if unfinished.max() == 0 or seqs.shape[1] - ids.shape[1] >= gcfg.max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        last_pos = last_pos + 1
+        logits = hf(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos, past_key_values=cache,
+                    use_cache=True).logits[:, -1]
+    return seqs

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from ..data.prompting import PROMPT_TEMPLATE, format_prompt, normalize
-from .decoding import BACKENDS, static_decode
+from .decoding import BACKENDS, segmented_decode, static_decode
 
 # The template's next-turn header ("### 질문:"): where a model that keeps going would start the next user turn.
 NEXT_TURN_HEADER = PROMPT_TEMPLATE.split("{prompt}")[0].strip()
@@ -230,6 +230,43 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, d
             for row, (q, r) in enumerate(zip(chunk, resp.tolist())):
                 out.append(_response(tokenizer, q, r, stop_at_header,
                                      None if step_lp is None else step_lp[row]))
+    return out
+
+
+@torch.no_grad()
+def generate_segments(model, tokenizer, prompt_lists: Sequence[Sequence[str]], adapters: Sequence[str],
+                      generators: Sequence[Optional[torch.Generator]], *, max_new_tokens: int, do_sample: bool,
+                      temperature: float = 1.0, batch_size: int = 16, max_prompt_length: Optional[int] = None,
+                      stop_at_header: bool = True) -> list[list[dict]]:
+    """:func:`generate` for several policies on one peft base at once (trial groups, rlhf_ablate/ppo/group.py):
+    ``prompt_lists[k]`` answered by adapter ``adapters[k]`` with random stream ``generators[k]``. Call ``i`` decodes
+    the ``i``-th ``batch_size`` prompts of every list in one batch, each row through its own adapter
+    (models/lora.py: route_rows) and each list's rows sampled from its own stream (decoding.py: segmented_decode),
+    so list ``k`` gets the answers :func:`generate` gives it alone at ``batch_size``, with its stream in the same
+    state, up to float rounding of the wider batch. Returns one list of responses per prompt list."""
+    from .lora import route_rows
+
+    dev = next(model.parameters()).device
+    queries = [encode_prompts(tokenizer, p, max_prompt_length) for p in prompt_lists]
+    out: list[list[dict]] = [[] for _ in prompt_lists]
+    gcfg = generation_config(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                             stop_at_header=stop_at_header)
+    n_calls = max((len(q) + batch_size - 1) // batch_size for q in queries)
+    with eval_mode(model), own_generation_config(model):
+        for i in range(n_calls):
+            chunks = [q[i * batch_size:(i + 1) * batch_size] for q in queries]
+            rows = [r for c in chunks for r in c]
+            names = [a for a, c in zip(adapters, chunks) for _ in c]
+            segments, start = [], 0
+            for c, g in zip(chunks, generators):
+                segments.append((start, start + len(c), g))
+                start += len(c)
+            ids, attn = left_pad(rows, tokenizer.pad_token_id, dev)
+            with route_rows(model, names):
+                seqs = segmented_decode(model, tokenizer, ids, attn, gcfg, [s for s in segments if s[1] > s[0]])
+            resp = seqs[:, ids.shape[1]:].tolist()
+            for k, (a, b, _g) in enumerate(segments):
+                out[k] += [_response(tokenizer, q, r, stop_at_header, None) for q, r in zip(chunks[k], resp[a:b])]
     return out
 
 

@@ -231,3 +231,40 @@ def _merge_quantized(peft_model: Any, inner: Any, src: str, cfg: ModelConfig) ->
     return fresh_peft.merge_and_unload()
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rows through different adapters in one batch (trial groups, rlhf_ablate/ppo/group.py)
+# ---------------------------------------------------------------------------------------------------------
+
+class route_rows:
+    """``with route_rows(peft_model, names):`` every LoRA layer runs row ``i`` of its input through adapter
+    ``names[i]`` (``"__base__"``: no adapter, the reference), forward and backward alike.
+
+    peft has this for inference (``model(..., adapter_names=...)``: pre-forward hooks that pass ``adapter_names``
+    to each LoRA layer's ``_mixed_batch_forward``) but refuses it in training mode, and removes its hooks when the
+    forward returns, before a non-reentrant gradient checkpoint recomputes the layers in the backward. Here the same
+    hooks stay until the block ends, so forward, the checkpoints' recomputation and backward all route alike: keep
+    the backward inside the block. Each row's output is the base layer's plus only its adapter's term
+    (``result[rows] += B(A(x[rows])) * scale``), so a row's loss sends gradient to its own adapter alone
+    (tests/test_groups.py checks it). Dropout must be 0 (it is in every PPO role)."""
+
+    def __init__(self, model: Any, names: list[str]):
+        self.model, self.names, self.handles = model, list(names), []
+
+    def __enter__(self) -> "route_rows":
+        from peft.tuners.lora import LoraLayer
+
+        def hook(_module, args, kwargs):
+            kwargs["adapter_names"] = self.names
+            return args, kwargs
+
+        for m in self.model.modules():
+            if isinstance(m, LoraLayer):
+                self.handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()

@@ -181,11 +181,42 @@ class PPOModels:
 
     def _use(self, adapter: str) -> None:
         # peft's set_adapter also flips requires_grad (only the active adapter trainable); we keep policy and value
-        # both trainable ourselves, since each is used in its own forward pass.
+        # (and a trial group's other members' policies and values) trainable ourselves, since each is used in its
+        # own forward pass.
         self.model.set_adapter(adapter)
+        trained = getattr(self, "trained_adapters", ("policy", "value"))
         for n, p in self.model.named_parameters():
-            if ".policy." in n or ".value." in n:
+            if any(f".{a}." in n for a in trained):
                 p.requires_grad_(True)
+
+    def add_member(self, k: int, rm_dir: Path) -> nn.Linear:
+        """A trial group's member ``k`` >= 1 (rlhf_ablate/ppo/group.py): its policy and value adapters
+        (``policy_k``, ``value_k``) and value head (returned) on this shared base, made with the random draws the
+        trial's own :class:`PPOModels` makes after its seed (policy, value, value head, then the reward adapter and
+        head, whose copy is dropped: the group shares the trial RM's ``reward``), so that its LoRA initialisation and
+        the random stream its rollouts start from are the solo run's."""
+        if not self.shared:
+            raise ValueError("PPOModels.add_member: a trial group needs LoRA adapters on a shared base (lora_rank > 0)")
+        pol, val = f"policy_{k}", f"value_{k}"
+        lcfg = self.model.peft_config["policy"]
+        self.model.add_adapter(pol, lcfg)
+        self.model.add_adapter(val, lcfg)
+        hidden = self.model.config.get_text_config().hidden_size
+        head = nn.Linear(hidden, 1, bias=True)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        if self.reward_shared:
+            tmp = f"reward_copy_{k}"
+            score_w = self._load_reward_adapter(rm_dir / "adapter", tmp)
+            nn.Linear(hidden, 1, bias=False)  # the solo run's reward head: its draws, not its weights
+            if self._same_adapter_shape(tmp, val):
+                self._copy_adapter(tmp, val)
+                head.weight.data.copy_(score_w)
+            self.model.delete_adapter(tmp)
+        self.trained_adapters = (*getattr(self, "trained_adapters", ("policy", "value")), pol, val)
+        disable_dropout(self.model)
+        self._use("policy")
+        return head.to(next(self.model.parameters()).device)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         if self.shared:
@@ -311,11 +342,12 @@ class PPOModels:
             for n, v in state.items():
                 params[n].copy_(v.to(params[n].device))
 
-    def save_policy(self, out: Path) -> None:
+    def save_policy(self, out: Path, adapter: str = "policy") -> None:
+        """The policy's artifact (``adapter``: a trial group member's policy adapter, saved as a solo run's)."""
         if self.shared:
             # peft writes a non-default adapter into a sub-folder named after it; keep the artifact layout flat.
-            self.model.save_pretrained(str(out / "_adapters"), selected_adapters=["policy"])
-            (out / "_adapters" / "policy").rename(out / "adapter")
+            self.model.save_pretrained(str(out / "_adapters"), selected_adapters=[adapter])
+            (out / "_adapters" / adapter).rename(out / "adapter")
             shutil.rmtree(out / "_adapters")
             self.tokenizer.save_pretrained(str(out / "adapter"))
         else:

@@ -1,0 +1,354 @@
+"""Trial groups: K PPO trials that start from the same SFT model and RM train together on one base, in one loop.
+
+The most expensive sweeps vary PPO alone (``kl_coef``, learning rate, clipping) over seeds. Their trials share the
+SFT model and the RM through the stage cache; grouped, they also share the base model in memory and its forward
+passes: each step generates the rollouts of every member in one batched generation, scores them in batched passes
+and runs the update's forward and backward over the members' aligned micro-batches, each row through its own
+member's adapters (rlhf_ablate/models/lora.py: route_rows). docs/architecture.md, "Trial groups", has the rules.
+
+A member is still a trial (rlhf_ablate/run/groups.py builds the group inside one member's PPO stage and commits each
+member's artifact under its own stage key). Here each member keeps what its solo run keeps
+(rlhf_ablate/ppo/loop.py): its policy and value adapters and value head, optimizer, learning-rate schedule, KL
+controller, reward normaliser, prompt order and minibatch shuffles (its own generator, seeded as solo) and the random
+stream its rollouts sample from (the global stream's state after its solo construction: PPOModels.add_member). The
+members' PPO shapes are equal (batch sizes, epochs, lengths, rank; run/groups.py: group_key), so their rollouts,
+minibatches and micro-batches line up row for row. A member that fails (a non-finite loss, a KL blow-up) leaves the
+group with its error; the others go on.
+
+On the CPU in fp32 a member's first rollout is its solo run's (tokens equal, log-probs within rounding: the batch is
+wider); tests/test_groups.py checks it, and that gradients reach only the member's own adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..config import TrialConfig
+from ..errors import TrialFailed
+from ..files import write_json
+from ..models import enable_tf32, route_rows
+from ..models.generation import generate_segments, sampling_for
+from ..runtime import seed_everything, stage_hooks
+from . import math as ppo_math
+from .loop import learning_rate, summarize
+from .roles import PPOModels
+from .rollout import build_batch
+
+
+def adapters(k: int) -> tuple[str, str]:
+    """Member ``k``'s policy and value adapter names (member 0 keeps the solo names)."""
+    return ("policy", "value") if k == 0 else (f"policy_{k}", f"value_{k}")
+
+
+@dataclasses.dataclass
+class Member:
+    """One trial of the group and everything its solo loop would keep."""
+
+    k: int
+    cfg: TrialConfig
+    out: Path
+    on_step: Optional[Callable[[dict], None]]
+    head: torch.nn.Linear
+    stream: torch.Generator
+    g: torch.Generator
+    prompts: list[str]
+    optimizer: torch.optim.Optimizer = None
+    kl_ctl: object = None
+    normalizer: object = None
+    order: list[int] = dataclasses.field(default_factory=list)
+    history: list[dict] = dataclasses.field(default_factory=list)
+    error: Optional[str] = None
+    times: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0])
+    params: list = dataclasses.field(default_factory=list)
+
+    @property
+    def names(self) -> tuple[str, str]:
+        return adapters(self.k)
+
+
+def train_ppo_group(cfgs: list[TrialConfig], data, sft_dir: Path, rm_dir: Path, outs: list[Path],
+                    on_steps: list[Optional[Callable[[dict], None]]]) -> dict[int, str]:
+    """Train every member; member ``k`` writes its artifact (adapter, history.json, metrics.json, ppo_info.json)
+    into ``outs[k]``. Returns ``{k: error}`` for the members that failed (their directories are left incomplete)."""
+    enable_tf32()
+    seed_everything(cfgs[0].seed)
+    roles = PPOModels(cfgs[0], sft_dir, rm_dir)
+    if not roles.shared:
+        raise TrialFailed("ppo: a trial group needs ppo.lora_rank > 0 (run/groups.py keeps rank 0 trials alone)")
+    dev = next(roles.model.parameters()).device
+    members = [_member(0, cfgs[0], outs[0], on_steps[0], roles.value_head, data)]
+    for k, cfg in enumerate(cfgs[1:], 1):
+        seed_everything(cfg.seed)
+        members.append(_member(k, cfg, outs[k], on_steps[k], roles.add_member(k, rm_dir), data))
+    stage_hooks().model_ready(*roles.all_models())
+    named = dict(roles.model.named_parameters())
+    for m in members:
+        p = m.cfg.ppo
+        m.params = [v for n, v in named.items() if any(f".{a}." in n for a in m.names)] + list(m.head.parameters())
+        m.optimizer = torch.optim.AdamW(m.params, lr=p.learning_rate, eps=1e-5, weight_decay=p.weight_decay)
+        m.kl_ctl = (ppo_math.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
+                    else ppo_math.FixedKLController(p.kl_coef))
+    p0 = cfgs[0].ppo
+    n_steps = max(1, p0.total_episodes // p0.rollout_batch_size)
+    sampling = sampling_for(cfgs[0], "rollout")
+    for step in range(1, n_steps + 1):
+        live = [m for m in members if m.error is None]
+        if not live:
+            break
+        t0 = time.perf_counter()
+        batch_prompts = []
+        for m in live:
+            for group in m.optimizer.param_groups:
+                group["lr"] = learning_rate(m.cfg.ppo, step, n_steps)
+            m.order += [] if len(m.order) >= p0.rollout_batch_size else _refill(m, p0.rollout_batch_size)
+            batch_prompts.append([m.prompts[i] for i in m.order[:p0.rollout_batch_size]])
+            m.order = m.order[p0.rollout_batch_size:]
+        responses = generate_segments(roles.model, roles.tokenizer, batch_prompts, [m.names[0] for m in live],
+                                      [m.stream for m in live], max_new_tokens=sampling.max_new_tokens,
+                                      do_sample=True, temperature=sampling.temperature,
+                                      batch_size=roles.plan.rollout_micro,
+                                      max_prompt_length=sampling.max_prompt_length)
+        b = build_batch(roles.tokenizer, [x for ps in batch_prompts for x in ps], [r for rs in responses for r in rs],
+                        dev)
+        t1 = time.perf_counter()
+        sc = _score(roles, live, b, p0.temperature)
+        t2 = time.perf_counter()
+        n = p0.rollout_batch_size
+        per: list[dict] = []
+        for j, m in enumerate(live):
+            rows = slice(j * n, (j + 1) * n)
+            per.append(_advantages(m, {k: v[rows] for k, v in sc.items()},
+                                   {k: (v[rows] if torch.is_tensor(v) and v.dim() else v) for k, v in b.items()}))
+        stats = _update(roles, live, b, sc, per, step)
+        t3 = time.perf_counter()
+        for j, m in enumerate(live):
+            _finish_step(m, step, n_steps, per[j], stats[j], (t1 - t0, t2 - t1, t3 - t2))
+    stage_hooks().trained()
+    failures = {}
+    for m in members:
+        if m.error is not None:
+            failures[m.k] = m.error
+            continue
+        roles.save_policy(m.out, m.names[0])
+        write_json(m.out / "history.json", m.history)
+        write_json(m.out / "ppo_info.json", {"kind": "adapter", "shared_base": True,
+                                             "reward_shared": roles.reward_shared,
+                                             "value_from_reward": roles.value_from_reward,
+                                             "gradient_checkpointing": roles.plan.gradient_checkpointing,
+                                             "reward_norm": m.normalizer.state() if m.normalizer else None,
+                                             "reward": m.cfg.ppo.reward, "extra_rewards": [],
+                                             "group": {"size": len(members), "member": m.k}})
+        last = m.history[-1]
+        write_json(m.out / "metrics.json", {
+            "ppo/objective/kl": last["objective/kl"], "ppo/objective/scores": last["objective/scores"],
+            "ppo/steps": last["step"], "ppo/time_generate": m.times[0], "ppo/time_score": m.times[1],
+            "ppo/time_update": m.times[2]})
+    return failures
+
+
+def _member(k: int, cfg: TrialConfig, out: Path, on_step, head: torch.nn.Linear, data) -> Member:
+    stream = torch.Generator().set_state(torch.get_rng_state())  # where the solo run's rollouts start sampling
+    prompts = [x.prompt for x in data.ppo_prompts]
+    if not prompts:
+        raise TrialFailed("ppo: the data has no PPO prompts")
+    return Member(k, cfg, out, on_step, head, stream, torch.Generator().manual_seed(cfg.seed), prompts)
+
+
+def _refill(m: Member, need: int) -> list[int]:
+    extra: list[int] = []
+    while len(m.order) + len(extra) < need:
+        extra += torch.randperm(len(m.prompts), generator=m.g).tolist()
+    return extra
+
+
+def _row_names(live: list[Member], n: int, role: int) -> list[str]:
+    return [m.names[role] for m in live for _ in range(n)]
+
+
+@torch.no_grad()
+def _score(roles: PPOModels, live: list[Member], b: dict, temperature: float) -> dict:
+    """The four no-grad passes (rlhf_ablate/ppo/rollout.py: score_batch) over the members' rows, K x
+    ``plan.rollout_micro`` rows per pass, the policy and value passes routed per member."""
+    n_all, R = b["ids"].shape[0], b["resp"].shape[1]
+    n = n_all // len(live)
+    micro = roles.plan.rollout_micro * len(live)
+    pol, val = _row_names(live, n, 0), _row_names(live, n, 1)
+    out: dict[str, list[torch.Tensor]] = {"old_logprobs": [], "ref_logprobs": [], "old_values": [], "raw_scores": []}
+    for s in range(0, n_all, micro):
+        ids, attn, resp = (b[k][s:s + micro] for k in ("ids", "attn", "resp"))
+        with route_rows(roles.model, pol[s:s + micro]):
+            out["old_logprobs"].append(roles.logprobs("policy", ids, attn, resp, temperature)[0])
+        out["ref_logprobs"].append(roles.logprobs("ref", ids, attn, resp, temperature)[0])
+        out["old_values"].append(_values(roles, live, ids, attn, R, val[s:s + micro], range(s, s + len(ids)), n))
+        out["raw_scores"].append(roles.proxy_scores(ids, attn))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _values(roles: PPOModels, live: list[Member], ids, attn, R: int, names: list[str], rows, n: int):
+    """Each row's values through its member's value adapter and value head."""
+    roles._use("value")
+    with route_rows(roles.model, names):
+        h = roles._hidden(roles.model, ids, attn)
+    T = ids.shape[1]
+    h = h[:, T - R - 1:T - 1]
+    member_of = torch.tensor([r // n for r in rows])
+    out = torch.empty(h.shape[:2], dtype=torch.float32, device=h.device)
+    for j in member_of.unique().tolist():
+        sel = (member_of == j).nonzero().squeeze(1).to(h.device)
+        head = live[j].head
+        out[sel] = head(h[sel].to(head.weight.dtype)).squeeze(-1).float()
+    return out
+
+
+def _advantages(m: Member, sc: dict, b: dict) -> dict:
+    """The member's rewards, GAE and whitening on its own rows (loop.py, between scoring and the update)."""
+    p = m.cfg.ppo
+    raw = sc["raw_scores"]
+    if m.normalizer is None and p.reward_norm:
+        m.normalizer = ppo_math.RewardNormalizer(raw)
+    scores = m.normalizer(raw) if m.normalizer is not None else raw
+    scores = ppo_math.missing_eos_penalty(scores, b["has_eos"] | b["stopped"], p.missing_eos_penalty)
+    mask = b["rmask"]
+    rewards, kl = ppo_math.per_token_rewards(scores, sc["old_logprobs"], sc["ref_logprobs"], mask, m.kl_ctl.value,
+                                             p.kl_estimator)
+    out = {"raw": raw, "scores": scores, "kl": kl, "mask": mask, "b": b, "train": bool(mask.sum() >= 2)}
+    if out["train"]:
+        if p.whiten_rewards:
+            rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
+        adv, ret = ppo_math.compute_gae(rewards, sc["old_values"], mask, p.gamma, p.lam)
+        out.update(adv=ppo_math.masked_whiten(adv, mask), ret=ret, old_lp=sc["old_logprobs"],
+                   old_v=sc["old_values"])
+    return out
+
+
+def _update(roles: PPOModels, live: list[Member], b: dict, sc: dict, per: list[dict], step: int) -> list[list[dict]]:
+    """PPO epochs over minibatches for every member at once: minibatch ``j`` of each member (its own shuffle) in
+    micro-batches of ``plan.train_micro`` rows per member, one routed forward/backward for the policy (the sum of the
+    members' losses: each member's rows reach only its adapters) and one for the value, then each member's own
+    gradient clipping and optimizer step (loop.py: ppo_update)."""
+    p0 = live[0].cfg.ppo
+    n, micro = p0.rollout_batch_size, roles.plan.train_micro
+    stats: list[list[dict]] = [[] for _ in live]
+    training = [j for j, m in enumerate(live) if per[j]["train"]]
+    for m in live:
+        m.optimizer.zero_grad(set_to_none=True)
+    for epoch in range(p0.ppo_epochs):
+        perms = {j: torch.randperm(n, generator=live[j].g) for j in training}
+        for start in range(0, n, p0.mini_batch_size):
+            before = [len(x) for x in stats]
+            for ms in range(0, p0.mini_batch_size, micro):
+                parts = [(j, perms[j][start:start + p0.mini_batch_size][ms:ms + micro]) for j in training]
+                parts = [(j, idx) for j, idx in parts if len(idx) and per[j]["mask"][idx].sum() > 0
+                         and live[j].error is None]
+                if parts:
+                    _micro(roles, live, b, per, parts, len(perms[parts[0][0]][start:start + p0.mini_batch_size]),
+                           step, {"epoch": epoch, "minibatch": start // p0.mini_batch_size}, stats)
+            for j in training:
+                m = live[j]
+                if m.error is not None or len(stats[j]) == before[j]:  # no pass of this minibatch ran
+                    m.optimizer.zero_grad(set_to_none=True)
+                    continue
+                stats[j][-1]["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(m.params, m.cfg.ppo.max_grad_norm))
+                m.optimizer.step()
+                m.optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+def _micro(roles: PPOModels, live: list[Member], b: dict, per: list[dict], parts: list, mb_len: int, step: int,
+           where: dict, stats: list[list[dict]]) -> None:
+    n = live[0].cfg.ppo.rollout_batch_size
+    rows = torch.cat([idx + j * n for j, idx in parts]).to(b["ids"].device)
+    ids, attn, resp = b["ids"][rows], b["attn"][rows], b["resp"][rows]
+    R = resp.shape[1]
+    spans, s = [], 0
+    for j, idx in parts:
+        spans.append((j, idx.to(rows.device), slice(s, s + len(idx))))
+        s += len(idx)
+    with route_rows(roles.model, [live[j].names[0] for j, idx in parts for _ in idx]):
+        lp, ent = roles.logprobs("policy", ids, attn, resp, live[0].cfg.ppo.temperature, with_entropy=True)
+        total, pg = 0.0, {}
+        for j, idx, sl in spans:
+            q = per[j]
+            loss, st = ppo_math.policy_loss(lp[sl], q["old_lp"][idx], q["adv"][idx], q["mask"][idx],
+                                            live[j].cfg.ppo.cliprange)
+            if _failed(live[j], loss, "policy", step):
+                continue
+            total = total + loss * (len(idx) / mb_len)
+            pg[j] = (loss, st)
+        if torch.is_tensor(total):
+            total.backward()
+    del lp
+    roles._use("value")
+    with route_rows(roles.model, [live[j].names[1] for j, idx in parts for _ in idx]):
+        h = roles._hidden(roles.model, ids, attn)
+        T = ids.shape[1]
+        h = h[:, T - R - 1:T - 1]
+        total, vf = 0.0, {}
+        for j, idx, sl in spans:
+            if j not in pg:
+                continue
+            q, head = per[j], live[j].head
+            v = head(h[sl].to(head.weight.dtype)).squeeze(-1).float()
+            loss, clipfrac = ppo_math.value_loss(v, q["old_v"][idx], q["ret"][idx], q["mask"][idx],
+                                                 live[j].cfg.ppo.cliprange_value)
+            if _failed(live[j], loss, "value", step):
+                continue
+            total = total + loss * (live[j].cfg.ppo.vf_coef * len(idx) / mb_len)
+            vf[j] = (loss, clipfrac)
+        if torch.is_tensor(total):
+            total.backward()
+    roles._use("policy")
+    for j, idx, sl in spans:
+        if j not in vf:
+            continue
+        (pg_loss, st), (vf_loss, vf_clip) = pg[j], vf[j]
+        stats[j].append({**where, "policy/clipfrac": float(st["clipfrac"]), "policy/approx_kl": float(st["approx_kl"]),
+                         "ratio_mean": float(st["ratio_mean"]), "ratio_min": float(st["ratio_min"]),
+                         "ratio_max": float(st["ratio_max"]), "val/clipfrac": float(vf_clip),
+                         "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
+                         "objective/entropy": ppo_math.masked_mean(ent[sl].detach(), per[j]["mask"][idx]).item()})
+
+
+def _failed(m: Member, loss: torch.Tensor, which: str, step: int) -> bool:
+    if torch.isfinite(loss):
+        return False
+    m.error = (f"ppo: the {which} loss became {loss.item()} at step {step}; lower ppo.learning_rate or raise "
+               f"ppo.kl_coef (in a trial group; the other members went on)")
+    return True
+
+
+def _finish_step(m: Member, step: int, n_steps: int, q: dict, stats: list[dict], times: tuple) -> None:
+    if m.error is not None:
+        return
+    p, b, kl, scores = m.cfg.ppo, q["b"], q["kl"], q["scores"]
+    mask = q["mask"]
+    mean_kl = kl.sum(1).mean().item()
+    row = {"step": step, "episodes": step * p.rollout_batch_size, "lr": learning_rate(p, step, n_steps),
+           "objective/kl": mean_kl, "objective/scores": q["raw"].mean().item(),
+           "objective/scores_normalized": scores.mean().item(),
+           "objective/non_score_reward": (-m.kl_ctl.value * kl.sum(1)).mean().item(),
+           "objective/rlhf_reward": (scores - m.kl_ctl.value * kl.sum(1)).mean().item(),
+           "objective/kl_coef": float(m.kl_ctl.value),
+           "objective/eos_frac": b["has_eos"].float().mean().item(),
+           "objective/stopped_frac": b["stopped"].float().mean().item(),
+           "objective/empty_frac": (mask.sum(1) == 0).float().mean().item(),
+           "objective/response_len": mask.sum(1).float().mean().item(),
+           "time/generate": times[0], "time/score": times[1], "time/update": times[2]}
+    row.update(summarize(stats))
+    m.history.append(row)
+    if m.on_step is not None:
+        m.on_step({"stage": "ppo", "step": step, "steps": n_steps,
+                   **{f"ppo/{k}": v for k, v in row.items() if k != "step"}})
+    if not math.isfinite(mean_kl) or mean_kl > p.kl_stop:
+        m.error = (f"ppo: KL blow-up at step {step}: mean KL {mean_kl:.2f} nats > ppo.kl_stop {p.kl_stop}; raise "
+                   f"ppo.kl_coef or lower ppo.learning_rate")
+        write_json(m.out / "history.json", m.history)
+        return
+    m.kl_ctl.update(mean_kl, p.rollout_batch_size)
+    m.times = [a + t for a, t in zip(m.times, times)]
