@@ -36,6 +36,9 @@ class ResourceSpec:
     gpu: Union[float, str] = "auto"  # "auto": fraction from the memory estimate (0 without GPUs); "probe": measured
     cpu: int = 1
     memory_gb: Optional[float] = None  # override the GPU memory estimate of a trial
+    # PPO trials that share an SFT model and RM train together on one base, K at a time (rlhf_ablate/run/groups.py):
+    # 1 (alone), a number, or "auto" (the largest K that fits the GPU)
+    group_size: Union[int, str] = 1
 
 
 @dataclass(frozen=True)

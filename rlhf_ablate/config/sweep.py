@@ -406,6 +406,14 @@ def _validate_sections(search: SearchSpec, scheduler: SchedulerSpec, resources: 
         raise ConfigError(f"{source}: resources.gpu must be >= 0, got {resources.gpu}.")
     if resources.memory_gb is not None and resources.memory_gb <= 0:
         raise ConfigError(f"{source}: resources.memory_gb must be > 0 (GiB per trial), got {resources.memory_gb}.")
+    g = resources.group_size
+    if isinstance(g, bool) or not (g == "auto" or (isinstance(g, int) and g >= 1)):
+        raise ConfigError(f"{source}: resources.group_size must be 'auto' or a whole number >= 1 (trials per group; 1 "
+                          f"trains every trial alone), got {g!r}.")
+    if isinstance(g, int) and g > 1 and scheduler.type != "none":
+        raise ConfigError(f"{source}: resources.group_size={g} with scheduler.type={scheduler.type}: a scheduler "
+                          f"stops trials one by one, and a group's PPO steps run in one process. Set "
+                          f"resources.group_size to 1 (or auto, which is 1 with a scheduler), or drop the scheduler.")
     if resources.cpu < 1:
         raise ConfigError(f"{source}: resources.cpu must be >= 1, got {resources.cpu}.")
     if slurm.max_concurrent < 1:

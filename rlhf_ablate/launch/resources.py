@@ -93,11 +93,16 @@ def estimate_gb(spec: Any, trial: Any) -> Optional[float]:
     if spec.resources.gpu == "probe" and detect_gpus():
         return probe_gb(spec, trial)
     from ..run.graph import estimate_trial_memory_gb
+    from ..run.groups import group_key, group_memory_gb, group_size
 
     model = trial.config.model
     if model in _UNREADABLE:  # a hub config that failed once fails again (and each try may retry for a minute)
         return None
     try:
+        # In a trial group any member may train the whole group (rlhf_ablate/run/groups.py): each asks for that.
+        k = group_size(spec) if group_key(trial.config, spec.resources.cpu) is not None else 1
+        if k > 1:
+            return float(group_memory_gb(trial.config, k))
         return float(estimate_trial_memory_gb(trial.config))
     except (RlhfAblateError, OSError, ValueError):
         _UNREADABLE.add(model)
@@ -105,6 +110,36 @@ def estimate_gb(spec: Any, trial: Any) -> Optional[float]:
 
 
 _UNREADABLE: set = set()  # ModelConfigs whose config could not be read in this process
+
+
+def resolve_group_size(spec: Any, trials: list, gpus: Optional[list[float]] = None) -> Any:
+    """``spec`` with ``resources.group_size: auto`` replaced by the K it means on this machine (the largest group
+    whose estimate, with the packing margin, fits the smallest GPU; rlhf_ablate/run/groups.py: auto_group_size).
+    Resolved once by the driver (and by a SLURM task from the same GPUs), so every member agrees on its group."""
+    import dataclasses
+
+    if spec.resources.group_size != "auto":
+        return spec
+    from ..run.groups import auto_group_size
+
+    k = auto_group_size(spec, trials, detect_gpus() if gpus is None else gpus, SAFETY_MARGIN)
+    return dataclasses.replace(spec, resources=dataclasses.replace(spec.resources, group_size=k))
+
+
+def group_column(spec: Any, trials: list) -> dict[str, list[str]]:
+    """The ``sweep --dry-run`` table's ``group`` column: ``g<n>/<K>`` (the n-th group, of K members) or ``alone``
+    with why (rlhf_ablate/run/groups.py)."""
+    from ..run.groups import alone_reason, plan_groups
+
+    if spec.resources.group_size == 1:
+        return {}
+    where = {}
+    for n, g in enumerate(plan_groups(spec, trials)):
+        for t in g:
+            where[t.trial_id] = f"g{n}/{len(g)}" if len(g) > 1 else "alone"
+    why = lambda t: alone_reason(t.config) or ("scheduler" if spec.scheduler.type != "none" else "")  # noqa: E731
+    return {"group": [where[t.trial_id] + (f" ({why(t)})" if where[t.trial_id] == "alone" and why(t) else "")
+                      for t in trials]}
 
 
 def _describe(trial: Any) -> str:

@@ -208,7 +208,7 @@ def run_sweep(spec: Any, run_dir: Path, *, resume: bool = False, max_concurrent:
 
     ``trial_fn(spec, trial, run_dir, *, use_cache, on_step) -> result dict`` defaults to
     :func:`rlhf_ablate.run.trial.run_trial_in_sweep`; it must write ``result.json`` and return it."""
-    from .resources import detect_gpus
+    from .resources import detect_gpus, resolve_group_size
     from ..config.sweep import expand
     from ..run.tracking import check_tracking
 
@@ -231,6 +231,7 @@ def run_sweep(spec: Any, run_dir: Path, *, resume: bool = False, max_concurrent:
                               f"stop it; rerunning the same command later continues the sweep.") from None
         write_sweep_json(run_dir, spec, trials, use_cache=use_cache, launcher="ray")
         gpus = [] if address and os.environ.get("RLHF_ABLATE_GPUS") is None else detect_gpus()
+        spec = resolve_group_size(spec, trials, gpus)  # trial groups: every member agrees on K
         optuna = spec.search.type == "optuna"
         done = {t.trial_id for t in trials if (read_result(run_dir, t.trial_id) or {}).get("status") in FINISHED}
         pending = [t for t in trials if t.trial_id not in done] if not optuna else []

@@ -208,6 +208,32 @@ class StageCache:
             seconds = self._build_into(stage_dir, stage, key, final, build, promises)
         return StageRun(stage, key, final, hit=False, seconds=seconds, waited=waited, repaired=repaired)
 
+    # ---- trial groups (rlhf_ablate/run/groups.py) ------------------------------------------------------------
+    def lock_path(self, stage: str, key: str) -> Path:
+        """The lock :meth:`run` takes on a miss: a trial group's builder holds its other members' locks with it."""
+        return self.root / stage / f"{key}.lock"
+
+    def staging(self, stage: str, key: str) -> Path:
+        """A fresh directory to build ``stage``/``key``'s artifact in before :meth:`commit`; named like a build's
+        temporary directory, so a builder that dies leaves nothing a later build of the key does not delete."""
+        d = self.root / stage / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}-group"
+        d.mkdir(parents=True)
+        return d
+
+    def commit(self, stage: str, key: str, src: Path, promises: Sequence[str] = ()) -> float:
+        """Install ``src`` (built by this process beside another stage: a trial group's member) as ``stage``/``key``,
+        atomically and checked like any build (:meth:`run`). The caller holds :meth:`lock_path` of the key."""
+        _check_name(stage, "stage")
+        _check_name(key, "key")
+        stage_dir, final = self.root / stage, self.root / stage / key
+        if final.exists() and not (final / COMPLETE).is_file():
+            shutil.rmtree(final, ignore_errors=True)
+
+        def move(out: Path) -> None:
+            for item in src.iterdir():
+                os.rename(item, out / item.name)
+        return self._build_into(stage_dir, stage, key, final, move, promises)
+
     # ---- internals -------------------------------------------------------------------------------------------
     def _build_uncached(self, stage: str, key: str, build: Callable[[Path], None], promises: Sequence[str]) -> StageRun:
         private = self.root / "uncached" / stage

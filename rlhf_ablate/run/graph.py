@@ -44,6 +44,9 @@ class Ctx:
     data: Any
     dirs: dict[str, Path] = field(default_factory=dict)
     on_step: Callable[[dict], None] = lambda _e: None
+    cache: Any = None                            # the trial's StageCache (a trial group commits its members there)
+    keys: dict[str, str] = field(default_factory=dict)   # the trial's stage keys
+    group: list = field(default_factory=list)    # the other members of its trial group: (trial id, config, PPO key)
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,20 @@ def register_method(m: Method, *, builtin: bool = False) -> Method:
 
 
 def _train_ppo(c: Ctx, out: Path) -> None:
+    if c.cache is not None and "ppo" in c.keys:  # a trial group (rlhf_ablate/run/groups.py)
+        from .groups import build_group, take_failure
+
+        failure = take_failure(c.cache, c.keys["ppo"])
+        if failure is not None:
+            from ..errors import TrialFailed
+
+            raise TrialFailed(failure)
+        if c.group:
+            return build_group(c, out, _train_ppo_alone, lambda cfg: _weights_of(_method_rank)(cfg) + ("metrics.json",))
+    _train_ppo_alone(c, out)
+
+
+def _train_ppo_alone(c: Ctx, out: Path) -> None:
     from ..stages.ppo import train_ppo
 
     extra = {name: c.dirs[name] for name in _ppo_reward_stages(c.cfg)}

@@ -26,12 +26,14 @@ OnStep = Callable[[dict], None] | None
 
 def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, sweep_name: str = "",
               index: int = 0, axes: dict | None = None, cache: StageCache, tracker: Any = None,
-              on_step: OnStep = None, threads: int = 1, attempt: int = 0, data: Any = None) -> dict:
+              on_step: OnStep = None, threads: int = 1, attempt: int = 0, data: Any = None,
+              group: Any = ()) -> dict:
     """Run every stage (reusing cached ones) and write result.json atomically. Returns the result dict.
 
     ``threads``: the torch thread count every stage computes with (the sweep's ``resources.cpu``), whatever the
     environment says (rlhf_ablate/runtime.py). ``data``: the trial's DataBundle when the caller has already loaded
-    it (else it is loaded here)."""
+    it (else it is loaded here). ``group``: the other trials of its trial group (rlhf_ablate/run/groups.py), whose
+    PPO stages it trains with its own when it gets there first."""
     from ..data import load_data
     from ..files import read_json
     from ..runtime import MicroBatchOutOfMemory, recording_retries, release_memory, set_threads
@@ -65,7 +67,9 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
         if problem := probe_prompts_problem(cfg, len(data.ppo_prompts)):  # before SFT and the RMs train, not at PPO
             raise TrialFailed(f"data: {problem}")
         keys = stage_keys(cfg, cache, data.fingerprint, threads)
-        ctx = Ctx(cfg, data, on_step=step_cb)
+        ctx = Ctx(cfg, data, on_step=step_cb, cache=cache, keys=keys,
+                  group=[(t.trial_id, t.config, k) for t in group
+                         if (k := _same_upstream(keys, stage_keys(t.config, cache, data.fingerprint, threads)))])
         stages = trial_stages(cfg)
         for s in stages:  # run order: each stage after its upstream ones (rlhf_ablate/run/graph.py)
             stage = s.name
@@ -94,6 +98,8 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
                              if s.records_as}
         result["history"] = {s.name: read_json(ctx.dirs[s.name] / "history.json") for s in stages
                              if s.history and (ctx.dirs[s.name] / "history.json").exists()}
+        if (ctx.dirs[cfg.method] / "group.json").is_file():  # trained in a trial group (run/groups.py)
+            result["group"] = read_json(ctx.dirs[cfg.method] / "group.json")
         overopt = ctx.dirs[cfg.method] / "overoptimization.json"  # the alarm's record (rlhf_ablate/ppo/gold.py)
         if overopt.is_file():
             result["overoptimization"] = read_json(overopt)
@@ -143,6 +149,11 @@ def probe_prompt_checks(trials: list) -> list[str]:
         if problem:
             raise ConfigError(f"trial {t.index} ({t.trial_id}): {problem}")
     return lines
+
+
+def _same_upstream(keys: dict, other: dict) -> str | None:
+    """A group member's PPO stage key, when its PPO starts from this trial's SFT model and RM (else None)."""
+    return other.get("ppo") if all(other.get(s) == keys.get(s) for s in ("sft", "rm")) else None
 
 
 RETRIES_FILE = "oom_retries.json"   # in a stage's artifact: its micro-batch retries (rlhf_ablate/runtime.py)
@@ -226,13 +237,16 @@ def run_trial_in_sweep(spec, trial, run_dir: Path, *, use_cache: bool = True, on
             return run_trial(trial.config, run_dir, trial_id=trial.trial_id, sweep_name=spec.name,
                              index=trial.index, axes=trial.axes, cache=cache, on_step=on_step,
                              threads=spec.resources.cpu, attempt=attempt)
+    from .groups import members_of
+
+    group = members_of(spec, trial)
     tracker = make_tracker(spec.tracking, sweep_name=spec.name, trial_id=trial.trial_id,
                            config_flat=trial.config.flat(), axes=trial.axes, run_dir=run_dir, attempt=attempt)
     status = "failed"
     try:
         result = run_trial(trial.config, run_dir, trial_id=trial.trial_id, sweep_name=spec.name, index=trial.index,
                            axes=trial.axes, cache=cache, tracker=tracker, on_step=on_step,
-                           threads=spec.resources.cpu, attempt=attempt, data=data)
+                           threads=spec.resources.cpu, attempt=attempt, data=data, group=group)
         status = result["status"]
         return result
     except SystemExit:
