@@ -16,12 +16,7 @@ was resolved to; ``sweeps`` lists the bundled ones.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import os
-import sys
-import json
-import textwrap
+import argparse, contextlib, json, os, sys, textwrap  # noqa: E401 - the standard library, one line
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -234,17 +229,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     trials = expand(spec)
     checks = preflight(spec, trials, rows=20 if args.dry_run else None)
     if args.dry_run:
-        from .launch.resources import estimate_column, group_column, resolve_group_size
-
-        spec = resolve_group_size(spec, trials)
+        from .launch.resources import dry_run_columns
+        from .run.forecast import forecast_column
 
         print(f"sweep {spec.name} (version {spec.version}): {len(trials)} trials"
               + (f"; Optuna samples {spec.search.num_samples} more from {sorted(spec.search.space)}"
                  if spec.search.type == "optuna" else ""))
-        from .run.forecast import forecast_column
-
-        print(trial_table(trials, {**group_column(spec, trials), **estimate_column(spec, trials),
-                                   **forecast_column(spec, trials)}))
+        print(trial_table(trials, {**dry_run_columns(spec, trials), **forecast_column(spec, trials)}))
         for line in checks:
             print(f"checked {line}")
         print(f"run directory: {run_dir_for(spec, args.out)}  (nothing started: --dry-run)")
@@ -275,6 +266,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     from .config import parse_cli_overrides
     from .config.sweep import expand, load_sweep
     from .errors import ConfigError
+    from .launch.resources import resolve_group_size
 
     resolve_sweep_arg(args)
     spec = load_sweep(args.sweep_file, parse_cli_overrides(args.overrides))
@@ -283,8 +275,6 @@ def cmd_trial(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.sweep_file}: --index {args.index} is out of range: the sweep has "
                           f"{len(trials)} trials (indices 0..{len(trials) - 1}).")
     trial = trials[args.index]
-    from .launch.resources import resolve_group_size
-
     spec = resolve_group_size(spec, trials)  # a SLURM task resolves `auto` from the same GPUs as its group's others
     run_dir = run_dir_for(spec, args.out)
     from .rundir import FINISHED, read_result

@@ -41,6 +41,27 @@ class ResourceSpec:
     group_size: Union[int, str] = 1
 
 
+def check_resources(resources: ResourceSpec, scheduler: SchedulerSpec, source: str) -> None:
+    """The ``resources`` section's rules (ConfigError naming the key and the sweep file ``source``)."""
+    from ..errors import ConfigError
+
+    if isinstance(resources.gpu, str) and resources.gpu not in ("auto", "probe"):
+        raise ConfigError(f"{source}: resources.gpu must be a number (GPUs per trial, fractions allowed), 'auto' or "
+                          f"'probe', got {resources.gpu!r}.")
+    if not isinstance(resources.gpu, str) and resources.gpu < 0:
+        raise ConfigError(f"{source}: resources.gpu must be >= 0, got {resources.gpu}.")
+    if resources.memory_gb is not None and resources.memory_gb <= 0:
+        raise ConfigError(f"{source}: resources.memory_gb must be > 0 (GiB per trial), got {resources.memory_gb}.")
+    g = resources.group_size
+    if isinstance(g, bool) or not (g == "auto" or (isinstance(g, int) and g >= 1)):
+        raise ConfigError(f"{source}: resources.group_size must be 'auto' or a whole number >= 1 (1: alone), got {g!r}.")
+    if isinstance(g, int) and g > 1 and scheduler.type != "none":
+        raise ConfigError(f"{source}: resources.group_size={g} with scheduler.type={scheduler.type}: a scheduler stops "
+                          f"trials one by one, a group steps together. Set resources.group_size to 1 or auto.")
+    if resources.cpu < 1:
+        raise ConfigError(f"{source}: resources.cpu must be >= 1, got {resources.cpu}.")
+
+
 @dataclass(frozen=True)
 class TrackingSpec:
     wandb: Literal["offline", "online", "disabled"] = "offline"

@@ -46,7 +46,7 @@ from ..errors import ConfigError
 from ..metrics.registry import all_metric_names, known_metric
 from .fields import build_dataclass, flatten, read_yaml_file, suggest
 from .schema import SEED_MAX, TrialConfig, all_keys, apply_overrides, build_trial_config
-from .sections import ResourceSpec, SchedulerSpec, SearchSpec, SlurmSpec, TrackingSpec
+from .sections import check_resources, ResourceSpec, SchedulerSpec, SearchSpec, SlurmSpec, TrackingSpec
 from .sweep_files import resolve_include
 
 
@@ -399,23 +399,7 @@ def _validate_sections(search: SearchSpec, scheduler: SchedulerSpec, resources: 
         raise ConfigError(f"{source}: search.max_concurrent must be >= 1.")
     if scheduler.type == "asha" and (scheduler.grace_period < 1 or scheduler.reduction_factor < 2):
         raise ConfigError(f"{source}: scheduler.grace_period must be >= 1 and scheduler.reduction_factor >= 2.")
-    if isinstance(resources.gpu, str) and resources.gpu not in ("auto", "probe"):
-        raise ConfigError(f"{source}: resources.gpu must be a number (GPUs per trial, fractions allowed), 'auto' or "
-                          f"'probe', got {resources.gpu!r}.")
-    if not isinstance(resources.gpu, str) and resources.gpu < 0:
-        raise ConfigError(f"{source}: resources.gpu must be >= 0, got {resources.gpu}.")
-    if resources.memory_gb is not None and resources.memory_gb <= 0:
-        raise ConfigError(f"{source}: resources.memory_gb must be > 0 (GiB per trial), got {resources.memory_gb}.")
-    g = resources.group_size
-    if isinstance(g, bool) or not (g == "auto" or (isinstance(g, int) and g >= 1)):
-        raise ConfigError(f"{source}: resources.group_size must be 'auto' or a whole number >= 1 (trials per group; 1 "
-                          f"trains every trial alone), got {g!r}.")
-    if isinstance(g, int) and g > 1 and scheduler.type != "none":
-        raise ConfigError(f"{source}: resources.group_size={g} with scheduler.type={scheduler.type}: a scheduler "
-                          f"stops trials one by one, and a group's PPO steps run in one process. Set "
-                          f"resources.group_size to 1 (or auto, which is 1 with a scheduler), or drop the scheduler.")
-    if resources.cpu < 1:
-        raise ConfigError(f"{source}: resources.cpu must be >= 1, got {resources.cpu}.")
+    check_resources(resources, scheduler, source)
     if slurm.max_concurrent < 1:
         raise ConfigError(f"{source}: slurm.max_concurrent must be >= 1, got {slurm.max_concurrent}.")
 

@@ -93,7 +93,7 @@ def estimate_gb(spec: Any, trial: Any) -> Optional[float]:
     if spec.resources.gpu == "probe" and detect_gpus():
         return probe_gb(spec, trial)
     from ..run.graph import estimate_trial_memory_gb
-    from ..run.groups import group_key, group_memory_gb, group_size
+    from ..run.groups import group_key, group_size
 
     model = trial.config.model
     if model in _UNREADABLE:  # a hub config that failed once fails again (and each try may retry for a minute)
@@ -112,6 +112,56 @@ def estimate_gb(spec: Any, trial: Any) -> Optional[float]:
 _UNREADABLE: set = set()  # ModelConfigs whose config could not be read in this process
 
 
+def group_memory_gb(cfg: Any, k: int, dtype: Optional[str] = None) -> float:
+    """Estimated peak GPU memory (GiB) of a trial whose PPO stage trains a group of ``k``: its largest stage
+    (:func:`group_stage_bytes`), times the allocator factor, plus the CUDA context (run/graph.py:
+    estimate_trial_memory_gb)."""
+    from ..models import memory
+
+    stages = group_stage_bytes(cfg, k, dtype)
+    return memory.FRAGMENTATION * max(s["peak"] for s in stages.values()) / memory.GIB + memory.CUDA_OVERHEAD_GIB
+
+
+def group_stage_bytes(cfg: Any, k: int, dtype: Optional[str] = None) -> dict[str, dict[str, float]]:
+    """The trial's stage estimates (run/graph.py: estimate_stage_bytes) with PPO's for a group of ``k``: one base,
+    ``k`` policy and value adapters with their AdamW state, and ``k`` times the rows of every generation, scoring
+    and update pass (the member's estimate at ``k`` times the rollout, micro and minibatch sizes)."""
+    import dataclasses
+
+    from ..run.graph import estimate_stage_bytes
+
+    stages = estimate_stage_bytes(cfg, "cuda", dtype)
+    if k > 1 and "ppo" in stages:
+        p = cfg.ppo
+        wide = dataclasses.replace(cfg, ppo=dataclasses.replace(
+            p, rollout_batch_size=k * p.rollout_batch_size, rollout_micro_batch_size=k * p.rollout_micro_batch_size,
+            mini_batch_size=k * p.mini_batch_size))
+        ppo = {kk: v for kk, v in estimate_stage_bytes(wide, "cuda", dtype)["ppo"].items() if kk != "peak"}
+        ppo["trainable"] = k * stages["ppo"]["trainable"]
+        from ..models.memory import with_peak
+
+        stages["ppo"] = with_peak(ppo)
+    return stages
+
+
+def auto_group_size(spec: Any, trials: list, gpus: list[float], margin: float) -> int:
+    """``auto``: the largest K up to ``run/groups.py: MAX_AUTO`` (and the widest bucket of groupable trials) whose group
+    estimate times ``margin`` fits the smallest of ``gpus``; without GPUs, ``run/groups.py: MAX_AUTO``."""
+    from ..run import groups
+
+    if spec.scheduler.type != "none":
+        return 1
+    buckets = groups.buckets(spec, trials)
+    widest = max((len(v) for k, v in buckets.items() if not k.startswith("alone-")), default=1)
+    if not gpus or widest < 2:
+        return min(groups.MAX_AUTO, max(1, widest))
+    first = min(v[0] for k, v in buckets.items() if not k.startswith("alone-") and len(v) == widest)
+    for k in range(min(groups.MAX_AUTO, widest), 1, -1):
+        if group_memory_gb(trials[first].config, k) * margin <= min(gpus):
+            return k
+    return 1
+
+
 def resolve_group_size(spec: Any, trials: list, gpus: Optional[list[float]] = None) -> Any:
     """``spec`` with ``resources.group_size: auto`` replaced by the K it means on this machine (the largest group
     whose estimate, with the packing margin, fits the smallest GPU; rlhf_ablate/run/groups.py: auto_group_size).
@@ -120,8 +170,6 @@ def resolve_group_size(spec: Any, trials: list, gpus: Optional[list[float]] = No
 
     if spec.resources.group_size != "auto":
         return spec
-    from ..run.groups import auto_group_size
-
     k = auto_group_size(spec, trials, detect_gpus() if gpus is None else gpus, SAFETY_MARGIN)
     return dataclasses.replace(spec, resources=dataclasses.replace(spec.resources, group_size=k))
 
@@ -140,6 +188,12 @@ def group_column(spec: Any, trials: list) -> dict[str, list[str]]:
     why = lambda t: alone_reason(t.config) or ("scheduler" if spec.scheduler.type != "none" else "")  # noqa: E731
     return {"group": [where[t.trial_id] + (f" ({why(t)})" if where[t.trial_id] == "alone" and why(t) else "")
                       for t in trials]}
+
+
+def dry_run_columns(spec: Any, trials: list) -> dict[str, list[str]]:
+    """``sweep --dry-run``'s columns of this module: the trial groups and each trial's estimate and request."""
+    spec = resolve_group_size(spec, trials)
+    return {**group_column(spec, trials), **estimate_column(spec, trials)}
 
 
 def _describe(trial: Any) -> str:

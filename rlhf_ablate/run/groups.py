@@ -8,7 +8,8 @@ for row). They differ in what a PPO sweep varies: ``kl_coef``, learning rate and
 controller, reward normalisation. Alone: other methods (TRL trains them), rank 0 (a full fine-tune), PPO with the
 over-optimization probe or an ensemble reward, float16. A sweep's trials of one group key are cut, in index order,
 into groups of K = ``resources.group_size`` (``auto``: the largest K up to :data:`MAX_AUTO` whose estimated memory
-fits the smallest GPU with the packing margin; on a machine without GPUs :data:`MAX_AUTO`). With an ASHA scheduler
+fits the smallest GPU with the packing margin, on a machine without GPUs :data:`MAX_AUTO`;
+rlhf_ablate/launch/resources.py: auto_group_size). With an ASHA scheduler
 trials stay alone: a stop is decided per Tune trial, and a group's steps run in one member's process.
 
 **How a group runs, on every launcher.** Each member is still its own trial (its id, result.json, W&B run, stage
@@ -24,7 +25,6 @@ builder killed mid-way commits nothing: on resume the members build again, and f
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -33,7 +33,6 @@ from typing import Any, Optional
 from ..config import TrialConfig
 from ..errors import TrialFailed
 from ..files import LockBusy, config_hash, file_lock, write_json
-from ..models import memory
 
 MAX_AUTO = 8
 SHAPE = ("rollout_batch_size", "rollout_micro_batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",
@@ -65,50 +64,17 @@ def group_key(cfg: TrialConfig, threads: int) -> Optional[str]:
                         "threads": threads, "ppo": {k: c["ppo"][k] for k in SHAPE}})[:16]
 
 
-def group_memory_gb(cfg: TrialConfig, k: int, dtype: Optional[str] = None) -> float:
-    """Estimated peak GPU memory (GiB) of a trial whose PPO stage trains a group of ``k``: its largest stage, where
-    PPO holds one base, ``k`` policy and value adapters with their AdamW state, and generates, scores and updates
-    ``k`` times the rows per pass (the member's estimate at ``k`` times the rollout, micro and minibatch sizes)."""
-    from .graph import estimate_stage_bytes
-
-    stages = estimate_stage_bytes(cfg, "cuda", dtype)
-    if k > 1 and "ppo" in stages:
-        p = cfg.ppo
-        wide = dataclasses.replace(cfg, ppo=dataclasses.replace(
-            p, rollout_batch_size=k * p.rollout_batch_size, rollout_micro_batch_size=k * p.rollout_micro_batch_size,
-            mini_batch_size=k * p.mini_batch_size))
-        ppo = {kk: v for kk, v in estimate_stage_bytes(wide, "cuda", dtype)["ppo"].items() if kk != "peak"}
-        ppo["trainable"] = k * stages["ppo"]["trainable"]
-        stages["ppo"] = memory.with_peak(ppo)
-    return memory.FRAGMENTATION * max(s["peak"] for s in stages.values()) / memory.GIB + memory.CUDA_OVERHEAD_GIB
-
-
 def group_size(spec: Any) -> int:
     """K for the sweep: ``resources.group_size`` as the launcher resolved it (``auto`` becomes a number in
-    rlhf_ablate/launch/resources.py: resolve_group_size, on the driver, so every member agrees); 1 with a scheduler."""
+    rlhf_ablate/launch/resources.py: resolve_group_size, on the driver, so every member agrees; unresolved it is 1);
+    1 with a scheduler."""
     g = spec.resources.group_size
     if g == "auto" or spec.scheduler.type != "none":
         return 1
     return int(g)
 
 
-def auto_group_size(spec: Any, trials: list, gpus: list[float], margin: float) -> int:
-    """``auto``: the largest K up to :data:`MAX_AUTO` (and the widest bucket of groupable trials) whose group
-    estimate times ``margin`` fits the smallest of ``gpus``; without GPUs, :data:`MAX_AUTO`."""
-    if spec.scheduler.type != "none":
-        return 1
-    buckets = _buckets(spec, trials)
-    widest = max((len(v) for k, v in buckets.items() if not k.startswith("alone-")), default=1)
-    if not gpus or widest < 2:
-        return min(MAX_AUTO, max(1, widest))
-    first = min(v[0] for k, v in buckets.items() if not k.startswith("alone-") and len(v) == widest)
-    for k in range(min(MAX_AUTO, widest), 1, -1):
-        if group_memory_gb(trials[first].config, k) * margin <= min(gpus):
-            return k
-    return 1
-
-
-def _buckets(spec: Any, trials: list) -> dict[str, list[int]]:
+def buckets(spec: Any, trials: list) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for i, t in enumerate(trials):
         key = group_key(t.config, spec.resources.cpu)
@@ -120,7 +86,7 @@ def plan_groups(spec: Any, trials: list, k: Optional[int] = None) -> list[list[A
     """The sweep's trials cut into groups (lists of trials, in index order; a trial alone is a group of one)."""
     k = group_size(spec) if k is None else k
     groups = []
-    for idx in _buckets(spec, trials).values():
+    for idx in buckets(spec, trials).values():
         for s in range(0, len(idx), max(1, k)):
             groups.append([trials[i] for i in idx[s:s + max(1, k)]])
     return sorted(groups, key=lambda g: g[0].index)
