@@ -157,7 +157,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="keep models and logs here (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory.json")
     ap.add_argument("--reuse", action="store_true",
-                    help="take the measurements a previous run left in --work, and only recompute the estimates")
+                    help="take the measurements a previous run left (totals: in --work; slopes: in --out) and only "
+                         "recompute the estimates")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_memory-"))
     if args.mode == "slopes":
@@ -165,7 +166,7 @@ def main() -> None:
         from bench_memory_slopes import run_slopes
 
         return run_slopes(args.device, work, args.out, args.repeats,
-                          args.shapes.split(",") if args.shapes else None)
+                          args.shapes.split(",") if args.shapes else None, args.reuse)
     shapes = args.shapes.split(",") if args.shapes else list(SHAPES)
     entries = []
     for family in shapes:

@@ -4,8 +4,8 @@ sequence, bytes per extra token) against the estimate's (rlhf_ablate/models/memo
 Totals hide errors in the terms that grow: weights are most of a total, and a 2x error in the activations can pass a
 total's band. Here the constant part cancels: a slope is the difference of two peaks, measured and estimated alike.
 
-The model is width-true and shallow: Llama-3.2-1B's hidden size, MLP width, heads, KV heads and its 128,256-entry
-vocabulary, one decoder layer, random init, float32 on the CPU, so that the logits (the LM head over the response
+The models are width-true and shallow (``SHAPES``: Llama-3.2-1B, Llama-3.1-8B, Gemma-2-2B: hidden size, MLP width,
+heads, KV heads and vocabulary of the published configs), one decoder layer, random init, float32 on the CPU, so that the logits (the LM head over the response
 positions), the forward's intermediates and the training activations are a large part of every peak. Measured, the
 same way as the stage probe (rlhf_ablate/run/probe.py) and the ``totals`` mode: the process's peak anonymous resident
 memory during the phase (``VmHWM`` reset through ``/proc/self/clear_refs``, less file-backed pages) minus its
@@ -28,7 +28,7 @@ run the package's own code paths:
   stage_hooks); the estimate compared is the training part (``Parts.trl_stage``: the RM's held-out scoring pass after
   training is outside the window); length axis: ``model.max_length``.
 
-    python benchmarks/bench_memory.py --mode slopes --device cpu [--repeats 3]
+    python benchmarks/bench_memory.py --mode slopes --device cpu [--repeats 3] [--shapes llama-3.1-8b,...] [--reuse]
 """
 
 from __future__ import annotations
@@ -271,7 +271,8 @@ def _measure_all(mdir: Path, repeats: int) -> dict[str, dict[tuple[int, int], li
     return res, plan_gc
 
 
-def run_slopes(device: str, work: Path, out: Path, repeats: int, shapes: list[str] | None = None) -> None:
+def run_slopes(device: str, work: Path, out: Path, repeats: int, shapes: list[str] | None = None,
+               reuse: bool = False) -> None:
     if device != "cpu":
         raise SystemExit("bench_memory --mode slopes measures on the CPU only in this version (no GPU was available "
                          "to write and check a CUDA path)")
@@ -283,15 +284,29 @@ def run_slopes(device: str, work: Path, out: Path, repeats: int, shapes: list[st
     if unknown:
         raise SystemExit(f"bench_memory --mode slopes: unknown shape(s) {unknown}; known: {', '.join(SHAPES)}")
     for family in shapes or SHAPES:
-        _run_shape(family, work, out, repeats)
+        _run_shape(family, work, out, repeats, reuse)
 
 
-def _run_shape(family: str, work: Path, out: Path, repeats: int) -> None:
+def _stored(out: Path, family: str):
+    """The measurements an earlier run wrote for ``family`` (``--reuse``: only the estimates are recomputed)."""
+    old = json.loads(out.read_text()).get("slopes", {}).get(family) if out.exists() else None
+    if old is None:
+        raise SystemExit(f"bench_memory --reuse: {out} has no slopes measured for {family}")
+    measured = {e["phase"]: {tuple(int(x.split("=")[1]) for x in k.split(",")): v["measured_bytes"]
+                             for k, v in e["points"].items()} for e in old["entries"]}
+    return measured, old["gradient_checkpointing"], old["repeats"], old.get("measured_at", old.get("seconds"))
+
+
+def _run_shape(family: str, work: Path, out: Path, repeats: int, reuse: bool = False) -> None:
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     mdir = _model_dir(work, family)
     est = _estimates(mdir)
-    measured, plan_gc = _measure_all(mdir, repeats)
+    if reuse:
+        measured, plan_gc, repeats, seconds = _stored(out, family)
+    else:
+        measured, plan_gc = _measure_all(mdir, repeats)
+        seconds = time.perf_counter() - t0
     entries = []
     print(f"-- {family}", flush=True)
     for phase in POINTS:
@@ -318,8 +333,8 @@ def _run_shape(family: str, work: Path, out: Path, repeats: int) -> None:
     slopes[family] = {
         "device": "cpu", "gpu_measured": False, "model": f"{family} width, {LAYERS} layer, random init, float32",
         "gradient_checkpointing": plan_gc, "repeats": repeats, "statistic": "median of repeats",
-        "ratio": "estimate / measured", "ratio_band": RATIO_BAND, "seconds": time.perf_counter() - t0,
-        "entries": entries}
+        "ratio": "estimate / measured", "ratio_band": RATIO_BAND, "seconds": seconds,
+        "estimates_recomputed": bool(reuse), "entries": entries}
     keep = {k: v for k, v in old.items() if k == "totals"}
     path = write_result("memory", {**keep, "slopes": slopes}, out)
     print(f"wrote {path} ({family}) in {time.perf_counter() - t0:.0f} s")

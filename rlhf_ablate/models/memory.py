@@ -193,8 +193,8 @@ def _train_act_parts(shape: ModelShape, w: int, b: int, T: int, gc: bool) -> tup
 def _fwd_transient(shape: ModelShape, w: int, b: int, T: int) -> float:
     """Peak of a no-grad forward over b x T tokens: one layer's live intermediates (MLP gate, up and their product,
     the residual and normed streams, q, k, v and the attention output), plus eager attention's scores (in the compute
-    dtype, their softmax in fp32 and its cast back)."""
-    att = shape.heads * T * (2 * w + 4) if _family(shape) == "gemma2" else 0
+    dtype, their softmax in fp32 and, under bf16, its cast back; benchmarks/bench_memory_slopes.py)."""
+    att = shape.heads * T * (2 * w + (0 if w == 4 else 4)) if _family(shape) == "gemma2" else 0
     return b * T * (w * (3 * shape.intermediate + 3 * shape.hidden + 2 * shape.q_dim + 2 * shape.kv_dim) + att)
 
 
@@ -396,10 +396,11 @@ def _gen_phase(shape: ModelShape, w: int, b: int, P: int, R: int) -> float:
 def _score_phase(shape: ModelShape, w: int, b: int, T: int, R: int, chunk_rows: int) -> float:
     """A no-grad pass over b sequences of T tokens that keeps logits for the last R positions (ppo/roles.py:
     logprobs): the larger of one layer's forward and what exists after the last layer, never alive together: the
-    final hidden states, the response logits in the compute dtype (Gemma-2's softcapping makes one more) and two
-    float32 chunks of ``chunk_rows`` positions."""
+    final hidden states and the response logits in the compute dtype, then the larger of Gemma-2's softcapping
+    (a second logits tensor while it computes) and two float32 chunks of ``chunk_rows`` positions."""
     chunk = min(chunk_rows, b * R) * shape.vocab * 4
-    head = b * T * shape.hidden * w + b * R * shape.vocab * w * (2 if shape.softcap else 1) + 2 * chunk
+    logits = b * R * shape.vocab * w
+    head = b * T * shape.hidden * w + logits + max(logits if shape.softcap else 0, 2 * chunk)
     return max(_fwd_transient(shape, w, b, T), head)
 
 
@@ -412,9 +413,8 @@ def _ppo_bytes(cfg: Any, shape: ModelShape, w: int, weights: Any, rm_weights: An
     - scoring, the same micro-batches without grad (:func:`_score_phase`);
     - the update, ``plan.train_micro`` rollouts per forward/backward: what the forward keeps for the backward
       (checkpointed when the plan says so) plus the larger of the head's moment (the response logits and their
-      gradient, with softcapping its saved tanh and that one's gradient, float32 chunks for log-probs and entropy)
-      and one layer's backward (its recomputed activations and gradient temporaries), which starts after the head's
-      tensors are freed; and the dequantized weight of a 4-bit matmul.
+      gradient, with softcapping its saved tanh, two float32 chunks; slopes fitted in bench_memory_slopes.py) and
+      one layer's backward, which starts after the head's tensors are freed; and a 4-bit matmul's dequantized weight.
     Policy and value never hold graphs at the same time, so the update is one role's pass.
     """
     p = cfg.ppo
@@ -444,7 +444,7 @@ def _ppo_bytes(cfg: Any, shape: ModelShape, w: int, weights: Any, rm_weights: An
     cap = 1 if shape.softcap else 0
     chunk = min(plan.logprob_chunk, bt * R) * V * 4
     kept, layer = _train_act_parts(shape, w, bt, T, plan.gradient_checkpointing)
-    update = kept + max(bt * R * V * w * (2 + 2 * cap) + 3 * chunk, layer) + dequant(q)
+    update = kept + max(bt * R * V * w * (2 + cap) + 2 * chunk, layer) + dequant(q)
     out["phase:generation"], out["phase:scoring"], out["phase:update"] = gen, score, update
     out["largest_phase"] = max(gen, score, update)
     return out
