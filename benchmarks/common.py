@@ -38,14 +38,15 @@ def snapshot(work: Path) -> Path:
 
 
 def write_kl_sweep(dest: Path, cache_dir: Path, name: str = "kl_coef_bench", size: str = "tiny") -> Path:
-    """The bundled kl_coef sweep, one seed; ``size="tiny"`` shortens every stage (:data:`TINY`), ``"bundled"`` keeps
+    """The bundled kl_coef sweep, one seed, each trial alone (no trial groups); ``size="tiny"`` shortens every stage (:data:`TINY`), ``"bundled"`` keeps
     the sweep's own stage sizes (the defaults of rlhf_ablate/config/schema.py)."""
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / f"{name}.yaml"
     kl_coef = SRC[0] / "rlhf_ablate" / "sweeps" / "kl_coef.yaml"
     path.write_text(yaml.safe_dump({"include": str(kl_coef), "name": name, "seeds": [0],
                                     "base": TINY if size == "tiny" else {}, "cache_dir": str(cache_dir),
-                                    "tracking": {"wandb": "disabled"}}))
+                                    "tracking": {"wandb": "disabled"},
+                                    "resources": {"group_size": 1}}))  # trials alone (bench_groups.py: groups)
     return path
 
 

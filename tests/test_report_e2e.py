@@ -13,6 +13,7 @@ import pytest
 
 from analysis.report import write_report
 from rlhf_ablate.config.sweep import TrackingSpec, expand, load_sweep
+from rlhf_ablate.launch.resources import resolve_group_size
 from rlhf_ablate.run.trial import run_trial_in_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ SHORT = {"sft.epochs": 1.0, "rm.epochs": 1.0, "ppo.total_episodes": 64, "eval.ma
 def run_sweep_in_process(name: str, out: Path) -> Path:
     spec = load_sweep(ROOT / "rlhf_ablate" / "sweeps" / f"{name}.yaml", SHORT)
     spec = dataclasses.replace(spec, cache_dir=str(out / "cache"), tracking=TrackingSpec(wandb="disabled"))
+    spec = resolve_group_size(spec, expand(spec), gpus=[])  # kl_coef: its seeds' trials train PPO as groups
     run_dir = out / name
     for trial in expand(spec):
         result = run_trial_in_sweep(spec, trial, run_dir)

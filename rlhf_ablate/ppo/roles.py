@@ -185,9 +185,11 @@ class PPOModels:
         # own forward pass.
         self.model.set_adapter(adapter)
         trained = getattr(self, "trained_adapters", ("policy", "value"))
-        for n, p in self.model.named_parameters():
-            if any(f".{a}." in n for a in trained):
-                p.requires_grad_(True)
+        if getattr(self, "_trained_for", None) != trained:  # the parameters, found once per set of adapters
+            self._trained_params = [p for n, p in self.model.named_parameters() if any(f".{a}." in n for a in trained)]
+            self._trained_for = trained
+        for p in self._trained_params:
+            p.requires_grad_(True)
 
     def add_member(self, k: int, rm_dir: Path) -> nn.Linear:
         """A trial group's member ``k`` >= 1 (rlhf_ablate/ppo/group.py): its policy and value adapters

@@ -259,7 +259,7 @@ def register_method(m: Method, *, builtin: bool = False) -> Method:
 
 
 def _train_ppo(c: Ctx, out: Path) -> None:
-    if c.cache is not None and "ppo" in c.keys:  # a trial group (rlhf_ablate/run/groups.py)
+    if c.cache is not None and c.cache.enabled and "ppo" in c.keys:  # a trial group (rlhf_ablate/run/groups.py)
         from .groups import build_group, take_failure
 
         failure = take_failure(c.cache, c.keys["ppo"])

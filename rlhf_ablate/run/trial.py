@@ -100,6 +100,10 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
                              if s.history and (ctx.dirs[s.name] / "history.json").exists()}
         if (ctx.dirs[cfg.method] / "group.json").is_file():  # trained in a trial group (run/groups.py)
             result["group"] = read_json(ctx.dirs[cfg.method] / "group.json")
+            if tracker is not None and result["group"]["builder"] != trial_id:  # its steps ran in the builder
+                for row in result["history"].get(cfg.method, []):
+                    tracker.log({f"{cfg.method}/{k}": v for k, v in row.items() if isinstance(v, (int, float))},
+                                step=row["step"])
         overopt = ctx.dirs[cfg.method] / "overoptimization.json"  # the alarm's record (rlhf_ablate/ppo/gold.py)
         if overopt.is_file():
             result["overoptimization"] = read_json(overopt)
