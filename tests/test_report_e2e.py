@@ -18,9 +18,9 @@ from rlhf_ablate.run.trial import run_trial_in_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Shorter than the defaults (about a third of the compute); these tests check the tables, not how well it learns.
-SHORT = {"sft.epochs": 1.0, "rm.epochs": 1.0, "ppo.total_episodes": 64, "eval.max_new_tokens": 24,
-         "data.max_eval": 16}
+# Much shorter than the defaults: these tests check the tables, not how well it learns.
+SHORT = {"sft.epochs": 1.0, "rm.epochs": 1.0, "ppo.total_episodes": 32, "eval.max_new_tokens": 16,
+         "data.max_eval": 12}
 
 
 def run_sweep_in_process(name: str, out: Path) -> Path:
