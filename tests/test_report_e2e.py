@@ -19,7 +19,7 @@ from rlhf_ablate.run.trial import run_trial_in_sweep
 ROOT = Path(__file__).resolve().parents[1]
 
 # Much shorter than the defaults: these tests check the tables, not how well it learns.
-SHORT = {"sft.epochs": 1.0, "rm.epochs": 1.0, "ppo.total_episodes": 32, "eval.max_new_tokens": 16,
+SHORT = {"sft.max_steps": 8, "rm.max_steps": 8, "ppo.total_episodes": 32, "eval.max_new_tokens": 16,
          "data.max_eval": 12}
 
 

@@ -62,8 +62,17 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+_HINTS: dict[tuple, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """``typing.get_type_hints(cls)``, once per class and set of fields (a method registered later grows TrialConfig
+    in place, schema.register_method_config). Uncached it was most of the time of expanding a sweep: 9 of 9.5 s for
+    the 36 trials of full_grid."""
+    key = (cls, tuple(getattr(cls, "__annotations__", {})))
+    if key not in _HINTS:
+        _HINTS[key] = typing.get_type_hints(cls)
+    return _HINTS[key]
 
 
 def _resolve(cls: type, name: str) -> Any:

@@ -153,7 +153,12 @@ def train_ppo_group(cfgs: list[TrialConfig], data, sft_dir: Path, rm_dir: Path, 
 
 
 def _member(k: int, cfg: TrialConfig, out: Path, on_step, head: torch.nn.Linear, data) -> Member:
-    stream = torch.Generator().set_state(torch.get_rng_state())  # where the solo run's rollouts start sampling
+    # Where the solo run's rollouts start sampling: the global stream of the device the sampler draws on.
+    dev = head.weight.device
+    if dev.type == "cuda":
+        stream = torch.Generator(device=dev).set_state(torch.cuda.get_rng_state(dev))
+    else:
+        stream = torch.Generator().set_state(torch.get_rng_state())
     prompts = [x.prompt for x in data.ppo_prompts]
     if not prompts:
         raise TrialFailed("ppo: the data has no PPO prompts")
