@@ -268,8 +268,7 @@ class route_rows:
         import torch
 
         x = args[0]
-        used = [(n, k) for n, k in self.blocks if n != "__base__" and n in module.lora_A]
-        if not used:
+        if not any(name in module.lora_A for name, _ in self.blocks):  # "__base__" rows only: the base output
             return output
         parts = []
         for (name, _), chunk in zip(self.blocks, x.split([k for _, k in self.blocks])):

@@ -36,7 +36,8 @@ from ..models import enable_tf32, route_rows
 from ..models.generation import generate_segments, sampling_for
 from ..runtime import seed_everything, stage_hooks
 from . import math as ppo_math
-from .loop import learning_rate, summarize
+from .loop import (advantages_and_returns, kl_blow_up, kl_rewards, learning_rate, loss_not_finite, next_prompts,
+                   pass_stats, step_row, write_artifact)
 from .roles import PPOModels
 from .rollout import build_batch
 
@@ -106,9 +107,8 @@ def train_ppo_group(cfgs: list[TrialConfig], data, sft_dir: Path, rm_dir: Path, 
         for m in live:
             for group in m.optimizer.param_groups:
                 group["lr"] = learning_rate(m.cfg.ppo, step, n_steps)
-            m.order += [] if len(m.order) >= p0.rollout_batch_size else _refill(m, p0.rollout_batch_size)
-            batch_prompts.append([m.prompts[i] for i in m.order[:p0.rollout_batch_size]])
-            m.order = m.order[p0.rollout_batch_size:]
+            picked, m.order = next_prompts(m.order, len(m.prompts), p0.rollout_batch_size, m.g)
+            batch_prompts.append([m.prompts[i] for i in picked])
         responses = generate_segments(roles.model, roles.tokenizer, batch_prompts, [m.names[0] for m in live],
                                       [m.stream for m in live], max_new_tokens=sampling.max_new_tokens,
                                       do_sample=True, temperature=sampling.temperature,
@@ -135,20 +135,8 @@ def train_ppo_group(cfgs: list[TrialConfig], data, sft_dir: Path, rm_dir: Path, 
         if m.error is not None:
             failures[m.k] = m.error
             continue
-        roles.save_policy(m.out, m.names[0])
-        write_json(m.out / "history.json", m.history)
-        write_json(m.out / "ppo_info.json", {"kind": "adapter", "shared_base": True,
-                                             "reward_shared": roles.reward_shared,
-                                             "value_from_reward": roles.value_from_reward,
-                                             "gradient_checkpointing": roles.plan.gradient_checkpointing,
-                                             "reward_norm": m.normalizer.state() if m.normalizer else None,
-                                             "reward": m.cfg.ppo.reward, "extra_rewards": [],
-                                             "group": {"size": len(members), "member": m.k}})
-        last = m.history[-1]
-        write_json(m.out / "metrics.json", {
-            "ppo/objective/kl": last["objective/kl"], "ppo/objective/scores": last["objective/scores"],
-            "ppo/steps": last["step"], "ppo/time_generate": m.times[0], "ppo/time_score": m.times[1],
-            "ppo/time_update": m.times[2]})
+        write_artifact(m.out, roles, m.cfg.ppo, m.history, m.normalizer, m.times, m.names[0],
+                       info={"group": {"size": len(members), "member": m.k}})
     return failures
 
 
@@ -163,13 +151,6 @@ def _member(k: int, cfg: TrialConfig, out: Path, on_step, head: torch.nn.Linear,
     if not prompts:
         raise TrialFailed("ppo: the data has no PPO prompts")
     return Member(k, cfg, out, on_step, head, stream, torch.Generator().manual_seed(cfg.seed), prompts)
-
-
-def _refill(m: Member, need: int) -> list[int]:
-    extra: list[int] = []
-    while len(m.order) + len(extra) < need:
-        extra += torch.randperm(len(m.prompts), generator=m.g).tolist()
-    return extra
 
 
 def _row_names(live: list[Member], n: int, role: int) -> list[str]:
@@ -190,25 +171,25 @@ def _score(roles: PPOModels, live: list[Member], b: dict, temperature: float) ->
         with route_rows(roles.model, pol[s:s + micro]):
             out["old_logprobs"].append(roles.logprobs("policy", ids, attn, resp, temperature)[0])
         out["ref_logprobs"].append(roles.logprobs("ref", ids, attn, resp, temperature)[0])
-        out["old_values"].append(_values(roles, live, ids, attn, R, val[s:s + micro], range(s, s + len(ids)), n))
+        out["old_values"].append(_values(roles, live, ids, attn, R, val[s:s + micro], s, n))
         out["raw_scores"].append(roles.proxy_scores(ids, attn))
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def _values(roles: PPOModels, live: list[Member], ids, attn, R: int, names: list[str], rows, n: int):
-    """Each row's values through its member's value adapter and value head."""
+def _values(roles: PPOModels, live: list[Member], ids, attn, R: int, names: list[str], first: int, n: int):
+    """Values of rows ``first ..`` of the group's batch (``n`` rows per member, in member order) through each row's
+    member's value adapter and value head."""
     roles._use("value")
     with route_rows(roles.model, names):
         h = roles._hidden(roles.model, ids, attn)
     T = ids.shape[1]
     h = h[:, T - R - 1:T - 1]
-    member_of = torch.tensor([r // n for r in rows])
-    out = torch.empty(h.shape[:2], dtype=torch.float32, device=h.device)
-    for j in member_of.unique().tolist():
-        sel = (member_of == j).nonzero().squeeze(1).to(h.device)
+    out = []
+    for j in range(first // n, (first + len(ids) - 1) // n + 1):  # the members whose rows this pass holds
+        rows = slice(max(j * n - first, 0), min((j + 1) * n - first, len(ids)))
         head = live[j].head
-        out[sel] = head(h[sel].to(head.weight.dtype)).squeeze(-1).float()
-    return out
+        out.append(head(h[rows].to(head.weight.dtype)).squeeze(-1).float())
+    return torch.cat(out)
 
 
 def _advantages(m: Member, sc: dict, b: dict) -> dict:
@@ -217,18 +198,12 @@ def _advantages(m: Member, sc: dict, b: dict) -> dict:
     raw = sc["raw_scores"]
     if m.normalizer is None and p.reward_norm:
         m.normalizer = ppo_math.RewardNormalizer(raw)
-    scores = m.normalizer(raw) if m.normalizer is not None else raw
-    scores = ppo_math.missing_eos_penalty(scores, b["has_eos"] | b["stopped"], p.missing_eos_penalty)
+    scores, rewards, kl = kl_rewards(p, m.kl_ctl.value, m.normalizer, raw, b, sc)
     mask = b["rmask"]
-    rewards, kl = ppo_math.per_token_rewards(scores, sc["old_logprobs"], sc["ref_logprobs"], mask, m.kl_ctl.value,
-                                             p.kl_estimator)
     out = {"raw": raw, "scores": scores, "kl": kl, "mask": mask, "b": b, "train": bool(mask.sum() >= 2)}
     if out["train"]:
-        if p.whiten_rewards:
-            rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
-        adv, ret = ppo_math.compute_gae(rewards, sc["old_values"], mask, p.gamma, p.lam)
-        out.update(adv=ppo_math.masked_whiten(adv, mask), ret=ret, old_lp=sc["old_logprobs"],
-                   old_v=sc["old_values"])
+        adv, ret = advantages_and_returns(p, rewards, sc["old_values"], mask)
+        out.update(adv=adv, ret=ret, old_lp=sc["old_logprobs"], old_v=sc["old_values"])
     return out
 
 
@@ -313,46 +288,29 @@ def _micro(roles: PPOModels, live: list[Member], b: dict, per: list[dict], parts
         if j not in vf:
             continue
         (pg_loss, st), (vf_loss, vf_clip) = pg[j], vf[j]
-        stats[j].append({**where, "policy/clipfrac": float(st["clipfrac"]), "policy/approx_kl": float(st["approx_kl"]),
-                         "ratio_mean": float(st["ratio_mean"]), "ratio_min": float(st["ratio_min"]),
-                         "ratio_max": float(st["ratio_max"]), "val/clipfrac": float(vf_clip),
-                         "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
-                         "objective/entropy": ppo_math.masked_mean(ent[sl].detach(), per[j]["mask"][idx]).item()})
+        stats[j].append(pass_stats(where, pg_loss, st, vf_loss, vf_clip, ent[sl].detach(), per[j]["mask"][idx]))
 
 
 def _failed(m: Member, loss: torch.Tensor, which: str, step: int) -> bool:
     if torch.isfinite(loss):
         return False
-    m.error = (f"ppo: the {which} loss became {loss.item()} at step {step}; lower ppo.learning_rate or raise "
-               f"ppo.kl_coef (in a trial group; the other members went on)")
+    m.error = f"{loss_not_finite(which, loss, step)} (in a trial group; the other members went on)"
     return True
 
 
 def _finish_step(m: Member, step: int, n_steps: int, q: dict, stats: list[dict], times: tuple) -> None:
     if m.error is not None:
         return
-    p, b, kl, scores = m.cfg.ppo, q["b"], q["kl"], q["scores"]
-    mask = q["mask"]
-    mean_kl = kl.sum(1).mean().item()
-    row = {"step": step, "episodes": step * p.rollout_batch_size, "lr": learning_rate(p, step, n_steps),
-           "objective/kl": mean_kl, "objective/scores": q["raw"].mean().item(),
-           "objective/scores_normalized": scores.mean().item(),
-           "objective/non_score_reward": (-m.kl_ctl.value * kl.sum(1)).mean().item(),
-           "objective/rlhf_reward": (scores - m.kl_ctl.value * kl.sum(1)).mean().item(),
-           "objective/kl_coef": float(m.kl_ctl.value),
-           "objective/eos_frac": b["has_eos"].float().mean().item(),
-           "objective/stopped_frac": b["stopped"].float().mean().item(),
-           "objective/empty_frac": (mask.sum(1) == 0).float().mean().item(),
-           "objective/response_len": mask.sum(1).float().mean().item(),
-           "time/generate": times[0], "time/score": times[1], "time/update": times[2]}
-    row.update(summarize(stats))
+    p = m.cfg.ppo
+    row = step_row(p, step, learning_rate(p, step, n_steps), m.kl_ctl, q["raw"], q["scores"], q["kl"], q["b"], times,
+                   stats)
+    mean_kl = row["objective/kl"]
     m.history.append(row)
     if m.on_step is not None:
         m.on_step({"stage": "ppo", "step": step, "steps": n_steps,
                    **{f"ppo/{k}": v for k, v in row.items() if k != "step"}})
     if not math.isfinite(mean_kl) or mean_kl > p.kl_stop:
-        m.error = (f"ppo: KL blow-up at step {step}: mean KL {mean_kl:.2f} nats > ppo.kl_stop {p.kl_stop}; raise "
-                   f"ppo.kl_coef or lower ppo.learning_rate")
+        m.error = kl_blow_up(step, mean_kl, p.kl_stop)
         write_json(m.out / "history.json", m.history)
         return
     m.kl_ctl.update(mean_kl, p.rollout_batch_size)

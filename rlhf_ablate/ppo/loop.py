@@ -95,10 +95,8 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
         for group in optimizer.param_groups:
             group["lr"] = lr
         # ---- rollout -----------------------------------------------------------------------------------------
-        while len(order) < p.rollout_batch_size:
-            order += torch.randperm(len(prompts), generator=g).tolist()
-        batch_prompts = [prompts[i] for i in order[:p.rollout_batch_size]]
-        order = order[p.rollout_batch_size:]
+        picked, order = next_prompts(order, len(prompts), p.rollout_batch_size, g)
+        batch_prompts = [prompts[i] for i in picked]
         t0 = time.perf_counter()
         # the rollout sampling (models/generation.py: sampling_for)
         responses = rollout_adaptive(roles, "generation", lambda: roles.generate(batch_prompts))
@@ -111,37 +109,18 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
             # N+ details: normalise the RM by its scores on the initial (SFT) policy's samples, so that one kl_coef
             # means the same thing across reward models of different scale.
             normalizer = ppo_math.RewardNormalizer(raw_scores) if p.reward_norm else None
-        scores = normalizer(raw_scores) if normalizer is not None else raw_scores
-        # A response that stopped at the template's next-turn header ended its turn: no missing-EOS penalty.
-        scores = ppo_math.missing_eos_penalty(scores, b["has_eos"] | b["stopped"], p.missing_eos_penalty)
+        scores, rewards, kl = kl_rewards(p, kl_ctl.value, normalizer, raw_scores, b, sc)
         mask = b["rmask"]
-        rewards, kl = ppo_math.per_token_rewards(scores, sc["old_logprobs"], sc["ref_logprobs"], mask,
-                                                 kl_ctl.value, p.kl_estimator)
         t2 = time.perf_counter()
         # ---- PPO epochs over minibatches (skipped when the rollout has almost no response tokens) --------------
         stats: list[dict] = []
         if mask.sum() >= 2:
-            if p.whiten_rewards:
-                rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = ppo_math.compute_gae(rewards, sc["old_values"], mask, p.gamma, p.lam)
-            advantages = ppo_math.masked_whiten(advantages, mask)
+            advantages, returns = advantages_and_returns(p, rewards, sc["old_values"], mask)
             stats = ppo_update(roles, optimizer, b, sc, advantages, returns, p, g, step, scaler)
         t3 = time.perf_counter()
         # ---- stats -------------------------------------------------------------------------------------------
-        mean_kl = kl.sum(1).mean().item()
-        row = {"step": step, "episodes": step * p.rollout_batch_size, "lr": lr,
-               "objective/kl": mean_kl,
-               "objective/scores": raw_scores.mean().item(),
-               "objective/scores_normalized": scores.mean().item(),
-               "objective/non_score_reward": (-kl_ctl.value * kl.sum(1)).mean().item(),
-               "objective/rlhf_reward": (scores - kl_ctl.value * kl.sum(1)).mean().item(),
-               "objective/kl_coef": float(kl_ctl.value),
-               "objective/eos_frac": b["has_eos"].float().mean().item(),
-               "objective/stopped_frac": b["stopped"].float().mean().item(),
-               "objective/empty_frac": (mask.sum(1) == 0).float().mean().item(),
-               "objective/response_len": mask.sum(1).float().mean().item(),
-               "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2}
-        row.update(summarize(stats))
+        row = step_row(p, step, lr, kl_ctl, raw_scores, scores, kl, b, (t1 - t0, t2 - t1, t3 - t2), stats)
+        mean_kl = row["objective/kl"]
         if probe.due(step, last=step == n_steps):
             row.update(probe.evaluate(roles, step))
             stopped = p.stop_on_overoptimization and probe.onset is not None
@@ -151,17 +130,96 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
                      **{f"ppo/{k}": v for k, v in row.items() if k != "step"}})
         if not math.isfinite(mean_kl) or mean_kl > p.kl_stop:
             write_json(out / "history.json", history)
-            raise TrialFailed(f"ppo: KL blow-up at step {step}: mean KL {mean_kl:.2f} nats > ppo.kl_stop "
-                              f"{p.kl_stop}; raise ppo.kl_coef or lower ppo.learning_rate")
+            raise TrialFailed(kl_blow_up(step, mean_kl, p.kl_stop))
         kl_ctl.update(mean_kl, p.rollout_batch_size)
         t_gen, t_score, t_update = t_gen + t1 - t0, t_score + t2 - t1, t_update + t3 - t2
         if stopped:  # over-optimized: back to the policy of gold's maximum, the last good checkpoint
             roles.load_policy_state(probe.best_state)
             break
     stage_hooks().trained()
-    roles.save_policy(out)
     if p.gold != "none":
         write_json(out / "overoptimization.json", probe.record(stopped, n_steps, history[-1]["step"]))
+    write_artifact(out, roles, p, history, normalizer, (t_gen, t_score, t_update),
+                   metrics={**probe.metrics(), **({"ppo/overopt_stopped": float(stopped)} if p.gold != "none" else {})})
+
+
+# ---- what a PPO step and its artifact are, for one trial or each member of a trial group (rlhf_ablate/ppo/group.py)
+
+def next_prompts(order: list[int], n_prompts: int, size: int, g: torch.Generator) -> tuple[list[int], list[int]]:
+    """The next ``size`` prompt indices of the shuffled passes over ``n_prompts`` prompts (a new permutation from
+    ``g`` when ``order`` runs short), and the indices left for later steps."""
+    while len(order) < size:
+        order = order + torch.randperm(n_prompts, generator=g).tolist()
+    return order[:size], order[size:]
+
+
+def kl_rewards(p: PPOConfig, kl_coef: float, normalizer, raw_scores: torch.Tensor, b: dict,
+               sc: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scores, rewards, kl)``: the sequence scores normalised and EOS-penalised, and the per-token KL-penalised
+    rewards with the KL they were penalised by."""
+    scores = normalizer(raw_scores) if normalizer is not None else raw_scores
+    # A response that stopped at the template's next-turn header ended its turn: no missing-EOS penalty.
+    scores = ppo_math.missing_eos_penalty(scores, b["has_eos"] | b["stopped"], p.missing_eos_penalty)
+    rewards, kl = ppo_math.per_token_rewards(scores, sc["old_logprobs"], sc["ref_logprobs"], b["rmask"], kl_coef,
+                                             p.kl_estimator)
+    return scores, rewards, kl
+
+
+def advantages_and_returns(p: PPOConfig, rewards: torch.Tensor, values: torch.Tensor,
+                           mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over the (optionally whitened) rewards; the advantages whitened."""
+    if p.whiten_rewards:
+        rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = ppo_math.compute_gae(rewards, values, mask, p.gamma, p.lam)
+    return ppo_math.masked_whiten(advantages, mask), returns
+
+
+def step_row(p: PPOConfig, step: int, lr: float, kl_ctl, raw_scores: torch.Tensor, scores: torch.Tensor,
+             kl: torch.Tensor, b: dict, times: tuple[float, float, float], stats: list[dict]) -> dict:
+    """A step's row of history.json: the rollout's objective statistics, the phases' seconds and the update's
+    per-pass stats summarised (:func:`summarize`)."""
+    mask = b["rmask"]
+    row = {"step": step, "episodes": step * p.rollout_batch_size, "lr": lr,
+           "objective/kl": kl.sum(1).mean().item(),
+           "objective/scores": raw_scores.mean().item(),
+           "objective/scores_normalized": scores.mean().item(),
+           "objective/non_score_reward": (-kl_ctl.value * kl.sum(1)).mean().item(),
+           "objective/rlhf_reward": (scores - kl_ctl.value * kl.sum(1)).mean().item(),
+           "objective/kl_coef": float(kl_ctl.value),
+           "objective/eos_frac": b["has_eos"].float().mean().item(),
+           "objective/stopped_frac": b["stopped"].float().mean().item(),
+           "objective/empty_frac": (mask.sum(1) == 0).float().mean().item(),
+           "objective/response_len": mask.sum(1).float().mean().item(),
+           "time/generate": times[0], "time/score": times[1], "time/update": times[2]}
+    row.update(summarize(stats))
+    return row
+
+
+def pass_stats(where: dict, pg_loss: torch.Tensor, pg_stats: dict, vf_loss: torch.Tensor, vf_clipfrac,
+               entropy: torch.Tensor, mask: torch.Tensor) -> dict:
+    """One forward/backward pass's stats (``ppo_update``'s list)."""
+    return {**where, "policy/clipfrac": float(pg_stats["clipfrac"]), "policy/approx_kl": float(pg_stats["approx_kl"]),
+            "ratio_mean": float(pg_stats["ratio_mean"]), "ratio_min": float(pg_stats["ratio_min"]),
+            "ratio_max": float(pg_stats["ratio_max"]), "val/clipfrac": float(vf_clipfrac),
+            "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
+            "objective/entropy": ppo_math.masked_mean(entropy, mask).item()}
+
+
+def kl_blow_up(step: int, mean_kl: float, kl_stop: float) -> str:
+    return (f"ppo: KL blow-up at step {step}: mean KL {mean_kl:.2f} nats > ppo.kl_stop {kl_stop}; raise "
+            f"ppo.kl_coef or lower ppo.learning_rate")
+
+
+def loss_not_finite(which: str, loss: torch.Tensor, step: int) -> str:
+    return (f"ppo: the {which} loss became {loss.item()} at step {step}; lower ppo.learning_rate or raise "
+            f"ppo.kl_coef")
+
+
+def write_artifact(out: Path, roles: PPOModels, p: PPOConfig, history: list[dict], normalizer, times: tuple,
+                   adapter: str = "policy", info: Optional[dict] = None, metrics: Optional[dict] = None) -> None:
+    """The PPO stage's artifact: the policy (``adapter`` of ``roles``), history.json, ppo_info.json (``info``
+    added) and metrics.json (``metrics`` added)."""
+    roles.save_policy(out, adapter)
     write_json(out / "history.json", history)
     write_json(out / "ppo_info.json", {"kind": "adapter" if roles.shared else "model", "shared_base": roles.shared,
                                        "reward_shared": roles.reward_shared,
@@ -169,13 +227,12 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
                                        "gradient_checkpointing": roles.plan.gradient_checkpointing,
                                        "reward_norm": normalizer.state() if normalizer is not None else None,
                                        "reward": p.reward, "extra_rewards": sorted(roles.extra_heads)
-                                       + sorted(roles.extra_models)})
+                                       + sorted(roles.extra_models), **(info or {})})
     last = history[-1]
     write_json(out / "metrics.json", {
         "ppo/objective/kl": last["objective/kl"], "ppo/objective/scores": last["objective/scores"],
-        "ppo/steps": last["step"], "ppo/time_generate": t_gen, "ppo/time_score": t_score,
-        "ppo/time_update": t_update, **probe.metrics(), **({"ppo/overopt_stopped": float(stopped)}
-                                                            if p.gold != "none" else {})})
+        "ppo/steps": last["step"], "ppo/time_generate": times[0], "ppo/time_score": times[1],
+        "ppo/time_update": times[2], **(metrics or {})})
 
 
 def ppo_update(roles: PPOModels, optimizer: torch.optim.Optimizer, b: dict, sc: dict, advantages: torch.Tensor,
@@ -247,21 +304,13 @@ def _minibatch(roles: PPOModels, b: dict, sc: dict, advantages: torch.Tensor, re
         _check_finite(vf_loss, "value", step)
         scaler.scale(vf_loss * (p.vf_coef * weight)).backward()
         stepped = True
-        out.append({**where,
-                    "policy/clipfrac": float(pg_stats["clipfrac"]),
-                    "policy/approx_kl": float(pg_stats["approx_kl"]),
-                    "ratio_mean": float(pg_stats["ratio_mean"]),
-                    "ratio_min": float(pg_stats["ratio_min"]), "ratio_max": float(pg_stats["ratio_max"]),
-                    "val/clipfrac": float(vf_clipfrac),
-                    "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
-                    "objective/entropy": ppo_math.masked_mean(entropy, m).item()})
+        out.append(pass_stats(where, pg_loss, pg_stats, vf_loss, vf_clipfrac, entropy, m))
     return stepped
 
 
 def _check_finite(loss: torch.Tensor, which: str, step: int) -> None:
     if not torch.isfinite(loss):
-        raise TrialFailed(f"ppo: the {which} loss became {loss.item()} at step {step}; lower ppo.learning_rate or "
-                          f"raise ppo.kl_coef")
+        raise TrialFailed(loss_not_finite(which, loss, step))
 
 
 def summarize(stats: list[dict]) -> dict:

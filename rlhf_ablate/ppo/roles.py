@@ -71,6 +71,8 @@ class PPOModels:
         self.shared = rank > 0
         self.reward_shared = self.shared and rm_shareable
         self.value_from_reward = False
+        self.trained_adapters: tuple[str, ...] = ("policy", "value")   # kept trainable by _use (a group adds its own)
+        self._trained_params: Optional[list] = None
         hidden_of = lambda m: m.config.get_text_config().hidden_size  # noqa: E731
         self.reward_head: nn.Linear | None = None
 
@@ -184,10 +186,9 @@ class PPOModels:
         # (and a trial group's other members' policies and values) trainable ourselves, since each is used in its
         # own forward pass.
         self.model.set_adapter(adapter)
-        trained = getattr(self, "trained_adapters", ("policy", "value"))
-        if getattr(self, "_trained_for", None) != trained:  # the parameters, found once per set of adapters
-            self._trained_params = [p for n, p in self.model.named_parameters() if any(f".{a}." in n for a in trained)]
-            self._trained_for = trained
+        if self._trained_params is None:  # found once per set of trained adapters (add_member resets it)
+            self._trained_params = [p for n, p in self.model.named_parameters()
+                                    if any(f".{a}." in n for a in self.trained_adapters)]
         for p in self._trained_params:
             p.requires_grad_(True)
 
@@ -215,7 +216,8 @@ class PPOModels:
                 self._copy_adapter(tmp, val)
                 head.weight.data.copy_(score_w)
             self.model.delete_adapter(tmp)
-        self.trained_adapters = (*getattr(self, "trained_adapters", ("policy", "value")), pol, val)
+        self.trained_adapters = (*self.trained_adapters, pol, val)
+        self._trained_params = None
         disable_dropout(self.model)
         self._use("policy")
         return head.to(next(self.model.parameters()).device)

@@ -188,7 +188,7 @@ class StageCache:
         stage_dir.mkdir(parents=True, exist_ok=True)
         t_wait = time.monotonic()
         repaired = None
-        with file_lock(stage_dir / f"{key}.lock"):
+        with file_lock(self.lock_path(stage, key)):
             waited = time.monotonic() - t_wait
             if (final / COMPLETE).is_file():  # built by another process while we waited, or damaged
                 repaired = damage(final, promises)

@@ -104,9 +104,13 @@ def members_of(spec: Any, trial: Any) -> list[Any]:
     return []
 
 
+def _failure_path(cache: Any, key: str) -> Path:
+    return cache.lock_path("ppo", key).with_name(f"{key}{FAILED}")  # beside the member's lock
+
+
 def take_failure(cache: Any, key: str) -> Optional[str]:
     """The failure a group recorded for this PPO stage key, removed as it is read (a later run trains again)."""
-    path = cache.root / "ppo" / f"{key}{FAILED}"
+    path = _failure_path(cache, key)
     if not path.is_file():
         return None
     try:
@@ -144,7 +148,7 @@ def build_group(c: Any, out: Path, solo: Any, promises: Any) -> None:
                                        [out] + staging, [c.on_step] + [None] * len(claimed))
             for i, ((tid, mcfg, key), d) in enumerate(zip(claimed, staging), 1):
                 if i in failures:
-                    write_json(cache.root / "ppo" / f"{key}{FAILED}", {"error": failures[i], "builder": ids[0]})
+                    write_json(_failure_path(cache, key), {"error": failures[i], "builder": ids[0]})
                     continue
                 write_json(d / "group.json", {"members": ids, "member": i, "builder": ids[0]})
                 cache.commit("ppo", key, d, promises(mcfg))
