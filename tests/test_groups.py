@@ -110,7 +110,8 @@ def test_a_member_rolls_out_and_trains_as_it_would_alone(upstream, tmp_path, mon
     outs = [tmp_path / f"g{k}" for k in range(2)]
     for o in outs:
         o.mkdir()
-    assert group.train_ppo_group(cfgs, upstream["data"], upstream["sft"], upstream["rm"], outs, [None, None]) == {}
+    assert group.train_ppo_group(cfgs, upstream["data"], upstream["sft"], upstream["rm"], outs, [None, None]) \
+        == ({}, set())
     n = SMALL["ppo.rollout_batch_size"]
     for k in range(2):
         s_resp, s_mask, s_lp = seen["solo"][2 * k]  # member k's first step alone
@@ -165,6 +166,74 @@ def test_a_grouped_sweep_keeps_the_layout_isolates_a_failing_member_and_resumes(
     assert all(r["status"] == "ok" for r in again) and len(read_executions(tmp_path / "stages")) == before
 
 
+def test_a_stopped_member_leaves_the_group_and_the_others_go_on(upstream, tmp_path, monkeypatch):
+    """A scheduler's stop (SystemExit inside a step's report, as Ray Tune raises it) of a waiting member and of the
+    builder's own trial, in one group of three: the waiting member's trial reported steps 1-2 live and left its stop;
+    the builder took both out at the next step, trained the third to the end and committed it alone, then ended its
+    own trial with the stop; the third member's trial reported each of its steps exactly once (live, then the rest
+    from its committed history)."""
+    import threading
+
+    import rlhf_ablate.ppo.group as group
+    from rlhf_ablate.config import trial_config_from_overrides
+    from rlhf_ablate.run import groups
+    from rlhf_ablate.run.cache import StageCache
+    from rlhf_ablate.run.graph import Ctx
+
+    monkeypatch.setattr(groups, "POLL_S", 0.02)
+    outcome = {}
+    real = group.train_ppo_group
+    monkeypatch.setattr(group, "train_ppo_group", lambda *a, **k: outcome.setdefault("r", real(*a, **k)))
+    cache = StageCache(tmp_path / "stages")
+    cfgs = [trial_config_from_overrides({**SMALL, "ppo.total_episodes": 40, "ppo.kl_coef": kl}) for kl in (.05, .2, .5)]
+    keys = [f"member{k}" for k in range(3)]
+    stop_of = {1: groups._beside(cache, keys[1], groups.STOP)}
+
+    def builder_reports(event):
+        if event.get("step") == 3:  # after member 1's trial was stopped at step 2: then its own trial is stopped
+            while not stop_of[1].is_file():
+                threading.Event().wait(0.02)
+            raise SystemExit(0)
+
+    c = Ctx(cfgs[0], upstream["data"], {"sft": upstream["sft"], "rm": upstream["rm"]}, builder_reports, cache,
+            {"ppo": keys[0]}, [(f"t{k}", cfgs[k], keys[k]) for k in (1, 2)])
+    out = tmp_path / "own"
+    out.mkdir()
+    ended = []
+
+    def build():
+        try:
+            groups.build_group(c, out, None, lambda cfg: ("adapter/adapter_model.safetensors", "metrics.json"))
+        except BaseException as e:  # noqa: BLE001 - what the builder's trial sees
+            ended.append(e)
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    while not groups._beside(cache, keys[2], groups.STEPS).is_file():
+        threading.Event().wait(0.02)
+    seen = {1: [], 2: []}
+
+    def stopped_at_2(event):
+        seen[1].append(event["step"])
+        if event["step"] == 2:
+            raise SystemExit(0)
+
+    with pytest.raises(SystemExit):
+        groups.follow(cache, keys[1], stopped_at_2)
+    sent = groups.follow(cache, keys[2], lambda e: seen[2].append(e["step"]))
+    thread.join()
+    assert len(ended) == 1 and isinstance(ended[0], SystemExit)
+    assert outcome["r"] == ({}, {0, 1})
+    assert seen[1] == [1, 2] and not stop_of[1].exists()  # the builder took the stop
+    assert cache.is_complete("ppo", keys[2]) and not cache.is_complete("ppo", keys[1])
+    history = json.loads((cache.path("ppo", keys[2]) / "history.json").read_text())
+    groups.replay(history, sent, lambda e: seen[2].append(e["step"]))
+    assert seen[2] == [1, 2, 3, 4, 5] and [r["step"] for r in history] == [1, 2, 3, 4, 5]
+    assert json.loads((cache.path("ppo", keys[2]) / "group.json").read_text())["members"] == [cfgs[0].trial_id,
+                                                                                               "t1", "t2"]
+    assert not (out / "group.json").exists() and not list((tmp_path / "stages" / "ppo").glob("*.jsonl"))
+
+
 def test_group_size_is_validated_planned_and_estimated(builtin_cache, monkeypatch):
     from rlhf_ablate.config.sweep import expand
     from rlhf_ablate.launch.resources import group_column, resolve_group_size
@@ -175,8 +244,9 @@ def test_group_size_is_validated_planned_and_estimated(builtin_cache, monkeypatc
     for bad in (0, "big", 1.5, True):
         with pytest.raises(ConfigError, match="resources.group_size"):
             _spec({"ppo.kl_coef": [0.1, 0.2]}, group_size=bad)
-    with pytest.raises(ConfigError, match="scheduler"):
-        _spec({"ppo.kl_coef": [0.1, 0.2]}, group_size=2, scheduler={"type": "asha"})
+    # a scheduler stops members one by one (test below): groups and ASHA go together
+    asha = _spec({"ppo.kl_coef": [0.1, 0.2]}, group_size=2, scheduler={"type": "asha"})
+    assert [len(g) for g in plan_groups(asha, expand(asha))] == [2]
     # kl_coef x seeds: one group per seed (a seed is its own SFT model); lora rank splits groups; rank 0 stays alone
     spec = _spec({"ppo.kl_coef": [0.01, 0.1, 1.0], "ppo.lora_rank": [0, 8]}, group_size="auto", seeds=(0, 1),
                  overrides=[{"when": {"ppo.lora_rank": 0}, "set": {"model.quantization": "none"}}])

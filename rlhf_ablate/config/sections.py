@@ -41,7 +41,7 @@ class ResourceSpec:
     group_size: Union[int, str] = 1
 
 
-def check_resources(resources: ResourceSpec, scheduler: SchedulerSpec, source: str) -> None:
+def check_resources(resources: ResourceSpec, source: str) -> None:
     """The ``resources`` section's rules (ConfigError naming the key and the sweep file ``source``)."""
     from ..errors import ConfigError
 
@@ -55,9 +55,6 @@ def check_resources(resources: ResourceSpec, scheduler: SchedulerSpec, source: s
     g = resources.group_size
     if isinstance(g, bool) or not (g == "auto" or (isinstance(g, int) and g >= 1)):
         raise ConfigError(f"{source}: resources.group_size must be 'auto' or a whole number >= 1 (1: alone), got {g!r}.")
-    if isinstance(g, int) and g > 1 and scheduler.type != "none":
-        raise ConfigError(f"{source}: resources.group_size={g} with scheduler.type={scheduler.type}: a scheduler stops "
-                          f"trials one by one, a group steps together. Set resources.group_size to 1 or auto.")
     if resources.cpu < 1:
         raise ConfigError(f"{source}: resources.cpu must be >= 1, got {resources.cpu}.")
 

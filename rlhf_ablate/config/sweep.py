@@ -399,7 +399,7 @@ def _validate_sections(search: SearchSpec, scheduler: SchedulerSpec, resources: 
         raise ConfigError(f"{source}: search.max_concurrent must be >= 1.")
     if scheduler.type == "asha" and (scheduler.grace_period < 1 or scheduler.reduction_factor < 2):
         raise ConfigError(f"{source}: scheduler.grace_period must be >= 1 and scheduler.reduction_factor >= 2.")
-    check_resources(resources, scheduler, source)
+    check_resources(resources, source)
     if slurm.max_concurrent < 1:
         raise ConfigError(f"{source}: slurm.max_concurrent must be >= 1, got {slurm.max_concurrent}.")
 

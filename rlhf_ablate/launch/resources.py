@@ -149,8 +149,6 @@ def auto_group_size(spec: Any, trials: list, gpus: list[float], margin: float) -
     estimate times ``margin`` fits the smallest of ``gpus``; without GPUs, ``run/groups.py: MAX_AUTO``."""
     from ..run import groups
 
-    if spec.scheduler.type != "none":
-        return 1
     buckets = groups.buckets(spec, trials)
     widest = max((len(v) for k, v in buckets.items() if not k.startswith("alone-")), default=1)
     if not gpus or widest < 2:
@@ -185,8 +183,8 @@ def group_column(spec: Any, trials: list) -> dict[str, list[str]]:
     for n, g in enumerate(plan_groups(spec, trials)):
         for t in g:
             where[t.trial_id] = f"g{n}/{len(g)}" if len(g) > 1 else "alone"
-    why = lambda t: alone_reason(t.config) or ("scheduler" if spec.scheduler.type != "none" else "")  # noqa: E731
-    return {"group": [where[t.trial_id] + (f" ({why(t)})" if where[t.trial_id] == "alone" and why(t) else "")
+    return {"group": [where[t.trial_id] + (f" ({why})" if where[t.trial_id] == "alone" and (why := alone_reason(t.config))
+                                           else "")
                       for t in trials]}
 
 

@@ -59,6 +59,7 @@ from .progress import LiveLines, summary_table
 # Seconds a worker waits for a stopped trial's thread to unwind before it stops or takes the next trial (Ray reads
 # TUNE_FUNCTION_THREAD_TIMEOUT_S in FunctionTrainable.reset_config; its default of 2 s is less than a W&B finish).
 THREAD_STOP_TIMEOUT_S = 120
+GROUP_STOP_TIMEOUT_S = 7 * 24 * 3600  # how long Tune lets a stopped group builder finish the group (_setup_env)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -139,15 +140,31 @@ def _make_trainable(fn: Callable, request: Callable) -> type:
 
     class WarmTrainable(base):
         def cleanup(self):
-            from ray.train._internal.session import get_session
-
-            session = get_session()
-            if session is not None and session.training_started:
-                session.finish(timeout=THREAD_STOP_TIMEOUT_S)
+            _wait_for_thread(finish=True)
             super().cleanup()
+
+        def reset_config(self, new_config):
+            _wait_for_thread(finish=False)  # Ray's reset_config finishes the thread itself
+            return super().reset_config(new_config)
 
     WarmTrainable.__name__ = "rlhf_ablate_trial"
     return WarmTrainable
+
+
+def _wait_for_thread(finish: bool) -> None:
+    """Wait for the trial thread to unwind (``finish``: stop it first, up to THREAD_STOP_TIMEOUT_S), and while it
+    trains a trial group, until the group's other members are trained and committed (a builder whose own trial was
+    stopped trains them to the end: rlhf_ablate/run/groups.py)."""
+    from ray.train._internal.session import get_session
+
+    from ..run.groups import building
+
+    session = get_session()
+    if session is not None and session.training_started:
+        if finish:
+            session.finish(timeout=THREAD_STOP_TIMEOUT_S)
+        while building() and session.training_thread.is_alive():
+            session.training_thread.join(timeout=5)
 
 
 def _package_root() -> str:
@@ -185,6 +202,9 @@ def _setup_env(address: Optional[str]) -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no Ray CSV/TB/JSON loggers per trial
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # stage events carry no search metric
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "1000")
+    # A stopped trial's worker that builds a trial group stops only when the group is trained (_wait_for_thread);
+    # Tune kills a worker still stopping after TUNE_FORCE_TRIAL_CLEANUP_S (600 s), which would end the group.
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(GROUP_STOP_TIMEOUT_S))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not address:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local Ray: no token written under ~/.ray (docs/stack.md)

@@ -7,7 +7,8 @@ and runs the update's forward and backward over the members' aligned micro-batch
 member's adapters (rlhf_ablate/models/lora.py: route_rows). docs/architecture.md, "Trial groups", has the rules.
 
 A member is still a trial (rlhf_ablate/run/groups.py builds the group inside one member's PPO stage and commits each
-member's artifact under its own stage key). Here each member keeps what its solo run keeps
+member's artifact under its own stage key; it also carries a member's steps to its trial and a scheduler's stop
+back). Here each member keeps what its solo run keeps
 (rlhf_ablate/ppo/loop.py): its policy and value adapters and value head, optimizer, learning-rate schedule, KL
 controller, reward normaliser, prompt order and minibatch shuffles (its own generator, seeded as solo) and the random
 stream its rollouts sample from (the global stream's state after its solo construction: PPOModels.add_member). The
@@ -37,7 +38,7 @@ from ..models.generation import generate_segments, sampling_for
 from ..runtime import seed_everything, stage_hooks
 from . import math as ppo_math
 from .loop import (advantages_and_returns, kl_blow_up, kl_rewards, learning_rate, loss_not_finite, next_prompts,
-                   pass_stats, step_row, write_artifact)
+                   pass_stats, step_event, step_row, write_artifact)
 from .roles import PPOModels
 from .rollout import build_batch
 
@@ -74,9 +75,12 @@ class Member:
 
 
 def train_ppo_group(cfgs: list[TrialConfig], data, sft_dir: Path, rm_dir: Path, outs: list[Path],
-                    on_steps: list[Optional[Callable[[dict], None]]]) -> dict[int, str]:
+                    on_steps: list[Optional[Callable[[dict], None]]],
+                    stop: Callable[[int], bool] = lambda k: False) -> tuple[dict[int, str], set[int]]:
     """Train every member; member ``k`` writes its artifact (adapter, history.json, metrics.json, ppo_info.json)
-    into ``outs[k]``. Returns ``{k: error}`` for the members that failed (their directories are left incomplete)."""
+    into ``outs[k]``. ``stop(k)``, asked before each step: member ``k``'s trial was stopped (by a scheduler), so it
+    leaves the group. Returns ``({k: error}, stopped)``: the members that failed and the members that were stopped
+    (their directories are left incomplete)."""
     enable_tf32()
     seed_everything(cfgs[0].seed)
     roles = PPOModels(cfgs[0], sft_dir, rm_dir)
@@ -98,8 +102,10 @@ def train_ppo_group(cfgs: list[TrialConfig], data, sft_dir: Path, rm_dir: Path, 
     p0 = cfgs[0].ppo
     n_steps = max(1, p0.total_episodes // p0.rollout_batch_size)
     sampling = sampling_for(cfgs[0], "rollout")
+    stopped: set[int] = set()
     for step in range(1, n_steps + 1):
-        live = [m for m in members if m.error is None]
+        stopped.update(m.k for m in members if m.error is None and m.k not in stopped and stop(m.k))
+        live = [m for m in members if m.error is None and m.k not in stopped]
         if not live:
             break
         t0 = time.perf_counter()
@@ -130,14 +136,17 @@ def train_ppo_group(cfgs: list[TrialConfig], data, sft_dir: Path, rm_dir: Path, 
         for j, m in enumerate(live):
             _finish_step(m, step, n_steps, per[j], stats[j], (t1 - t0, t2 - t1, t3 - t2))
     stage_hooks().trained()
+    stopped.update(m.k for m in members if m.error is None and m.k not in stopped and stop(m.k))
     failures = {}
     for m in members:
         if m.error is not None:
             failures[m.k] = m.error
             continue
+        if m.k in stopped:
+            continue
         write_artifact(m.out, roles, m.cfg.ppo, m.history, m.normalizer, m.times, m.names[0],
                        info={"group": {"size": len(members), "member": m.k}})
-    return failures
+    return failures, stopped
 
 
 def _member(k: int, cfg: TrialConfig, out: Path, on_step, head: torch.nn.Linear, data) -> Member:
@@ -307,8 +316,7 @@ def _finish_step(m: Member, step: int, n_steps: int, q: dict, stats: list[dict],
     mean_kl = row["objective/kl"]
     m.history.append(row)
     if m.on_step is not None:
-        m.on_step({"stage": "ppo", "step": step, "steps": n_steps,
-                   **{f"ppo/{k}": v for k, v in row.items() if k != "step"}})
+        m.on_step(step_event(row, n_steps))
     if not math.isfinite(mean_kl) or mean_kl > p.kl_stop:
         m.error = kl_blow_up(step, mean_kl, p.kl_stop)
         write_json(m.out / "history.json", m.history)

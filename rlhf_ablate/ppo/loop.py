@@ -126,8 +126,7 @@ def train_ppo(cfg: TrialConfig, data, sft_dir: Path, rm_dir: Path, out: Path,
             stopped = p.stop_on_overoptimization and probe.onset is not None
         history.append(row)
         if on_step is not None:
-            on_step({"stage": "ppo", "step": step, "steps": n_steps,
-                     **{f"ppo/{k}": v for k, v in row.items() if k != "step"}})
+            on_step(step_event(row, n_steps))
         if not math.isfinite(mean_kl) or mean_kl > p.kl_stop:
             write_json(out / "history.json", history)
             raise TrialFailed(kl_blow_up(step, mean_kl, p.kl_stop))
@@ -172,6 +171,13 @@ def advantages_and_returns(p: PPOConfig, rewards: torch.Tensor, values: torch.Te
         rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = ppo_math.compute_gae(rewards, values, mask, p.gamma, p.lam)
     return ppo_math.masked_whiten(advantages, mask), returns
+
+
+def step_event(row: dict, n_steps: int) -> dict:
+    """A PPO step's report (progress lines, W&B, ASHA) from its history row; a trial group's member reports the same
+    (rlhf_ablate/run/groups.py: follow, replay)."""
+    return {"stage": "ppo", "step": row["step"], "steps": n_steps,
+            **{f"ppo/{k}": v for k, v in row.items() if k != "step"}}
 
 
 def step_row(p: PPOConfig, step: int, lr: float, kl_ctl, raw_scores: torch.Tensor, scores: torch.Tensor,

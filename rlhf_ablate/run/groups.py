@@ -9,8 +9,7 @@ controller, reward normalisation. Alone: other methods (TRL trains them), rank 0
 over-optimization probe or an ensemble reward, float16. A sweep's trials of one group key are cut, in index order,
 into groups of K = ``resources.group_size`` (``auto``: the largest K up to :data:`MAX_AUTO` whose estimated memory
 fits the smallest GPU with the packing margin, on a machine without GPUs :data:`MAX_AUTO`;
-rlhf_ablate/launch/resources.py: auto_group_size). With an ASHA scheduler
-trials stay alone: a stop is decided per Tune trial, and a group's steps run in one member's process.
+rlhf_ablate/launch/resources.py: auto_group_size).
 
 **How a group runs, on every launcher.** Each member is still its own trial (its id, result.json, W&B run, stage
 keys). The first member to reach its PPO stage builds it: it takes, without waiting, the stage-cache locks of the
@@ -20,6 +19,17 @@ releasing its lock. The other members' trials find their PPO stage in the cache 
 got there meanwhile) and go on with their eval. A member that failed in the group leaves ``<key>.group-failed.json``
 beside its lock; its own trial records that failure once instead of training alone (a later run retries it). A
 builder killed mid-way commits nothing: on resume the members build again, and finished stages stay.
+
+**A member's steps reach its own trial, and a stop reaches the group** (ASHA, and every launcher's progress and W&B).
+While it trains, the builder appends each other member's step events to ``<key>.group-steps.jsonl`` beside that
+member's lock; the member's trial, waiting for its PPO stage, reports them as its own steps as they come
+(:func:`follow`), and the ones it has not reported yet from the artifact's history once the stage is committed
+(:func:`replay`), so every member reports each of its steps once, live or late. When a scheduler stops a member
+(Ray Tune raises ``SystemExit`` inside the report of the step it judged), the member's trial leaves
+``<key>.group-stop.json`` and ends as ``stopped`` at that step; the builder takes the member out of the group at its
+next step and commits nothing for it. When the builder's own trial is stopped, the builder takes itself out the same
+way, trains the others to the end and commits them, and only then ends its trial as ``stopped``: its worker stays
+busy (and keeps its resources) until then (rlhf_ablate/launch/tune.py waits for it, :func:`building`).
 """
 
 from __future__ import annotations
@@ -27,8 +37,10 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..config import TrialConfig
 from ..errors import TrialFailed
@@ -39,6 +51,10 @@ SHAPE = ("rollout_batch_size", "rollout_micro_batch_size", "mini_batch_size", "g
          "max_new_tokens", "max_prompt_length", "total_episodes", "lora_rank", "lora_alpha", "temperature",
          "generation_backend")
 FAILED = ".group-failed.json"   # beside the member's lock: its failure in a group
+STEPS = ".group-steps.jsonl"    # beside the member's lock: its step events while a group trains it
+STOP = ".group-stop.json"       # beside the member's lock: its trial was stopped (by a scheduler)
+POLL_S = 0.2                    # how often a waiting member looks for new steps
+_building = threading.Event()   # set while this process trains a group (launch/tune.py waits for it)
 
 
 def alone_reason(cfg: TrialConfig) -> Optional[str]:
@@ -66,12 +82,10 @@ def group_key(cfg: TrialConfig, threads: int) -> Optional[str]:
 
 def group_size(spec: Any) -> int:
     """K for the sweep: ``resources.group_size`` as the launcher resolved it (``auto`` becomes a number in
-    rlhf_ablate/launch/resources.py: resolve_group_size, on the driver, so every member agrees; unresolved it is 1);
-    1 with a scheduler."""
+    rlhf_ablate/launch/resources.py: resolve_group_size, on the driver, so every member agrees; unresolved it is 1).
+    """
     g = spec.resources.group_size
-    if g == "auto" or spec.scheduler.type != "none":
-        return 1
-    return int(g)
+    return 1 if g == "auto" else int(g)
 
 
 def buckets(spec: Any, trials: list) -> dict[str, list[int]]:
@@ -104,8 +118,52 @@ def members_of(spec: Any, trial: Any) -> list[Any]:
     return []
 
 
+def _beside(cache: Any, key: str, suffix: str) -> Path:
+    return cache.lock_path("ppo", key).with_name(f"{key}{suffix}")  # beside the member's lock
+
+
+def building() -> bool:
+    """Whether this process is training a trial group now (a stopped builder's trial ends when the group does)."""
+    return _building.is_set()
+
+
+def follow(cache: Any, key: str, emit: Callable[[dict], None]) -> int:
+    """Report the steps a group builder in another process trains for this member (``<key>.group-steps.jsonl``) as
+    they come, until the stage is committed or no builder trains it; returns how many were reported. A stop raised by
+    ``emit`` (``SystemExit``: a scheduler stopped the trial) is left in ``<key>.group-stop.json`` for the builder."""
+    steps = _beside(cache, key, STEPS)
+    sent = 0
+    while not cache.is_complete("ppo", key):
+        try:
+            text = steps.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return sent  # nobody trains it in a group (now): the stage cache's lock decides who builds it
+        lines = text.split("\n")[:-1]  # whole lines only: the builder may be writing the last one
+        for line in lines[sent:]:
+            _emit_or_stop(cache, key, emit, json.loads(line))
+            sent += 1
+        time.sleep(POLL_S)
+    return sent
+
+
+def replay(history: list[dict], sent: int, emit: Callable[[dict], None]) -> None:
+    """Report a group-trained member's steps from its committed history that :func:`follow` did not report live."""
+    from ..ppo.loop import step_event
+
+    for row in history[sent:]:
+        emit(step_event(row, len(history)))
+
+
+def _emit_or_stop(cache: Any, key: str, emit: Callable[[dict], None], event: dict) -> None:
+    try:
+        emit(event)
+    except SystemExit:
+        write_json(_beside(cache, key, STOP), {"step": event["step"]})
+        raise
+
+
 def _failure_path(cache: Any, key: str) -> Path:
-    return cache.lock_path("ppo", key).with_name(f"{key}{FAILED}")  # beside the member's lock
+    return _beside(cache, key, FAILED)
 
 
 def take_failure(cache: Any, key: str) -> Optional[str]:
@@ -141,20 +199,61 @@ def build_group(c: Any, out: Path, solo: Any, promises: Any) -> None:
         if not claimed:
             return solo(c, out)
         staging = [cache.staging("ppo", key) for _, _, key in claimed]
+        keys = [key for _, _, key in claimed]
+        own: list[SystemExit] = []  # the builder's own trial stopped by its scheduler
+        for key in keys:
+            _beside(cache, key, STOP).unlink(missing_ok=True)  # from an earlier run: not for this group
+            _beside(cache, key, STEPS).write_text("", encoding="utf-8")
+        _building.set()
         try:
             ids = [c.cfg.trial_id] + [tid for tid, _, _ in claimed]
             c.on_step({"stage": "ppo", "event": "group", "members": len(ids)})
-            failures = train_ppo_group([c.cfg] + [m for _, m, _ in claimed], c.data, c.dirs["sft"], c.dirs["rm"],
-                                       [out] + staging, [c.on_step] + [None] * len(claimed))
+            failures, stopped = train_ppo_group(
+                [c.cfg] + [m for _, m, _ in claimed], c.data, c.dirs["sft"], c.dirs["rm"], [out] + staging,
+                [_own_steps(c.on_step, own)] + [_step_writer(_beside(cache, key, STEPS)) for key in keys],
+                lambda k: bool(own) if k == 0 else _take_stop(cache, keys[k - 1]))
             for i, ((tid, mcfg, key), d) in enumerate(zip(claimed, staging), 1):
                 if i in failures:
                     write_json(_failure_path(cache, key), {"error": failures[i], "builder": ids[0]})
-                    continue
-                write_json(d / "group.json", {"members": ids, "member": i, "builder": ids[0]})
-                cache.commit("ppo", key, d, promises(mcfg))
+                elif i not in stopped:
+                    write_json(d / "group.json", {"members": ids, "member": i, "builder": ids[0]})
+                    cache.commit("ppo", key, d, promises(mcfg))
         finally:
+            _building.clear()
+            for key in keys:
+                _beside(cache, key, STEPS).unlink(missing_ok=True)
             for d in staging:
                 shutil.rmtree(d, ignore_errors=True)
+    if own:
+        raise own[0]
     if 0 in failures:
         raise TrialFailed(failures[0])
     write_json(out / "group.json", {"members": ids, "member": 0, "builder": ids[0]})
+
+
+def _own_steps(on_step: Callable[[dict], None], stopped: list) -> Callable[[dict], None]:
+    """The builder's own step reports; a stop of its trial (``SystemExit`` from the report) is kept in ``stopped``
+    and ends nothing but its own membership (module docstring)."""
+    def report(event: dict) -> None:
+        if stopped:
+            return  # stopped: a stopped trial reports nothing more (Ray would wait for the driver forever)
+        try:
+            on_step(event)
+        except SystemExit as e:
+            stopped.append(e)
+    return report
+
+
+def _step_writer(path: Path) -> Callable[[dict], None]:
+    def write(event: dict) -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")
+    return write
+
+
+def _take_stop(cache: Any, key: str) -> bool:
+    path = _beside(cache, key, STOP)
+    if not path.is_file():
+        return False
+    path.unlink(missing_ok=True)
+    return True

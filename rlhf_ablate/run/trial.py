@@ -38,6 +38,7 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
     from ..files import read_json
     from ..runtime import MicroBatchOutOfMemory, recording_retries, release_memory, set_threads
     from .graph import Ctx, stage_keys, trial_stages
+    from .groups import follow, replay
 
     set_threads(threads)
     trial_id = trial_id or cfg.trial_id
@@ -74,6 +75,8 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
         for s in stages:  # run order: each stage after its upstream ones (rlhf_ablate/run/graph.py)
             stage = s.name
             emit({"stage": s.name, "event": "start"})
+            # A group member whose stage another trial trains reports its steps as they come (run/groups.py)
+            followed = follow(cache, keys[s.name], step_cb) if s.name == cfg.method and ctx.group else 0
             with recording_retries(lambda ev: emit({**ev, "event": "oom_retry"})) as retries:
                 r = cache.run(s.bucket, keys[s.name], lambda out, s=s: _build(s, ctx, out), s.promises(cfg))
             release_memory()  # the stage's models are gone: give their memory back before the next one loads
@@ -82,6 +85,9 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
                 result["timings"][s.name]["oom_retries"] = read_json(r.path / RETRIES_FILE)
             if r.repaired:
                 emit({"stage": s.name, "event": "repaired", "reason": f"{s.bucket}/{r.key}: {r.repaired}"})
+            if s.name == cfg.method and (r.path / "group.json").is_file() \
+                    and read_json(r.path / "group.json")["builder"] != trial_id:  # its steps ran in another trial
+                replay(read_json(r.path / "history.json"), followed, step_cb)
             emit({"stage": s.name, "event": "end", "cache_hit": r.hit, "seconds": r.seconds})
             ctx.dirs[s.name] = r.path
 
@@ -100,10 +106,6 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
                              if s.history and (ctx.dirs[s.name] / "history.json").exists()}
         if (ctx.dirs[cfg.method] / "group.json").is_file():  # trained in a trial group (run/groups.py)
             result["group"] = read_json(ctx.dirs[cfg.method] / "group.json")
-            if tracker is not None and result["group"]["builder"] != trial_id:  # its steps ran in the builder
-                for row in result["history"].get(cfg.method, []):
-                    tracker.log({f"{cfg.method}/{k}": v for k, v in row.items() if isinstance(v, (int, float))},
-                                step=row["step"])
         overopt = ctx.dirs[cfg.method] / "overoptimization.json"  # the alarm's record (rlhf_ablate/ppo/gold.py)
         if overopt.is_file():
             result["overoptimization"] = read_json(overopt)
