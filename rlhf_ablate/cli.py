@@ -59,9 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep_file", nargs="?", default="kl_coef", help="sweep YAML path or name (default: kl_coef)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for `sweep`")
 
-    p = sub.add_parser("trial", help="run one trial of a sweep (what a SLURM array task runs)")
+    p = sub.add_parser("trial", help="run one trial, or one trial group, of a sweep (what a SLURM array task runs)")
     _add_sweep_args(p)
-    p.add_argument("--index", type=int, required=True, help="trial index, 0-based, as in `sweep --dry-run`")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--index", type=int, help="trial index, 0-based, as in `sweep --dry-run`")
+    which.add_argument("--group", type=int, help="trial group index, 0-based (g<n> in `sweep --dry-run`): run its "
+                                                 "members one after another, their PPO stages trained together")
+    p.add_argument("--group-size", type=int, default=None, help="with --group: K as `slurm` resolved "
+                                                                "resources.group_size (auto) when it wrote the array")
     p.add_argument("--no-cache", action="store_true", help="recompute every stage")
 
     p = sub.add_parser("slurm", help="write (and with --submit, submit) the sbatch array and report jobs")
@@ -265,38 +270,36 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_trial(args: argparse.Namespace) -> int:
     from .config import parse_cli_overrides
     from .config.sweep import expand, load_sweep
-    from .errors import ConfigError
-    from .launch.resources import resolve_group_size
+    from .launch.slurm import run_tasks, task_trials
+    from .rundir import FINISHED, read_result
 
     resolve_sweep_arg(args)
     spec = load_sweep(args.sweep_file, parse_cli_overrides(args.overrides))
-    trials = expand(spec)
-    if not 0 <= args.index < len(trials):
-        raise ConfigError(f"{args.sweep_file}: --index {args.index} is out of range: the sweep has "
-                          f"{len(trials)} trials (indices 0..{len(trials) - 1}).")
-    trial = trials[args.index]
-    spec = resolve_group_size(spec, trials)  # a SLURM task resolves `auto` from the same GPUs as its group's others
+    spec, members = task_trials(spec, expand(spec), index=args.index, group=args.group, group_size=args.group_size,
+                                source=args.sweep_file)
     run_dir = run_dir_for(spec, args.out)
-    from .rundir import FINISHED, read_result
-
-    if (read_result(run_dir, trial.trial_id) or {}).get("status") in FINISHED:
+    members = [t for t in members if (read_result(run_dir, t.trial_id) or {}).get("status") not in FINISHED]
+    if not members:
         return 0  # resume, or a requeued SLURM task: nothing to check or rerun
-    preflight(spec, [trial])
+    preflight(spec, members)
     from .data import load_data
-    from .launch.slurm import run_task
 
-    data = load_data(trial.config.data)  # all of it: a bad row anywhere is bad input (exit 2), not a failed trial
-    result = run_task(spec, trial, run_dir, use_cache=not args.no_cache, data=data)
-    if result.get("status") in ("ok", "stopped"):
-        return 0
-    err = result.get("error") or {}
+    data = load_data(members[0].config.data)  # all of it: a bad row anywhere is bad input (exit 2), not a failure
+    failed = 0
+    for t, result in zip(members, run_tasks(spec, members, run_dir, use_cache=not args.no_cache, data=data)):
+        if result.get("status") not in ("ok", "stopped"):
+            failed += 1
+            _print_failure(run_dir, t, result.get("error") or {})
+    return 1 if failed else 0
+
+
+def _print_failure(run_dir: Path, trial: Any, err: dict) -> None:
     tb = result_path(run_dir, trial.trial_id).parent / "error.txt"
     msg = " ".join(str(err.get("message", "")).split())
     msg = msg if len(msg) <= 400 else msg[:399] + "…"
     print(f"trial {trial.index} ({trial.trial_id}) failed at stage {err.get('stage', '?')}: "
           f"{err.get('type', 'Error')}: {msg}", file=sys.stderr)
     print(f"traceback: {tb}" if tb.is_file() else f"result: {result_path(run_dir, trial.trial_id)}", file=sys.stderr)
-    return 1
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:

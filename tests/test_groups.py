@@ -20,12 +20,18 @@ SMALL = {"sft.max_steps": 2, "rm.max_steps": 2, "sft.batch_size": 4, "rm.batch_s
          "ppo.ppo_epochs": 1, "ppo.max_new_tokens": 8, "ppo.max_prompt_length": 40, "eval.max_new_tokens": 6}
 
 
-def _spec(axes: dict, group_size=3, seeds=(0,), **sections):
-    from rlhf_ablate.config.sweep import parse_sweep
+def _spec(axes: dict, group_size=3, seeds=(0,), write_to=None, **sections):
+    """The sweep (and with ``write_to``, its file there)."""
+    import yaml
+
+    from rlhf_ablate.config.sweep import load_sweep, parse_sweep
 
     raw = {"name": "groups", "base": SMALL, "axes": axes, "seeds": list(seeds),
            "resources": {"group_size": group_size}, "tracking": {"wandb": "disabled"}, **sections}
-    return parse_sweep(raw, "groups.yaml")
+    if write_to is None:
+        return parse_sweep(raw, "groups.yaml")
+    write_to.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return load_sweep(write_to)
 
 
 @pytest.fixture(scope="module")
@@ -134,18 +140,22 @@ def _keep(into: list, b: dict, out: dict) -> dict:
 
 
 def test_a_grouped_sweep_keeps_the_layout_isolates_a_failing_member_and_resumes(builtin_cache, tmp_path):
-    """Four members (kl_coef x kl_stop, one seed) in one group, run one by one as SLURM tasks or `trial` run them:
-    the first at PPO trains all four, the two whose KL check fails (ppo.kl_stop < 0) are recorded failed with the
-    group's error and never trained alone, the others find their PPO stage in the cache; result.json names the
-    group; a rerun rebuilds nothing."""
+    """Four members (kl_coef x kl_stop, one seed) in one group, run one by one as a SLURM array task runs a group
+    (`trial --group 0 --group-size 4`): the first at PPO trains all four, the two whose KL check fails
+    (ppo.kl_stop < 0) are recorded failed with the group's error and never trained alone, the others find their PPO
+    stage in the cache; result.json names the group; a rerun rebuilds nothing."""
+    from rlhf_ablate.cli import main
     from rlhf_ablate.config.sweep import expand
+    from rlhf_ablate.rundir import read_result
     from rlhf_ablate.run.cache import read_executions
     from rlhf_ablate.run.trial import run_trial_in_sweep
 
     spec = _spec({"ppo.kl_coef": [0.05, 0.5], "ppo.kl_stop": [50.0, -1.0]}, group_size=4,
-                 cache_dir=str(tmp_path / "stages"))
+                 cache_dir=str(tmp_path / "stages"), write_to=tmp_path / "groups.yaml")
     trials = expand(spec)
-    results = [run_trial_in_sweep(spec, t, tmp_path / "run") for t in trials]
+    assert main(["trial", str(tmp_path / "groups.yaml"), "--group", "0", "--group-size", "4",
+                 "--out", str(tmp_path / "run")]) == 1  # two members failed
+    results = [read_result(tmp_path / "run", t.trial_id) for t in trials]
     status = {t.trial_id: r["status"] for t, r in zip(trials, results)}
     bad = [t.trial_id for t in trials if t.config.ppo.kl_stop < 0]
     assert all(status[i] == ("failed" if i in bad else "ok") for i in status), status

@@ -18,6 +18,7 @@ import pytest
 
 from rlhf_ablate.cli import build_parser, main as cli_main
 from rlhf_ablate.config.sweep import expand, load_sweep
+from rlhf_ablate.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,6 +108,31 @@ def test_array_range_throttle_and_task_command(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"sbatch --parsable {out.resolve()}/slurm/array.sbatch" in printed
     assert f"--dependency=afterany:$ARRAY_JOB_ID {out.resolve()}/slurm/report.sbatch" in printed
+
+
+def test_trial_groups_make_one_array_task_per_group(tmp_path, capsys):
+    """resources.group_size: each task runs one trial group (rlhf_ablate/run/groups.py: the three kl_coef values of a
+    seed), with K as resolved where the array was written; `trial --group` names the groups it has when out of range."""
+    sweep = write_sweep(tmp_path, "resources: {group_size: auto}\n")
+    rc, out = run_slurm(tmp_path, sweep)
+    assert rc == 0
+    captured = capsys.readouterr()
+    arr = (out / "slurm" / "array.sbatch").read_text()
+    assert "--array=0-1%4" in sbatch_lines(arr) and "6 trials in 2 trial groups" in arr
+    assert "6 trials in 2 trial groups -> array 0-1" in captured.out and "time limit" in captured.err
+    task = build_parser().parse_args([a.replace("$SLURM_ARRAY_TASK_ID", "1") for a in exec_argv(arr)[3:]])
+    assert (task.group, task.group_size, task.index) == (1, 3, None)
+    from rlhf_ablate.launch.slurm import task_trials
+
+    spec = load_sweep(sweep)
+    trials = expand(spec)
+    resolved, members = task_trials(spec, trials, group=1, group_size=3)
+    assert [t.seed for t in members] == [1, 1, 1] and resolved.resources.group_size == 3
+    with pytest.raises(ConfigError, match=r"--group 2 is out of range: the sweep has 2 trial groups"):
+        task_trials(spec, trials, group=2, group_size=3)
+    sbatch_group_1 = write_sweep(tmp_path, "resources: {group_size: 1}\n", name="alone")
+    rc, out = run_slurm(tmp_path, sbatch_group_1)
+    assert rc == 0 and "--index" in (out / "slurm" / "array.sbatch").read_text()
 
 
 def test_scripts_are_valid_bash_and_task_ids_match_expand(tmp_path):

@@ -276,16 +276,23 @@ def _environment(lines: list[str], opts: SlurmOptions) -> None:
 def array_script(spec: SweepSpec, trials: Sequence[Trial], run_dir: Path, opts: SlurmOptions, *,
                  sweep_path: Path, overrides: Sequence[str] = (), python: str = sys.executable,
                  chdir: Optional[Path] = None) -> str:
-    """The array job: task i runs trial i of the expanded sweep."""
-    n = len(trials)
+    """The array job: task i runs trial i of the expanded sweep, or, when trials form groups
+    (``resources.group_size``, rlhf_ablate/run/groups.py), trial group i: its members one after another in one task,
+    their PPO stages trained together."""
+    groups = array_groups(spec, trials)
+    n = len(groups) if groups else len(trials)
     chdir = (chdir or Path.cwd()).resolve()
     logs = run_dir / "slurm" / "logs"
     cmd = [python, "-m", "rlhf_ablate", "trial", str(sweep_path), *overrides]
     from ..rundir import default_cache_root
 
+    what = (f"{len(trials)} trials in {n} trial groups, one array task per group" if groups
+            else f"{n} trials, one array task each")
+    task = (f'--group "$SLURM_ARRAY_TASK_ID" --group-size {max(len(g) for g in groups)}' if groups
+            else '--index "$SLURM_ARRAY_TASK_ID"')
     lines = ["#!/bin/bash",
              f"# Written by `python -m rlhf_ablate slurm` for sweep '{spec.name}' (version {spec.version}): "
-             f"{n} trials, one array task each.",
+             f"{what}.",
              f"# Sweep file: {sweep_path}",
              f"# Results:    {run_dir}/trials/<trial_id>/result.json (the same layout as the Ray path)",
              f"# Stage cache (shared by all tasks, locked per stage): {default_cache_root(spec)}",
@@ -307,10 +314,19 @@ def array_script(spec: SweepSpec, trials: Sequence[Trial], run_dir: Path, opts: 
               "# The time-limit warning (--signal=B:USR1) is ignored until the trial command handles it: an early",
               "# warning is lost instead of killing the task; exec keeps the trial the process SLURM signals.",
               "trap '' USR1",
-              "exec " + " ".join(shlex.quote(c) for c in cmd)
-              + ' --index "$SLURM_ARRAY_TASK_ID" --out ' + shlex.quote(str(run_dir)),
+              "exec " + " ".join(shlex.quote(c) for c in cmd) + f" {task} --out " + shlex.quote(str(run_dir)),
               ""]
     return "\n".join(lines)
+
+
+def array_groups(spec: SweepSpec, trials: Sequence[Trial]) -> list[list[Trial]]:
+    """The trial groups the array runs, one per task (``resources.group_size: auto`` resolved here, where the
+    array is written, and passed to every task as ``--group-size``); empty when every trial runs alone."""
+    from ..launch.resources import resolve_group_size
+    from ..run.groups import plan_groups
+
+    groups = plan_groups(resolve_group_size(spec, list(trials)), list(trials))
+    return groups if any(len(g) > 1 for g in groups) else []
 
 
 def report_script(spec: SweepSpec, run_dir: Path, opts: SlurmOptions, *, python: str = sys.executable,
@@ -427,6 +443,51 @@ def _record(files: SlurmFiles, record: dict) -> None:
 # The task side: what `python -m rlhf_ablate trial` runs
 # ---------------------------------------------------------------------------------------------------------
 
+def task_trials(spec: SweepSpec, trials: Sequence[Trial], *, index: Optional[int] = None,
+                group: Optional[int] = None, group_size: Optional[int] = None,
+                source: str = "") -> tuple[SweepSpec, list[Trial]]:
+    """What ``trial --index I`` or ``trial --group G [--group-size K]`` runs: ``spec`` with ``resources.group_size``
+    resolved (``K`` as the array was written with, else ``auto`` from this machine's GPUs) and the trials, in order."""
+    import dataclasses
+
+    from ..launch.resources import resolve_group_size
+    from ..run.groups import plan_groups
+
+    if group_size is not None:
+        if group is None or group_size < 1:
+            raise ConfigError(f"--group-size must be >= 1 and comes with --group, got {group_size}.")
+        spec = dataclasses.replace(spec, resources=dataclasses.replace(spec.resources, group_size=group_size))
+    spec = resolve_group_size(spec, list(trials))  # a task resolves `auto` from the same GPUs as its group's others
+    if index is not None:
+        if not 0 <= index < len(trials):
+            raise ConfigError(f"{source}: --index {index} is out of range: the sweep has {len(trials)} trials "
+                              f"(indices 0..{len(trials) - 1}).")
+        return spec, [trials[index]]
+    groups = plan_groups(spec, list(trials))
+    if group is None or not 0 <= group < len(groups):
+        raise ConfigError(f"{source}: --group {group} is out of range: the sweep has {len(groups)} trial groups "
+                          f"(indices 0..{len(groups) - 1}) at resources.group_size={spec.resources.group_size}.")
+    return spec, groups[group]
+
+
+def run_tasks(spec: SweepSpec, members: Sequence[Trial], run_dir: Path, *, use_cache: bool = True,
+              data: Any = None) -> list[dict]:
+    """The trials of one task (a trial group's members, run one after another: the first at PPO trains the group's
+    PPO stages, the others find theirs in the cache). After the time-limit warning the members not started are
+    recorded as failed for the same reason, instead of being killed at the limit without a record."""
+    from ..rundir import record_failure
+
+    results: list[dict] = []
+    for t in members:
+        if results and (results[-1].get("error") or {}).get("type") == "TimeLimitReached":
+            results.append(record_failure(Path(run_dir).resolve(), spec.name, t, "TimeLimitReached",
+                                          f"time limit: not started, the task's time limit was near after trial "
+                                          f"{results[-1]['trial_id']}", stage="trial"))
+            continue
+        results.append(run_task(spec, t, run_dir, use_cache=use_cache, data=data))
+    return results
+
+
 def run_task(spec: SweepSpec, trial: Trial, run_dir: Path, *, use_cache: bool = True, data: Any = None) -> dict:
     """Run one trial as a SLURM array task does (also what ``trial`` runs by hand): inside a SLURM job, the time-limit
     warning (``--signal=B:USR1``) becomes a recorded failure with the reason "time limit" (module docstring)."""
@@ -482,7 +543,14 @@ def slurm_command(sweep_file: str, overrides: Sequence[str] = (), *, out: Option
 
     for note in opts.notes:
         print(f"note: {note}", file=sys.stderr)
-    print(f"sweep {spec.name}: {len(trials)} trials -> array 0-{len(trials) - 1}%{opts.max_concurrent}")
+    groups = array_groups(spec, trials)
+    tasks = len(groups) or len(trials)
+    print(f"sweep {spec.name}: {len(trials)} trials{f' in {tasks} trial groups' if groups else ''} -> array "
+          f"0-{tasks - 1}%{opts.max_concurrent}")
+    if groups:
+        print(f"note: a task runs a group's {max(len(g) for g in groups)} trials one after another (their PPO "
+              f"stages trained together): its time limit (slurm.time, --time) covers the whole group",
+              file=sys.stderr)
     print(f"wrote {files.array_script}")
     print(f"wrote {files.report_script}")
     print(f"logs: {files.log_dir}/%A_%a.out")
@@ -492,7 +560,7 @@ def slurm_command(sweep_file: str, overrides: Sequence[str] = (), *, out: Option
             print(f"  {c}")
         return 0
     record = submit(files, dependency=dependency, sbatch=sbatch)
-    print(f"submitted array job {record['array_job_id']} ({len(trials)} tasks)")
+    print(f"submitted array job {record['array_job_id']} ({tasks} tasks)")
     print(f"submitted report job {record['report_job_id']} (--dependency={record['dependency']})")
     print(f"watch: squeue -j {record['array_job_id']},{record['report_job_id']}   results: {run_dir}/trials/   "
           f"report: {run_dir}/report/")

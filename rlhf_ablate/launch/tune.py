@@ -286,8 +286,10 @@ def run_sweep(spec: Any, run_dir: Path, *, resume: bool = False, max_concurrent:
             results.append(r)
         print(summary_table(results, spec), file=out)
         failed = [r for r in results if r.get("status") not in FINISHED]
-        print(f"{len(results) - len(failed)}/{len(results)} trials finished ok in {time.monotonic() - t0:.0f}s; "
-              f"results: {run_dir / 'trials'}", file=out, flush=True)
+        stopped = sum(r.get("status") == "stopped" for r in results)
+        print(f"{len(results) - len(failed)}/{len(results)} trials finished"
+              f"{f' ({stopped} stopped early by {spec.scheduler.type})' if stopped else ' ok'} in "
+              f"{time.monotonic() - t0:.0f}s; results: {run_dir / 'trials'}", file=out, flush=True)
         if report:
             _write_report(run_dir, out)
     return 0 if not failed else 1
