@@ -1,9 +1,11 @@
-"""SLURM: one array task per trial, then a report job that runs after the array, whatever its outcome.
+"""SLURM: one array task per trial (or per trial group), then a report job that runs after the array, whatever its
+outcome.
 
 ``python -m rlhf_ablate slurm SWEEP.yaml [KEY=VALUE ...] [--out DIR] [--submit]`` writes::
 
     RUN_DIR/slurm/array.sbatch     #SBATCH --array=0-(N-1)%K; each task runs
                                    #   python -m rlhf_ablate trial SWEEP.yaml --index $SLURM_ARRAY_TASK_ID --out RUN_DIR
+                                   # (with trial groups: --group $SLURM_ARRAY_TASK_ID --group-size K, N groups)
     RUN_DIR/slurm/report.sbatch    python -m analysis report RUN_DIR
     RUN_DIR/slurm/logs/%A_%a.out   one log per task (%A = array job id, %a = task index)
     RUN_DIR/slurm/jobs.json        with --submit: the job ids of every submission, newest last

@@ -18,7 +18,8 @@ all in one loop, and commits each member's artifact under that member's own key 
 releasing its lock. The other members' trials find their PPO stage in the cache (after waiting on the lock if they
 got there meanwhile) and go on with their eval. A member that failed in the group leaves ``<key>.group-failed.json``
 beside its lock; its own trial records that failure once instead of training alone (a later run retries it). A
-builder killed mid-way commits nothing: on resume the members build again, and finished stages stay.
+builder killed mid-way commits nothing: on resume the members build again, and finished stages stay. On SLURM one
+array task runs one group's members one after another (rlhf_ablate/launch/slurm.py: task_trials, run_tasks).
 
 **A member's steps reach its own trial, and a stop reaches the group** (ASHA, and every launcher's progress and W&B).
 While it trains, the builder appends each other member's step events to ``<key>.group-steps.jsonl`` beside that
