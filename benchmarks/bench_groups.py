@@ -95,7 +95,8 @@ def _child(kind: str, kls: tuple, seed: int, work: str, q, evaluate: bool = Fals
     else:
         from rlhf_ablate.ppo.group import train_ppo_group
 
-        assert train_ppo_group(cfgs, up["data"], up["sft"], up["rm"], outs, [None] * len(cfgs)) == {}
+        assert train_ppo_group(cfgs, up["data"], up["sft"], [up["rm"]] * len(cfgs), outs, [None] * len(cfgs)) \
+            == ({}, set())
     seconds = time.perf_counter() - t0
     peak = (_kib("VmHWM") - _kib("RssFile") - _kib("RssShmem") - base) / 1024
     finals = []

@@ -20,6 +20,9 @@ SMALL = {"sft.max_steps": 2, "rm.max_steps": 2, "sft.batch_size": 4, "rm.batch_s
          "ppo.ppo_epochs": 1, "ppo.max_new_tokens": 8, "ppo.max_prompt_length": 40, "eval.max_new_tokens": 6}
 
 
+OTHER_RM = {"rm.learning_rate": 2e-3}
+
+
 def _spec(axes: dict, group_size=3, seeds=(0,), write_to=None, **sections):
     """The sweep (and with ``write_to``, its file there)."""
     import yaml
@@ -47,7 +50,13 @@ def upstream(builtin_cache, tmp_path_factory):
     cfg = trial_config_from_overrides({**SMALL, "ppo.kl_coef": 0.05})
     r = run_trial(cfg, root, cache=cache)
     assert r["status"] == "ok", r.get("error")
-    return {"sft": cache.path("sft", r["timings"]["sft"]["key"]), "rm": cache.path("rm", r["timings"]["rm"]["key"]),
+    from rlhf_ablate.stages.rm import train_rm
+
+    sft = cache.path("sft", r["timings"]["sft"]["key"])
+    other_rm = root / "other_rm"  # a second RM on the same SFT model (another learning rate)
+    other_rm.mkdir()
+    train_rm(trial_config_from_overrides({**SMALL, **OTHER_RM}), load_data(cfg.data), sft, other_rm)
+    return {"sft": sft, "rm": cache.path("rm", r["timings"]["rm"]["key"]), "other_rm": other_rm,
             "data": load_data(cfg.data), "root": root}
 
 
@@ -94,9 +103,11 @@ def test_route_rows_trains_each_row_through_its_own_adapter_only(builtin_cache):
 
 
 def test_a_member_rolls_out_and_trains_as_it_would_alone(upstream, tmp_path, monkeypatch):
-    """Two kl_coef members against their solo runs, CPU fp32: the first rollout's tokens equal and its log-probs within
-    1e-5 (the batch is wider), and every logged statistic of both steps equal to 1e-5 (measured: equal to the last
-    digit at these sizes; docs/architecture.md, "Trial groups")."""
+    """Three members against their solo runs, CPU fp32: two kl_coef values with the builder's RM and one with an RM
+    of its own (another RM learning rate on the same SFT model: its rows are scored through its own reward adapter).
+    The first rollout's tokens equal and its log-probs within 1e-5 (the batch is wider), and every logged statistic
+    of both steps equal to 1e-5 (measured: equal to the last digit at these sizes; docs/architecture.md, "Trial
+    groups")."""
     import rlhf_ablate.ppo.group as group
     import rlhf_ablate.ppo.loop as loop
     from rlhf_ablate.config import trial_config_from_overrides
@@ -106,20 +117,21 @@ def test_a_member_rolls_out_and_trains_as_it_would_alone(upstream, tmp_path, mon
     monkeypatch.setattr(loop, "score_batch", lambda roles, b, t: _keep(seen["solo"], b, solo_score(roles, b, t)))
     monkeypatch.setattr(group, "_score", lambda roles, live, b, t: _keep(seen["group"], b,
                                                                          group_score(roles, live, b, t)))
-    cfgs = [trial_config_from_overrides({**SMALL, "ppo.kl_coef": kl, "seed": s}) for kl, s in ((0.05, 0), (0.5, 3))]
+    cfgs = [trial_config_from_overrides({**SMALL, "ppo.kl_coef": kl, "seed": s, **extra})
+            for kl, s, extra in ((0.05, 0, {}), (0.5, 3, {}), (0.2, 0, OTHER_RM))]
+    rms = [upstream["rm"], upstream["rm"], upstream["other_rm"]]
     solo = []
     for k, cfg in enumerate(cfgs):
         out = tmp_path / f"solo{k}"
         out.mkdir()
-        loop.train_ppo(cfg, upstream["data"], upstream["sft"], upstream["rm"], out)
+        loop.train_ppo(cfg, upstream["data"], upstream["sft"], rms[k], out)
         solo.append(json.loads((out / "history.json").read_text()))
-    outs = [tmp_path / f"g{k}" for k in range(2)]
+    outs = [tmp_path / f"g{k}" for k in range(3)]
     for o in outs:
         o.mkdir()
-    assert group.train_ppo_group(cfgs, upstream["data"], upstream["sft"], upstream["rm"], outs, [None, None]) \
-        == ({}, set())
+    assert group.train_ppo_group(cfgs, upstream["data"], upstream["sft"], rms, outs, [None] * 3) == ({}, set())
     n = SMALL["ppo.rollout_batch_size"]
-    for k in range(2):
+    for k in range(3):
         s_resp, s_mask, s_lp = seen["solo"][2 * k]  # member k's first step alone
         g_resp, g_mask, g_lp = (x[k * n:(k + 1) * n] for x in seen["group"][0])
         R = s_resp.shape[1]
@@ -131,7 +143,7 @@ def test_a_member_rolls_out_and_trains_as_it_would_alone(upstream, tmp_path, mon
             for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "objective/entropy"):
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (k, a["step"], key)
         assert (outs[k] / "adapter" / "adapter_model.safetensors").is_file()
-    assert seen["group"][0][0].shape[0] == 2 * n  # one batched rollout for both members
+    assert seen["group"][0][0].shape[0] == 3 * n  # one batched rollout for all members
 
 
 def _keep(into: list, b: dict, out: dict) -> dict:
@@ -194,9 +206,9 @@ def test_a_stopped_member_leaves_the_group_and_the_others_go_on(upstream, tmp_pa
     outcome = {}
     real = group.train_ppo_group
     monkeypatch.setattr(group, "train_ppo_group", lambda *a, **k: outcome.setdefault("r", real(*a, **k)))
-    cache = StageCache(tmp_path / "stages")
+    cache = StageCache(upstream["root"] / "stages")  # where the members' RM is built
     cfgs = [trial_config_from_overrides({**SMALL, "ppo.total_episodes": 40, "ppo.kl_coef": kl}) for kl in (.05, .2, .5)]
-    keys = [f"member{k}" for k in range(3)]
+    keys = [f"stopped{k}" for k in range(3)]
     stop_of = {1: groups._beside(cache, keys[1], groups.STOP)}
 
     def builder_reports(event):
@@ -206,7 +218,7 @@ def test_a_stopped_member_leaves_the_group_and_the_others_go_on(upstream, tmp_pa
             raise SystemExit(0)
 
     c = Ctx(cfgs[0], upstream["data"], {"sft": upstream["sft"], "rm": upstream["rm"]}, builder_reports, cache,
-            {"ppo": keys[0]}, [(f"t{k}", cfgs[k], keys[k]) for k in (1, 2)])
+            {"ppo": keys[0]}, [(f"t{k}", cfgs[k], keys[k], upstream["rm"].name) for k in (1, 2)])
     out = tmp_path / "own"
     out.mkdir()
     ended = []
@@ -241,7 +253,7 @@ def test_a_stopped_member_leaves_the_group_and_the_others_go_on(upstream, tmp_pa
     assert seen[2] == [1, 2, 3, 4, 5] and [r["step"] for r in history] == [1, 2, 3, 4, 5]
     assert json.loads((cache.path("ppo", keys[2]) / "group.json").read_text())["members"] == [cfgs[0].trial_id,
                                                                                                "t1", "t2"]
-    assert not (out / "group.json").exists() and not list((tmp_path / "stages" / "ppo").glob("*.jsonl"))
+    assert not (out / "group.json").exists() and not list((upstream["root"] / "stages" / "ppo").glob("*.jsonl"))
 
 
 def test_group_size_is_validated_planned_and_estimated(builtin_cache, monkeypatch):
@@ -257,6 +269,12 @@ def test_group_size_is_validated_planned_and_estimated(builtin_cache, monkeypatc
     # a scheduler stops members one by one (test below): groups and ASHA go together
     asha = _spec({"ppo.kl_coef": [0.1, 0.2]}, group_size=2, scheduler={"type": "asha"})
     assert [len(g) for g in plan_groups(asha, expand(asha))] == [2]
+    # RMs that are adapters on the SFT model: members with different RMs group (each scores with its own); an RM
+    # trained from the base model is a model of its own, so only members sharing it group
+    rms = {"ppo.kl_coef": [0.1, 0.2], "rm.learning_rate": [1e-3, 2e-3]}
+    assert [len(g) for g in plan_groups(_spec(rms, group_size=4), expand(_spec(rms, group_size=4)))] == [4]
+    base_rm = _spec(rms, group_size=4, overrides=[{"when": {"seed": 0}, "set": {"rm.init_from": "base"}}])
+    assert [len(g) for g in plan_groups(base_rm, expand(base_rm))] == [2, 2]
     # kl_coef x seeds: one group per seed (a seed is its own SFT model); lora rank splits groups; rank 0 stays alone
     spec = _spec({"ppo.kl_coef": [0.01, 0.1, 1.0], "ppo.lora_rank": [0, 8]}, group_size="auto", seeds=(0, 1),
                  overrides=[{"when": {"ppo.lora_rank": 0}, "set": {"model.quantization": "none"}}])

@@ -34,7 +34,7 @@ from ..config import TrialConfig
 from ..errors import TrialFailed
 from ..files import write_json
 from ..models import enable_tf32, route_rows
-from ..models.generation import generate_segments, sampling_for
+from ..models.generation import generate_segments, last_token_index, sampling_for
 from ..runtime import seed_everything, stage_hooks
 from . import math as ppo_math
 from .loop import (advantages_and_returns, kl_blow_up, kl_rewards, learning_rate, loss_not_finite, next_prompts,
@@ -60,6 +60,7 @@ class Member:
     stream: torch.Generator
     g: torch.Generator
     prompts: list[str]
+    reward: str = "reward"          # its RM's role in PPOModels (roles.add_member)
     optimizer: torch.optim.Optimizer = None
     kl_ctl: object = None
     normalizer: object = None
@@ -74,23 +75,23 @@ class Member:
         return adapters(self.k)
 
 
-def train_ppo_group(cfgs: list[TrialConfig], data, sft_dir: Path, rm_dir: Path, outs: list[Path],
+def train_ppo_group(cfgs: list[TrialConfig], data, sft_dir: Path, rm_dirs: list[Path], outs: list[Path],
                     on_steps: list[Optional[Callable[[dict], None]]],
                     stop: Callable[[int], bool] = lambda k: False) -> tuple[dict[int, str], set[int]]:
     """Train every member; member ``k`` writes its artifact (adapter, history.json, metrics.json, ppo_info.json)
-    into ``outs[k]``. ``stop(k)``, asked before each step: member ``k``'s trial was stopped (by a scheduler), so it
+    into ``outs[k]`` and is rewarded by the RM in ``rm_dirs[k]``. ``stop(k)``, asked before each step: member ``k``'s trial was stopped (by a scheduler), so it
     leaves the group. Returns ``({k: error}, stopped)``: the members that failed and the members that were stopped
     (their directories are left incomplete)."""
     enable_tf32()
     seed_everything(cfgs[0].seed)
-    roles = PPOModels(cfgs[0], sft_dir, rm_dir)
+    roles = PPOModels(cfgs[0], sft_dir, rm_dirs[0])
     if not roles.shared:
         raise TrialFailed("ppo: a trial group needs ppo.lora_rank > 0 (run/groups.py keeps rank 0 trials alone)")
     dev = next(roles.model.parameters()).device
-    members = [_member(0, cfgs[0], outs[0], on_steps[0], roles.value_head, data)]
+    members = [_member(0, cfgs[0], outs[0], on_steps[0], (roles.value_head, "reward"), data)]
     for k, cfg in enumerate(cfgs[1:], 1):
         seed_everything(cfg.seed)
-        members.append(_member(k, cfg, outs[k], on_steps[k], roles.add_member(k, rm_dir), data))
+        members.append(_member(k, cfg, outs[k], on_steps[k], roles.add_member(k, rm_dirs[k]), data))
     stage_hooks().model_ready(*roles.all_models())
     named = dict(roles.model.named_parameters())
     for m in members:
@@ -149,8 +150,9 @@ def train_ppo_group(cfgs: list[TrialConfig], data, sft_dir: Path, rm_dir: Path, 
     return failures, stopped
 
 
-def _member(k: int, cfg: TrialConfig, out: Path, on_step, head: torch.nn.Linear, data) -> Member:
+def _member(k: int, cfg: TrialConfig, out: Path, on_step, head_and_reward: tuple, data) -> Member:
     # Where the solo run's rollouts start sampling: the global stream of the device the sampler draws on.
+    head, reward = head_and_reward
     dev = head.weight.device
     if dev.type == "cuda":
         stream = torch.Generator(device=dev).set_state(torch.cuda.get_rng_state(dev))
@@ -159,7 +161,7 @@ def _member(k: int, cfg: TrialConfig, out: Path, on_step, head: torch.nn.Linear,
     prompts = [x.prompt for x in data.ppo_prompts]
     if not prompts:
         raise TrialFailed("ppo: the data has no PPO prompts")
-    return Member(k, cfg, out, on_step, head, stream, torch.Generator().manual_seed(cfg.seed), prompts)
+    return Member(k, cfg, out, on_step, head, stream, torch.Generator().manual_seed(cfg.seed), prompts, reward)
 
 
 def _row_names(live: list[Member], n: int, role: int) -> list[str]:
@@ -181,8 +183,32 @@ def _score(roles: PPOModels, live: list[Member], b: dict, temperature: float) ->
             out["old_logprobs"].append(roles.logprobs("policy", ids, attn, resp, temperature)[0])
         out["ref_logprobs"].append(roles.logprobs("ref", ids, attn, resp, temperature)[0])
         out["old_values"].append(_values(roles, live, ids, attn, R, val[s:s + micro], s, n))
-        out["raw_scores"].append(roles.proxy_scores(ids, attn))
+        out["raw_scores"].append(_rewards(roles, live, ids, attn, s, n))
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _blocks(live: list[Member], first: int, count: int, n: int):
+    """(member, row slice within the pass) for each member whose rows (``n`` per member, in member order) fall in
+    rows ``first .. first + count`` of the group's batch."""
+    for j in range(first // n, (first + count - 1) // n + 1):
+        yield live[j], slice(max(j * n - first, 0), min((j + 1) * n - first, count))
+
+
+def _rewards(roles: PPOModels, live: list[Member], ids, attn, first: int, n: int) -> torch.Tensor:
+    """Each row's raw score from its member's RM: the trial RM's pass when every member has it, else each row through
+    its member's reward adapter (routed) and score head, read at the last non-pad token (PPOModels.scores)."""
+    if all(m.reward == "reward" for m in live):
+        return roles.proxy_scores(ids, attn)
+    blocks = list(_blocks(live, first, len(ids), n))
+    with route_rows(roles.model, [m.reward for m, rows in blocks for _ in range(rows.start, rows.stop)]):
+        h = roles._hidden(roles.model, ids, attn)
+    idx = last_token_index(ids, roles.pad_id)
+    out = []
+    for m, rows in blocks:
+        head = roles.reward_head if m.reward == "reward" else roles.extra_heads[m.reward]
+        r = torch.arange(rows.start, rows.stop, device=ids.device)
+        out.append(head(h[r, idx[rows]].to(head.weight.dtype)).squeeze(-1).float())
+    return torch.cat(out)
 
 
 def _values(roles: PPOModels, live: list[Member], ids, attn, R: int, names: list[str], first: int, n: int):
@@ -194,10 +220,8 @@ def _values(roles: PPOModels, live: list[Member], ids, attn, R: int, names: list
     T = ids.shape[1]
     h = h[:, T - R - 1:T - 1]
     out = []
-    for j in range(first // n, (first + len(ids) - 1) // n + 1):  # the members whose rows this pass holds
-        rows = slice(max(j * n - first, 0), min((j + 1) * n - first, len(ids)))
-        head = live[j].head
-        out.append(head(h[rows].to(head.weight.dtype)).squeeze(-1).float())
+    for m, rows in _blocks(live, first, len(ids), n):  # the members whose rows this pass holds
+        out.append(m.head(h[rows].to(m.head.weight.dtype)).squeeze(-1).float())
     return torch.cat(out)
 
 

@@ -75,6 +75,7 @@ class PPOModels:
         self._trained_params: Optional[list] = None
         hidden_of = lambda m: m.config.get_text_config().hidden_size  # noqa: E731
         self.reward_head: nn.Linear | None = None
+        self.member_rms = {str(Path(rm_dir).resolve()): "reward"}  # a trial group's RMs: dir -> reward role
 
         base = models.load_causal_lm(cfg.model, sft_path, quantize=quantized and self.shared)
         self.plan = ppo_plan(cfg.ppo, logical_param_count(base), base.get_output_embeddings().weight.shape[0])
@@ -192,12 +193,13 @@ class PPOModels:
         for p in self._trained_params:
             p.requires_grad_(True)
 
-    def add_member(self, k: int, rm_dir: Path) -> nn.Linear:
+    def add_member(self, k: int, rm_dir: Path) -> tuple[nn.Linear, str]:
         """A trial group's member ``k`` >= 1 (rlhf_ablate/ppo/group.py): its policy and value adapters
-        (``policy_k``, ``value_k``) and value head (returned) on this shared base, made with the random draws the
-        trial's own :class:`PPOModels` makes after its seed (policy, value, value head, then the reward adapter and
-        head, whose copy is dropped: the group shares the trial RM's ``reward``), so that its LoRA initialisation and
-        the random stream its rollouts start from are the solo run's."""
+        (``policy_k``, ``value_k``) and value head on this shared base, made with the random draws the trial's own
+        :class:`PPOModels` makes after its seed (policy, value, value head, then the reward adapter and head), so
+        that its LoRA initialisation and the random stream its rollouts start from are the solo run's. Returns the
+        value head and the member's reward role: ``reward`` when its RM (``rm_dir``) is this trial's, else a frozen
+        adapter ``rm_k`` with its score head, shared by the members with that RM."""
         if not self.shared:
             raise ValueError("PPOModels.add_member: a trial group needs LoRA adapters on a shared base (lora_rank > 0)")
         pol, val = f"policy_{k}", f"value_{k}"
@@ -208,19 +210,26 @@ class PPOModels:
         head = nn.Linear(hidden, 1, bias=True)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
+        dev = next(self.model.parameters()).device
+        reward = self.member_rms.get(str(Path(rm_dir).resolve()), "reward" if not self.reward_shared else None)
         if self.reward_shared:
-            tmp = f"reward_copy_{k}"
+            tmp = f"rm_{k}" if reward is None else f"reward_copy_{k}"
             score_w = self._load_reward_adapter(rm_dir / "adapter", tmp)
-            nn.Linear(hidden, 1, bias=False)  # the solo run's reward head: its draws, not its weights
+            score = nn.Linear(hidden, 1, bias=False)  # the solo run's reward head: its draws, then the RM's weights
+            score.weight.data.copy_(score_w)
             if self._same_adapter_shape(tmp, val):
                 self._copy_adapter(tmp, val)
                 head.weight.data.copy_(score_w)
-            self.model.delete_adapter(tmp)
+            if reward is None:  # an RM no member had: kept, frozen, with its score head
+                self.extra_heads[tmp] = score.requires_grad_(False).to(dev)
+                self.member_rms[str(Path(rm_dir).resolve())] = reward = tmp
+            else:
+                self.model.delete_adapter(tmp)
         self.trained_adapters = (*self.trained_adapters, pol, val)
         self._trained_params = None
         disable_dropout(self.model)
         self._use("policy")
-        return head.to(next(self.model.parameters()).device)
+        return head.to(dev), reward
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         if self.shared:

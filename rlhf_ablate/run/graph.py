@@ -46,7 +46,7 @@ class Ctx:
     on_step: Callable[[dict], None] = lambda _e: None
     cache: Any = None                            # the trial's StageCache (a trial group commits its members there)
     keys: dict[str, str] = field(default_factory=dict)   # the trial's stage keys
-    group: list = field(default_factory=list)    # the other members of its trial group: (trial id, config, PPO key)
+    group: list = field(default_factory=list)    # its trial group's other members: (id, config, PPO key, RM key)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Trial groups (``resources.group_size``): which trials' PPO stages train together on one base, and the build that
 trains them (the loop is rlhf_ablate/ppo/group.py; docs/architecture.md, "Trial groups").
 
-**Who groups.** PPO trials with a LoRA policy whose PPO stage starts from the same SFT model and RM (the same model,
-data, sft and rm sections, seed and thread count: so the same SFT and RM stage keys) and whose PPO shapes are equal
+**Who groups.** PPO trials with a LoRA policy whose PPO stage starts from the same SFT model (the same model, data
+and sft sections, seed and thread count: so the same SFT stage key), with RMs that are LoRA adapters trained from it
+(each member scores with its own; a member whose RM is not built yet when the group starts trains alone) or the same
+RM otherwise (:func:`own_rm`), and whose PPO shapes are equal
 (:data:`SHAPE`: batch sizes, epochs, lengths, rank and alpha, so that their rollouts and micro-batches line up row
 for row). They differ in what a PPO sweep varies: ``kl_coef``, learning rate and schedule, clipping, GAE, the KL
 controller, reward normalisation. Alone: other methods (TRL trains them), rank 0 (a full fine-tune), PPO with the
@@ -72,13 +74,20 @@ def alone_reason(cfg: TrialConfig) -> Optional[str]:
     return None
 
 
+def own_rm(cfg: TrialConfig) -> bool:
+    """Whether the trial's RM can be a frozen adapter on a group's shared base (an adapter trained from the SFT
+    model): then members with different RMs group, each scoring with its own."""
+    return cfg.rm.init_from == "sft" and cfg.rm.lora_rank > 0
+
+
 def group_key(cfg: TrialConfig, threads: int) -> Optional[str]:
     """Trials with one key can train together (module docstring); None: the trial stays alone."""
     if alone_reason(cfg) is not None:
         return None
     c = cfg.to_dict()
-    return config_hash({"model": c["model"], "data": c["data"], "sft": c["sft"], "rm": c["rm"], "seed": cfg.seed,
-                        "threads": threads, "ppo": {k: c["ppo"][k] for k in SHAPE}})[:16]
+    return config_hash({"model": c["model"], "data": c["data"], "sft": c["sft"], "seed": cfg.seed,
+                        "rm": "adapter" if own_rm(cfg) else c["rm"], "threads": threads,
+                        "ppo": {k: c["ppo"][k] for k in SHAPE}})[:16]
 
 
 def group_size(spec: Any) -> int:
@@ -181,39 +190,40 @@ def take_failure(cache: Any, key: str) -> Optional[str]:
 
 def build_group(c: Any, out: Path, solo: Any, promises: Any) -> None:
     """The PPO stage of ``c``'s trial and of the members of its group (``c.group``: (trial id, config, PPO stage
-    key)) that nobody has built or is building, in one loop (rlhf_ablate/ppo/group.py). ``solo(c, out)`` builds it
+    key, RM stage key)) that nobody has built or is building and whose RM is built, in one loop (rlhf_ablate/ppo/group.py). ``solo(c, out)`` builds it
     alone when no other member is left; ``promises(cfg)``: the files a member's artifact must hold."""
     from ..ppo.group import train_ppo_group
 
     cache = c.cache
     with contextlib.ExitStack() as locks:
         claimed = []
-        for tid, mcfg, key in c.group:
-            if cache.is_complete("ppo", key):
-                continue
+        for tid, mcfg, key, rm_key in c.group:
+            if cache.is_complete("ppo", key) or not cache.is_complete("rm", rm_key):
+                continue  # built; or its RM is not (its own trial trains it, then its PPO alone or in a group)
             try:
                 locks.enter_context(file_lock(cache.lock_path("ppo", key), timeout=0))
             except LockBusy:
                 continue  # its own trial (or another group) is building it
             if not cache.is_complete("ppo", key):
-                claimed.append((tid, mcfg, key))
+                claimed.append((tid, mcfg, key, cache.path("rm", rm_key)))
         if not claimed:
             return solo(c, out)
-        staging = [cache.staging("ppo", key) for _, _, key in claimed]
-        keys = [key for _, _, key in claimed]
+        staging = [cache.staging("ppo", key) for _, _, key, _ in claimed]
+        keys = [key for _, _, key, _ in claimed]
         own: list[SystemExit] = []  # the builder's own trial stopped by its scheduler
         for key in keys:
             _beside(cache, key, STOP).unlink(missing_ok=True)  # from an earlier run: not for this group
             _beside(cache, key, STEPS).write_text("", encoding="utf-8")
         _building.set()
         try:
-            ids = [c.cfg.trial_id] + [tid for tid, _, _ in claimed]
+            ids = [c.cfg.trial_id] + [tid for tid, _, _, _ in claimed]
             c.on_step({"stage": "ppo", "event": "group", "members": len(ids)})
             failures, stopped = train_ppo_group(
-                [c.cfg] + [m for _, m, _ in claimed], c.data, c.dirs["sft"], c.dirs["rm"], [out] + staging,
+                [c.cfg] + [m for _, m, _, _ in claimed], c.data, c.dirs["sft"],
+                [c.dirs["rm"]] + [rm for _, _, _, rm in claimed], [out] + staging,
                 [_own_steps(c.on_step, own)] + [_step_writer(_beside(cache, key, STEPS)) for key in keys],
                 lambda k: bool(own) if k == 0 else _take_stop(cache, keys[k - 1]))
-            for i, ((tid, mcfg, key), d) in enumerate(zip(claimed, staging), 1):
+            for i, ((tid, mcfg, key, _), d) in enumerate(zip(claimed, staging), 1):
                 if i in failures:
                     write_json(_failure_path(cache, key), {"error": failures[i], "builder": ids[0]})
                 elif i not in stopped:

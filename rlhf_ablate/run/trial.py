@@ -69,8 +69,8 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
             raise TrialFailed(f"data: {problem}")
         keys = stage_keys(cfg, cache, data.fingerprint, threads)
         ctx = Ctx(cfg, data, on_step=step_cb, cache=cache, keys=keys,
-                  group=[(t.trial_id, t.config, k) for t in group
-                         if (k := _same_upstream(keys, stage_keys(t.config, cache, data.fingerprint, threads)))])
+                  group=[(t.trial_id, t.config, k["ppo"], k["rm"]) for t in group
+                         if (k := stage_keys(t.config, cache, data.fingerprint, threads))["sft"] == keys["sft"]])
         stages = trial_stages(cfg)
         for s in stages:  # run order: each stage after its upstream ones (rlhf_ablate/run/graph.py)
             stage = s.name
@@ -155,11 +155,6 @@ def probe_prompt_checks(trials: list) -> list[str]:
         if problem:
             raise ConfigError(f"trial {t.index} ({t.trial_id}): {problem}")
     return lines
-
-
-def _same_upstream(keys: dict, other: dict) -> str | None:
-    """A group member's PPO stage key, when its PPO starts from this trial's SFT model and RM (else None)."""
-    return other.get("ppo") if all(other.get(s) == keys.get(s) for s in ("sft", "rm")) else None
 
 
 RETRIES_FILE = "oom_retries.json"   # in a stage's artifact: its micro-batch retries (rlhf_ablate/runtime.py)
