@@ -256,6 +256,21 @@ def test_a_stopped_member_leaves_the_group_and_the_others_go_on(upstream, tmp_pa
     assert not (out / "group.json").exists() and not list((upstream["root"] / "stages" / "ppo").glob("*.jsonl"))
 
 
+def test_a_member_does_not_wait_for_a_builder_that_died(tmp_path, monkeypatch):
+    """A builder killed mid-way leaves its steps file (no cleanup runs) and no lock holder: the waiting member reports
+    what was written and returns to the stage cache, which then builds its stage, instead of waiting forever."""
+    from rlhf_ablate.run import groups
+    from rlhf_ablate.run.cache import StageCache
+
+    monkeypatch.setattr(groups, "POLL_S", 0.01)
+    cache = StageCache(tmp_path / "stages")
+    steps = groups._beside(cache, "k", groups.STEPS)
+    steps.parent.mkdir(parents=True)
+    steps.write_text(json.dumps({"stage": "ppo", "step": 1}) + "\n" + '{"stage": "pp', encoding="utf-8")
+    seen = []
+    assert groups.follow(cache, "k", seen.append) == 1 and seen == [{"stage": "ppo", "step": 1}]
+
+
 def test_group_size_is_validated_planned_and_estimated(builtin_cache, monkeypatch):
     from rlhf_ablate.config.sweep import expand
     from rlhf_ablate.launch.resources import group_column, resolve_group_size

@@ -142,7 +142,7 @@ def follow(cache: Any, key: str, emit: Callable[[dict], None]) -> int:
     they come, until the stage is committed or no builder trains it; returns how many were reported. A stop raised by
     ``emit`` (``SystemExit``: a scheduler stopped the trial) is left in ``<key>.group-stop.json`` for the builder."""
     steps = _beside(cache, key, STEPS)
-    sent = 0
+    sent = polls = 0
     while not cache.is_complete("ppo", key):
         try:
             text = steps.read_text(encoding="utf-8")
@@ -152,8 +152,19 @@ def follow(cache: Any, key: str, emit: Callable[[dict], None]) -> int:
         for line in lines[sent:]:
             _emit_or_stop(cache, key, emit, json.loads(line))
             sent += 1
+        polls += 1
+        if polls % 10 == 0 and not _held(cache.lock_path("ppo", key)):
+            return sent  # a builder killed mid-way left its steps file: nobody trains it now
         time.sleep(POLL_S)
     return sent
+
+
+def _held(lock: Path) -> bool:
+    try:
+        with file_lock(lock, timeout=0):
+            return False
+    except LockBusy:
+        return True
 
 
 def replay(history: list[dict], sent: int, emit: Callable[[dict], None]) -> None:
