@@ -140,29 +140,28 @@ def _make_trainable(fn: Callable, request: Callable) -> type:
 
     class WarmTrainable(base):
         def cleanup(self):
-            _wait_for_thread(finish=True)
+            _wait_for_thread()
             super().cleanup()
 
         def reset_config(self, new_config):
-            _wait_for_thread(finish=False)  # Ray's reset_config finishes the thread itself
+            _wait_for_thread()  # Ray's reset_config waits TUNE_FUNCTION_THREAD_TIMEOUT_S at most
             return super().reset_config(new_config)
 
     WarmTrainable.__name__ = "rlhf_ablate_trial"
     return WarmTrainable
 
 
-def _wait_for_thread(finish: bool) -> None:
-    """Wait for the trial thread to unwind (``finish``: stop it first, up to THREAD_STOP_TIMEOUT_S), and while it
-    trains a trial group, until the group's other members are trained and committed (a builder whose own trial was
-    stopped trains them to the end: rlhf_ablate/run/groups.py)."""
+def _wait_for_thread() -> None:
+    """End the trial thread (a thread parked in ``tune.report`` wakes with ``SystemExit``) and wait for it to unwind:
+    up to THREAD_STOP_TIMEOUT_S, and while it trains a trial group, until the group's other members are trained and
+    committed (a builder whose own trial was stopped trains them to the end: rlhf_ablate/run/groups.py)."""
     from ray.train._internal.session import get_session
 
     from ..run.groups import building
 
     session = get_session()
     if session is not None and session.training_started:
-        if finish:
-            session.finish(timeout=THREAD_STOP_TIMEOUT_S)
+        session.finish(timeout=THREAD_STOP_TIMEOUT_S)
         while building() and session.training_thread.is_alive():
             session.training_thread.join(timeout=5)
 
