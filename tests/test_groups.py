@@ -144,6 +144,24 @@ def test_a_member_rolls_out_and_trains_as_it_would_alone(upstream, tmp_path, mon
                 assert a[key] == pytest.approx(b[key], abs=1e-5), (k, a["step"], key)
         assert (outs[k] / "adapter" / "adapter_model.safetensors").is_file()
     assert seen["group"][0][0].shape[0] == 3 * n  # one batched rollout for all members
+    # The members' evals in one batched pass equal each member's eval alone: the same greedy answers and KL samples,
+    # the same rewards (each from its own RM) and KLs within rounding
+    from rlhf_ablate.stages.evaluate import evaluate_policies, evaluate_policy
+
+    evals = [tmp_path / f"eval{k}" for k in range(3)]
+    alone = [tmp_path / f"eval_alone{k}" for k in range(3)]
+    for d in evals + alone:
+        d.mkdir()
+    evaluate_policies(cfgs, upstream["data"], "ppo", upstream["sft"], rms, outs, evals)
+    for k in range(3):
+        evaluate_policy(cfgs[k], upstream["data"], "ppo", upstream["sft"], rms[k], outs[k], alone[k])
+        got, want = (json.loads((d / "records.json").read_text()) for d in (evals[k], alone[k]))
+        assert [r["generation"] for r in got] == [r["generation"] for r in want]
+        for a, b in zip(got, want):
+            assert a["reward"] == pytest.approx(b["reward"], abs=1e-5)
+            assert a["kl_to_ref"] == pytest.approx(b["kl_to_ref"], abs=1e-4)
+        assert json.loads((evals[k] / "metrics.json").read_text()).keys() == \
+            json.loads((alone[k] / "metrics.json").read_text()).keys()
 
 
 def _keep(into: list, b: dict, out: dict) -> dict:
@@ -154,8 +172,9 @@ def _keep(into: list, b: dict, out: dict) -> dict:
 def test_a_grouped_sweep_keeps_the_layout_isolates_a_failing_member_and_resumes(builtin_cache, tmp_path):
     """Four members (kl_coef x kl_stop, one seed) in one group, run one by one as a SLURM array task runs a group
     (`trial --group 0 --group-size 4`): the first at PPO trains all four, the two whose KL check fails
-    (ppo.kl_stop < 0) are recorded failed with the group's error and never trained alone, the others find their PPO
-    stage in the cache; result.json names the group; a rerun rebuilds nothing."""
+    (ppo.kl_stop < 0) are recorded failed with the group's error and never trained alone, the other finds its PPO
+    stage and its eval (batched with the builder's) in the cache; result.json names the group; a rerun rebuilds
+    nothing."""
     from rlhf_ablate.cli import main
     from rlhf_ablate.config.sweep import expand
     from rlhf_ablate.rundir import read_result
@@ -178,6 +197,8 @@ def test_a_grouped_sweep_keeps_the_layout_isolates_a_failing_member_and_resumes(
         else:
             assert set(r["group"]["members"]) == {x.trial_id for x in trials}
             assert r["records"]["ppo"] and "ppo/rougeL" in r["metrics"]
+            # the builder evaluated the group's trained members in one batched eval (stages/evaluate.py)
+            assert r["timings"]["eval_ppo"]["cache_hit"] == (t.trial_id != trials[0].trial_id)
     # one build that trained (the group, in trial 0's PPO stage), one commit (the other good member), and each
     # failed member's stage failing at once with the group's error: nobody trained alone
     ppo = [e for e in read_executions(tmp_path / "stages") if e["stage"] == "ppo"]
@@ -218,7 +239,7 @@ def test_a_stopped_member_leaves_the_group_and_the_others_go_on(upstream, tmp_pa
             raise SystemExit(0)
 
     c = Ctx(cfgs[0], upstream["data"], {"sft": upstream["sft"], "rm": upstream["rm"]}, builder_reports, cache,
-            {"ppo": keys[0]}, [(f"t{k}", cfgs[k], keys[k], upstream["rm"].name) for k in (1, 2)])
+            {"ppo": keys[0]}, [(f"t{k}", cfgs[k], {"ppo": keys[k], "rm": upstream["rm"].name}) for k in (1, 2)])
     out = tmp_path / "own"
     out.mkdir()
     ended = []
@@ -307,6 +328,8 @@ def test_group_size_is_validated_planned_and_estimated(builtin_cache, monkeypatc
     # memory: K members hold K adapter sets and K times the rows; on a small GPU auto picks a smaller K
     cfg = next(t.config for t in trials if t.config.ppo.lora_rank == 8)
     assert group_memory_gb(cfg, 1) == pytest.approx(estimate_trial_memory_gb(cfg))
+    ev1, ev3 = group_stage_bytes(cfg, 1)["eval_ppo"], group_stage_bytes(cfg, 3)["eval_ppo"]
+    assert ev3["phase:generation"] == 3 * ev1["phase:generation"] and ev3["peak"] > 2.5 * ev1["largest_phase"]
     solo, three = group_stage_bytes(cfg, 1)["ppo"], group_stage_bytes(cfg, 3)["ppo"]
     assert three["trainable"] == 3 * solo["trainable"] and three["weights"] == solo["weights"]
     assert 2.5 * solo["largest_phase"] < three["largest_phase"] < 3.5 * solo["largest_phase"]

@@ -123,9 +123,11 @@ def group_memory_gb(cfg: Any, k: int, dtype: Optional[str] = None) -> float:
 
 
 def group_stage_bytes(cfg: Any, k: int, dtype: Optional[str] = None) -> dict[str, dict[str, float]]:
-    """The trial's stage estimates (run/graph.py: estimate_stage_bytes) with PPO's for a group of ``k``: one base,
-    ``k`` policy and value adapters with their AdamW state, and ``k`` times the rows of every generation, scoring
-    and update pass (the member's estimate at ``k`` times the rollout, micro and minibatch sizes)."""
+    """The trial's stage estimates (run/graph.py: estimate_stage_bytes) with PPO's and its eval's for a group of
+    ``k``: one base, ``k`` policy and value adapters with their AdamW state, and ``k`` times the rows of every
+    generation, scoring and update pass (the member's estimate at ``k`` times the rollout, micro and minibatch
+    sizes); the batched eval generates ``k`` times the rows (its generation phase, linear in the rows, times ``k``;
+    its KL pass at ``k`` times the micro-batch)."""
     import dataclasses
 
     from ..run.graph import estimate_stage_bytes
@@ -136,11 +138,17 @@ def group_stage_bytes(cfg: Any, k: int, dtype: Optional[str] = None) -> dict[str
         wide = dataclasses.replace(cfg, ppo=dataclasses.replace(
             p, rollout_batch_size=k * p.rollout_batch_size, rollout_micro_batch_size=k * p.rollout_micro_batch_size,
             mini_batch_size=k * p.mini_batch_size))
-        ppo = {kk: v for kk, v in estimate_stage_bytes(wide, "cuda", dtype)["ppo"].items() if kk != "peak"}
+        widened = estimate_stage_bytes(wide, "cuda", dtype)
+        ppo = {kk: v for kk, v in widened["ppo"].items() if kk != "peak"}
         ppo["trainable"] = k * stages["ppo"]["trainable"]
         from ..models.memory import with_peak
 
         stages["ppo"] = with_peak(ppo)
+        if "eval_ppo" in widened and not cfg.eval.do_sample:  # the members' evals batched (run/groups.py)
+            ev = {kk: v for kk, v in widened["eval_ppo"].items() if kk != "peak"}
+            ev["phase:generation"] = k * stages["eval_ppo"]["phase:generation"]
+            ev["largest_phase"] = max(v for kk, v in ev.items() if kk.startswith("phase:"))
+            stages["eval_ppo"] = with_peak(ev)
     return stages
 
 

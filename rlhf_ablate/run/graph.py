@@ -46,7 +46,7 @@ class Ctx:
     on_step: Callable[[dict], None] = lambda _e: None
     cache: Any = None                            # the trial's StageCache (a trial group commits its members there)
     keys: dict[str, str] = field(default_factory=dict)   # the trial's stage keys
-    group: list = field(default_factory=list)    # its trial group's other members: (id, config, PPO key, RM key)
+    group: list = field(default_factory=list)    # its trial group's other members: (id, config, stage keys)
 
 
 @dataclass(frozen=True)
@@ -176,10 +176,17 @@ def _build_score_base(c: Ctx, out: Path) -> None:
 
 
 def _build_eval(policy: str) -> Build:
-    def build(c: Ctx, out: Path) -> None:
+    def alone(c: Ctx, out: Path) -> None:
         from ..stages.evaluate import evaluate_policy
 
         evaluate_policy(c.cfg, c.data, policy, c.dirs["sft"], c.dirs["rm"], c.dirs.get(policy), out)
+
+    def build(c: Ctx, out: Path) -> None:
+        if policy == "ppo" and c.group and c.cache is not None and c.cache.enabled and not c.cfg.eval.do_sample:
+            from .groups import build_eval_group  # a trial group's evals in one batched pass (greedy answers)
+
+            return build_eval_group(c, out, alone, _EVAL_FILES)
+        alone(c, out)
     return build
 
 

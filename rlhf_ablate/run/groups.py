@@ -18,10 +18,12 @@ keys). The first member to reach its PPO stage builds it: it takes, without wait
 other members whose PPO artifact is not built (a member whose lock another process holds stays out), trains them
 all in one loop, and commits each member's artifact under that member's own key (``StageCache.commit``) before
 releasing its lock. The other members' trials find their PPO stage in the cache (after waiting on the lock if they
-got there meanwhile) and go on with their eval. A member that failed in the group leaves ``<key>.group-failed.json``
-beside its lock; its own trial records that failure once instead of training alone (a later run retries it). A
-builder killed mid-way commits nothing: on resume the members build again, and finished stages stay. On SLURM one
-array task runs one group's members one after another (rlhf_ablate/launch/slurm.py: task_trials, run_tasks).
+got there meanwhile); the builder's PPO eval stage then evaluates the members whose PPO is built in one batched
+eval (:func:`build_eval_group`), so they find their eval in the cache too. A member that failed in the group leaves
+``<key>.group-failed.json`` beside its lock; its own trial records that failure once instead of training alone (a
+later run retries it). A builder killed mid-way commits nothing: on resume the members build again, and finished
+stages stay. On SLURM one array task runs one group's members one after another (rlhf_ablate/launch/slurm.py:
+task_trials, run_tasks).
 
 **A member's steps reach its own trial, and a stop reaches the group** (ASHA, and every launcher's progress and W&B).
 While it trains, the builder appends each other member's step events to ``<key>.group-steps.jsonl`` beside that
@@ -200,23 +202,16 @@ def take_failure(cache: Any, key: str) -> Optional[str]:
 
 
 def build_group(c: Any, out: Path, solo: Any, promises: Any) -> None:
-    """The PPO stage of ``c``'s trial and of the members of its group (``c.group``: (trial id, config, PPO stage
-    key, RM stage key)) that nobody has built or is building and whose RM is built, in one loop (rlhf_ablate/ppo/group.py). ``solo(c, out)`` builds it
+    """The PPO stage of ``c``'s trial and of the members of its group (``c.group``: (trial id, config, stage keys))
+    that nobody has built or is building and whose RM is built, in one loop (rlhf_ablate/ppo/group.py). ``solo(c, out)`` builds it
     alone when no other member is left; ``promises(cfg)``: the files a member's artifact must hold."""
     from ..ppo.group import train_ppo_group
 
     cache = c.cache
     with contextlib.ExitStack() as locks:
-        claimed = []
-        for tid, mcfg, key, rm_key in c.group:
-            if cache.is_complete("ppo", key) or not cache.is_complete("rm", rm_key):
-                continue  # built; or its RM is not (its own trial trains it, then its PPO alone or in a group)
-            try:
-                locks.enter_context(file_lock(cache.lock_path("ppo", key), timeout=0))
-            except LockBusy:
-                continue  # its own trial (or another group) is building it
-            if not cache.is_complete("ppo", key):
-                claimed.append((tid, mcfg, key, cache.path("rm", rm_key)))
+        # a member whose RM is not built stays out: its own trial trains it, then its PPO (alone or in a group)
+        claimed = [(tid, mcfg, k["ppo"], cache.path("rm", k["rm"]))
+                   for tid, mcfg, k in _claim(cache, locks, "ppo", "ppo", c.group, needs=("rm",))]
         if not claimed:
             return solo(c, out)
         staging = [cache.staging("ppo", key) for _, _, key, _ in claimed]
@@ -251,6 +246,48 @@ def build_group(c: Any, out: Path, solo: Any, promises: Any) -> None:
     if 0 in failures:
         raise TrialFailed(failures[0])
     write_json(out / "group.json", {"members": ids, "member": 0, "builder": ids[0]})
+
+
+def build_eval_group(c: Any, out: Path, solo: Any, promises: tuple) -> None:
+    """The PPO eval stage of ``c``'s trial and of its group's members whose PPO artifact is built and whose eval
+    nobody has built or is building, in one batched eval (rlhf_ablate/stages/evaluate.py: evaluate_policies); each
+    member's artifact is committed under its own eval key. ``solo(c, out)`` evaluates alone when no member is left."""
+    from ..stages.evaluate import evaluate_policies
+
+    cache = c.cache
+    with contextlib.ExitStack() as locks:
+        claimed = _claim(cache, locks, "eval", "eval_ppo", c.group, needs=("rm", "ppo"))
+        if not claimed:
+            return solo(c, out)
+        staging = [cache.staging("eval", k["eval_ppo"]) for _, _, k in claimed]
+        try:
+            evaluate_policies([c.cfg] + [m for _, m, _ in claimed], c.data, "ppo", c.dirs["sft"],
+                              [c.dirs["rm"]] + [cache.path("rm", k["rm"]) for _, _, k in claimed],
+                              [c.dirs["ppo"]] + [cache.path("ppo", k["ppo"]) for _, _, k in claimed],
+                              [out] + staging)
+            for (_, _, k), d in zip(claimed, staging):
+                cache.commit("eval", k["eval_ppo"], d, promises)
+        finally:
+            for d in staging:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _claim(cache: Any, locks: contextlib.ExitStack, bucket: str, stage: str, group: list,
+           needs: tuple[str, ...]) -> list:
+    """The members (trial id, config, stage keys) whose ``stage`` nobody has built or is building and whose
+    ``needs`` stages are built, their cache locks taken into ``locks`` without waiting."""
+    claimed = []
+    for tid, mcfg, k in group:
+        key = k[stage]
+        if cache.is_complete(bucket, key) or not all(cache.is_complete(s, k[s]) for s in needs):
+            continue
+        try:
+            locks.enter_context(file_lock(cache.lock_path(bucket, key), timeout=0))
+        except LockBusy:
+            continue  # its own trial (or another group) is building it
+        if not cache.is_complete(bucket, key):
+            claimed.append((tid, mcfg, k))
+    return claimed
 
 
 def _own_steps(on_step: Callable[[dict], None], stopped: list) -> Callable[[dict], None]:

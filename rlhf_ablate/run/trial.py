@@ -69,7 +69,7 @@ def run_trial(cfg: TrialConfig, run_dir: Path, *, trial_id: str | None = None, s
             raise TrialFailed(f"data: {problem}")
         keys = stage_keys(cfg, cache, data.fingerprint, threads)
         ctx = Ctx(cfg, data, on_step=step_cb, cache=cache, keys=keys,
-                  group=[(t.trial_id, t.config, k["ppo"], k["rm"]) for t in group
+                  group=[(t.trial_id, t.config, k) for t in group
                          if (k := stage_keys(t.config, cache, data.fingerprint, threads))["sft"] == keys["sft"]])
         stages = trial_stages(cfg)
         for s in stages:  # run order: each stage after its upstream ones (rlhf_ablate/run/graph.py)

@@ -60,6 +60,11 @@ def kl_to_reference(cfg: TrialConfig, policy, ref, tok, prompts: list[str], micr
         plan = dataclasses.replace(plan, rollout_micro=micro)
     torch.manual_seed(cfg.seed + 1)
     sampled = generate(policy, tok, prompts, **sampling_for(cfg, "eval_kl").kwargs(), batch_size=plan.rollout_micro)
+    return _sample_kls(cfg, policy, ref, tok, prompts, sampled, plan)
+
+
+def _sample_kls(cfg: TrialConfig, policy, ref, tok, prompts: list[str], sampled: list[dict], plan) -> list[float]:
+    """:func:`kl_to_reference`'s passes over the policy's samples ``sampled``: per prompt, the summed log-ratio."""
     dev = next(policy.parameters()).device
     kls: list[float] = []
     with eval_mode(policy), torch.no_grad():
@@ -90,12 +95,7 @@ def evaluate_policy(cfg: TrialConfig, data, stage: str, sft_dir: Path, rm_dir: P
     preds = [g["text"] for g in greedy]
     tm = metrics.text_metrics(preds, [x.reference or "" for x in examples], rouge_tokenizer=e.rouge_tokenizer,
                               bleu_tokenize=e.bleu_tokenize)
-    rm_model, rm_tok = load_rm(cfg, rm_dir, sft_dir)
-    scorer = seq_cls_scorer(rm_model)
-    rewards = adapt_micro_batch(name, EVAL_SCORE_MICRO, lambda m: score_texts(
-        scorer, rm_tok, prompts, preds, cfg.model.max_length, batch_size=m), phase="scoring")
-    del rm_model, scorer
-    release_memory()  # the RM is part of the scoring phase only (memory.eval_bytes)
+    rewards = _rewards(cfg, name, sft_dir, rm_dir, prompts, preds)
     if ref is None:
         kls = [0.0] * len(prompts)
     else:
@@ -103,6 +103,20 @@ def evaluate_policy(cfg: TrialConfig, data, stage: str, sft_dir: Path, rm_dir: P
         kls = adapt_micro_batch(name, ppo_plan(cfg.ppo, shape.params, shape.vocab).rollout_micro,
                                 lambda m: kl_to_reference(cfg, policy, ref, tok, prompts, m), phase="kl")
     stage_hooks().trained()
+    _write_eval(stage, examples, greedy, tm, rewards, kls, out)
+
+
+def _rewards(cfg: TrialConfig, name: str, sft_dir: Path, rm_dir: Path, prompts: list[str], preds: list[str]):
+    rm_model, rm_tok = load_rm(cfg, rm_dir, sft_dir)
+    scorer = seq_cls_scorer(rm_model)
+    rewards = adapt_micro_batch(name, EVAL_SCORE_MICRO, lambda m: score_texts(
+        scorer, rm_tok, prompts, preds, cfg.model.max_length, batch_size=m), phase="scoring")
+    del rm_model, scorer
+    release_memory()  # the RM is part of the scoring phase only (memory.eval_bytes)
+    return rewards
+
+
+def _write_eval(stage: str, examples: list, greedy: list[dict], tm, rewards: list, kls: list, out: Path) -> None:
     records = []
     for x, g, r, rw, kl in zip(examples, greedy, tm.records, rewards, kls):
         records.append({"data_id": x.data_id, "prompt": x.prompt, "reference": x.reference, "generation": g["text"],
@@ -111,6 +125,53 @@ def evaluate_policy(cfg: TrialConfig, data, stage: str, sft_dir: Path, rm_dir: P
     write_json(out / "metrics.json", compute_stage_metrics(stage, records))
     write_json(out / "records.json", records)
     write_json(out / "meta.json", tm.meta)
+
+
+def evaluate_policies(cfgs: list[TrialConfig], data, stage: str, sft_dir: Path, rm_dirs: list[Path],
+                      policy_dirs: list[Path], outs: list[Path]) -> None:
+    """:func:`evaluate_policy` for a trial group's members (rlhf_ablate/run/groups.py: build_eval_group), whose
+    policies are LoRA adapters on one SFT base (their PPO stages trained together): their greedy answers in one
+    batched generation, their KL samples in another (each member's rows through its own adapter, sampled from its own
+    stream, seeded as alone: models/generation.py: generate_segments), then per member its RM's scores and the KL
+    passes. Each member's artifact equals its solo eval up to float rounding of the wider batches."""
+    from ..models.generation import generate_segments
+
+    seed_everything(cfgs[0].seed)
+    policy, ref, tok = load_policy(cfgs[0], sft_dir, policy_dirs[0])
+    names = ["default"] + [f"member_{k}" for k in range(1, len(cfgs))]
+    for name, d in zip(names[1:], policy_dirs[1:]):
+        policy.load_adapter(str(d / "adapter"), adapter_name=name)
+    stage_hooks().model_ready(policy)
+    examples = list(data.eval)
+    prompts = [x.prompt for x in examples]
+    e, name = sampling_for(cfgs[0], "eval"), f"eval_{stage}"
+    shape = model_shape(cfgs[0].model)
+    plan = ppo_plan(cfgs[0].ppo, shape.params, shape.vocab)
+    dev = next(policy.parameters()).device
+
+    def batched(s, generators, micro):
+        return generate_segments(policy, tok, [prompts] * len(cfgs), names, generators, batch_size=micro,
+                                 max_new_tokens=s.max_new_tokens, do_sample=s.do_sample, temperature=s.temperature,
+                                 max_prompt_length=s.max_prompt_length)
+    greedy = adapt_micro_batch(name, EVAL_GENERATE_MICRO, lambda m: batched(e, [None] * len(cfgs), m),
+                               phase="generation")
+    sampled = adapt_micro_batch(name, plan.rollout_micro, lambda m: batched(
+        sampling_for(cfgs[0], "eval_kl"), [_stream(c.seed + 1, dev) for c in cfgs], m), phase="kl")
+    for cfg, rm_dir, mine, samples, adapter, out in zip(cfgs, rm_dirs, greedy, sampled, names, outs):
+        policy.set_adapter(adapter)
+        preds = [g["text"] for g in mine]
+        tm = metrics.text_metrics(preds, [x.reference or "" for x in examples],
+                                  rouge_tokenizer=cfg.eval.rouge_tokenizer, bleu_tokenize=cfg.eval.bleu_tokenize)
+        rewards = _rewards(cfg, name, sft_dir, rm_dir, prompts, preds)
+        kls = adapt_micro_batch(name, plan.rollout_micro, lambda m: _sample_kls(
+            cfg, policy, ref, tok, prompts, samples, dataclasses.replace(plan, rollout_micro=m)), phase="kl")
+        _write_eval(stage, examples, mine, tm, rewards, kls, out)
+    stage_hooks().trained()
+
+
+def _stream(seed: int, dev: torch.device) -> torch.Generator:
+    """The random stream ``torch.manual_seed(seed)`` starts on the device the sampler draws on."""
+    return torch.Generator(device=dev).manual_seed(seed)
 
 
 def generate_base(cfg: TrialConfig, data, out: Path) -> None:
