@@ -18,8 +18,8 @@ keys). The first member to reach its PPO stage builds it: it takes, without wait
 other members whose PPO artifact is not built (a member whose lock another process holds stays out), trains them
 all in one loop, and commits each member's artifact under that member's own key (``StageCache.commit``) before
 releasing its lock. The other members' trials find their PPO stage in the cache (after waiting on the lock if they
-got there meanwhile); the builder's PPO eval stage then evaluates the members whose PPO is built in one batched
-eval (:func:`build_eval_group`), so they find their eval in the cache too. A member that failed in the group leaves
+got there meanwhile); the first member to reach its PPO eval stage then evaluates the members whose PPO is built
+in one batched eval (:func:`build_eval_group`), so the others find their eval in the cache too. A member that failed in the group leaves
 ``<key>.group-failed.json`` beside its lock; its own trial records that failure once instead of training alone (a
 later run retries it). A builder killed mid-way commits nothing: on resume the members build again, and finished
 stages stay. On SLURM one array task runs one group's members one after another (rlhf_ablate/launch/slurm.py:
