@@ -72,7 +72,8 @@ class LiveLines:
             return (f"{self.prefix(trial)} {stage}{phase}: out of memory at micro-batch {result.get('from')}; "
                     f"retrying at {result.get('to')}")
         if ev == "group":  # this trial's PPO stage trains its trial group (rlhf_ablate/run/groups.py)
-            return f"{self.prefix(trial)} {stage}: training a group of {int(result.get('members', 0))} trials on one base"
+            n = int(result.get("members", 0))
+            return f"{self.prefix(trial)} {stage}: training a group of {n} trials on one base"
         if ev == "repaired":  # the stage cache moved a damaged entry aside (rlhf_ablate/run/cache.py)
             return f"{self.prefix(trial)} {stage}: damaged cache entry {result.get('reason', '')}; rebuilding"[:300]
         if "step" in result:

@@ -191,9 +191,8 @@ def group_column(spec: Any, trials: list) -> dict[str, list[str]]:
     for n, g in enumerate(plan_groups(spec, trials)):
         for t in g:
             where[t.trial_id] = f"g{n}/{len(g)}" if len(g) > 1 else "alone"
-    return {"group": [where[t.trial_id] + (f" ({why})" if where[t.trial_id] == "alone" and (why := alone_reason(t.config))
-                                           else "")
-                      for t in trials]}
+    return {"group": [where[t.trial_id] + (f" ({why})" if where[t.trial_id] == "alone"
+                                           and (why := alone_reason(t.config)) else "") for t in trials]}
 
 
 def dry_run_columns(spec: Any, trials: list) -> dict[str, list[str]]:

@@ -79,8 +79,8 @@ def train_ppo_group(cfgs: list[TrialConfig], data, sft_dir: Path, rm_dirs: list[
                     on_steps: list[Optional[Callable[[dict], None]]],
                     stop: Callable[[int], bool] = lambda k: False) -> tuple[dict[int, str], set[int]]:
     """Train every member; member ``k`` writes its artifact (adapter, history.json, metrics.json, ppo_info.json)
-    into ``outs[k]`` and is rewarded by the RM in ``rm_dirs[k]``. ``stop(k)``, asked before each step: member ``k``'s trial was stopped (by a scheduler), so it
-    leaves the group. Returns ``({k: error}, stopped)``: the members that failed and the members that were stopped
+    into ``outs[k]`` and is rewarded by the RM in ``rm_dirs[k]``. ``stop(k)``, asked before each step: member ``k``'s
+    trial was stopped (by a scheduler), so it leaves the group. Returns ``({k: error}, stopped)``: the members that failed and the members that were stopped
     (their directories are left incomplete)."""
     enable_tf32()
     seed_everything(cfgs[0].seed)

@@ -19,9 +19,9 @@ other members whose PPO artifact is not built (a member whose lock another proce
 all in one loop, and commits each member's artifact under that member's own key (``StageCache.commit``) before
 releasing its lock. The other members' trials find their PPO stage in the cache (after waiting on the lock if they
 got there meanwhile); the first member to reach its PPO eval stage then evaluates the members whose PPO is built
-in one batched eval (:func:`build_eval_group`), so the others find their eval in the cache too. A member that failed in the group leaves
-``<key>.group-failed.json`` beside its lock; its own trial records that failure once instead of training alone (a
-later run retries it). A builder killed mid-way commits nothing: on resume the members build again, and finished
+in one batched eval (:func:`build_eval_group`), so the others find their eval in the cache too. A member that failed
+in the group leaves ``<key>.group-failed.json`` beside its lock; its own trial records that failure once instead of
+training alone (a later run retries it). A builder killed mid-way commits nothing: on resume the members build again, and finished
 stages stay. On SLURM one array task runs one group's members one after another (rlhf_ablate/launch/slurm.py:
 task_trials, run_tasks).
 
@@ -203,33 +203,33 @@ def take_failure(cache: Any, key: str) -> Optional[str]:
 
 def build_group(c: Any, out: Path, solo: Any, promises: Any) -> None:
     """The PPO stage of ``c``'s trial and of the members of its group (``c.group``: (trial id, config, stage keys))
-    that nobody has built or is building and whose RM is built, in one loop (rlhf_ablate/ppo/group.py). ``solo(c, out)`` builds it
-    alone when no other member is left; ``promises(cfg)``: the files a member's artifact must hold."""
+    that nobody has built or is building and whose RM is built, in one loop (rlhf_ablate/ppo/group.py).
+    ``solo(c, out)`` builds it alone when no other member is left; ``promises(cfg)``: the files a member's artifact
+    must hold."""
     from ..ppo.group import train_ppo_group
 
     cache = c.cache
     with contextlib.ExitStack() as locks:
         # a member whose RM is not built stays out: its own trial trains it, then its PPO (alone or in a group)
-        claimed = [(tid, mcfg, k["ppo"], cache.path("rm", k["rm"]))
-                   for tid, mcfg, k in _claim(cache, locks, "ppo", "ppo", c.group, needs=("rm",))]
+        claimed = _claim(cache, locks, "ppo", "ppo", c.group, needs=("rm",))
         if not claimed:
             return solo(c, out)
-        staging = [cache.staging("ppo", key) for _, _, key, _ in claimed]
-        keys = [key for _, _, key, _ in claimed]
+        keys = [k["ppo"] for _, _, k in claimed]
+        staging = [cache.staging("ppo", key) for key in keys]
         own: list[SystemExit] = []  # the builder's own trial stopped by its scheduler
         for key in keys:
             _beside(cache, key, STOP).unlink(missing_ok=True)  # from an earlier run: not for this group
             _beside(cache, key, STEPS).write_text("", encoding="utf-8")
         _building.set()
         try:
-            ids = [c.cfg.trial_id] + [tid for tid, _, _, _ in claimed]
+            ids = [c.cfg.trial_id] + [tid for tid, _, _ in claimed]
             c.on_step({"stage": "ppo", "event": "group", "members": len(ids)})
             failures, stopped = train_ppo_group(
-                [c.cfg] + [m for _, m, _, _ in claimed], c.data, c.dirs["sft"],
-                [c.dirs["rm"]] + [rm for _, _, _, rm in claimed], [out] + staging,
+                [c.cfg] + [m for _, m, _ in claimed], c.data, c.dirs["sft"],
+                [c.dirs["rm"]] + [cache.path("rm", k["rm"]) for _, _, k in claimed], [out] + staging,
                 [_own_steps(c.on_step, own)] + [_step_writer(_beside(cache, key, STEPS)) for key in keys],
                 lambda k: bool(own) if k == 0 else _take_stop(cache, keys[k - 1]))
-            for i, ((tid, mcfg, key, _), d) in enumerate(zip(claimed, staging), 1):
+            for i, ((_, mcfg, _), key, d) in enumerate(zip(claimed, keys, staging), 1):
                 if i in failures:
                     write_json(_failure_path(cache, key), {"error": failures[i], "builder": ids[0]})
                 elif i not in stopped:

@@ -87,15 +87,11 @@ def evaluate_policy(cfg: TrialConfig, data, stage: str, sft_dir: Path, rm_dir: P
     # the memory probe (run/probe.py) measures from here to the end of the KL pass, the RM's load included
     stage_hooks().model_ready(*(m for m in (policy, ref) if isinstance(m, torch.nn.Module)))
     examples = list(data.eval)
-    prompts = [e.prompt for e in examples]
-    e = cfg.eval
+    prompts = [x.prompt for x in examples]
     name = f"eval_{stage}"
     greedy = adapt_micro_batch(name, EVAL_GENERATE_MICRO, lambda m: generate(
         policy, tok, prompts, **sampling_for(cfg, "eval").kwargs(), batch_size=m), phase="generation")
-    preds = [g["text"] for g in greedy]
-    tm = metrics.text_metrics(preds, [x.reference or "" for x in examples], rouge_tokenizer=e.rouge_tokenizer,
-                              bleu_tokenize=e.bleu_tokenize)
-    rewards = _rewards(cfg, name, sft_dir, rm_dir, prompts, preds)
+    tm, rewards = _text_and_rewards(cfg, name, examples, greedy, sft_dir, rm_dir)
     if ref is None:
         kls = [0.0] * len(prompts)
     else:
@@ -106,14 +102,18 @@ def evaluate_policy(cfg: TrialConfig, data, stage: str, sft_dir: Path, rm_dir: P
     _write_eval(stage, examples, greedy, tm, rewards, kls, out)
 
 
-def _rewards(cfg: TrialConfig, name: str, sft_dir: Path, rm_dir: Path, prompts: list[str], preds: list[str]):
+def _text_and_rewards(cfg: TrialConfig, name: str, examples: list, greedy: list[dict], sft_dir: Path, rm_dir: Path):
+    """The greedy answers' text metrics against the references, and the trial's RM's scores of them."""
+    prompts, preds = [x.prompt for x in examples], [g["text"] for g in greedy]
+    tm = metrics.text_metrics(preds, [x.reference or "" for x in examples], rouge_tokenizer=cfg.eval.rouge_tokenizer,
+                              bleu_tokenize=cfg.eval.bleu_tokenize)
     rm_model, rm_tok = load_rm(cfg, rm_dir, sft_dir)
     scorer = seq_cls_scorer(rm_model)
     rewards = adapt_micro_batch(name, EVAL_SCORE_MICRO, lambda m: score_texts(
         scorer, rm_tok, prompts, preds, cfg.model.max_length, batch_size=m), phase="scoring")
     del rm_model, scorer
     release_memory()  # the RM is part of the scoring phase only (memory.eval_bytes)
-    return rewards
+    return tm, rewards
 
 
 def _write_eval(stage: str, examples: list, greedy: list[dict], tm, rewards: list, kls: list, out: Path) -> None:
@@ -139,8 +139,8 @@ def evaluate_policies(cfgs: list[TrialConfig], data, stage: str, sft_dir: Path, 
     seed_everything(cfgs[0].seed)
     policy, ref, tok = load_policy(cfgs[0], sft_dir, policy_dirs[0])
     names = ["default"] + [f"member_{k}" for k in range(1, len(cfgs))]
-    for name, d in zip(names[1:], policy_dirs[1:]):
-        policy.load_adapter(str(d / "adapter"), adapter_name=name)
+    for adapter, d in zip(names[1:], policy_dirs[1:]):
+        policy.load_adapter(str(d / "adapter"), adapter_name=adapter)
     stage_hooks().model_ready(policy)
     examples = list(data.eval)
     prompts = [x.prompt for x in examples]
@@ -159,10 +159,7 @@ def evaluate_policies(cfgs: list[TrialConfig], data, stage: str, sft_dir: Path, 
         sampling_for(cfgs[0], "eval_kl"), [_stream(c.seed + 1, dev) for c in cfgs], m), phase="kl")
     for cfg, rm_dir, mine, samples, adapter, out in zip(cfgs, rm_dirs, greedy, sampled, names, outs):
         policy.set_adapter(adapter)
-        preds = [g["text"] for g in mine]
-        tm = metrics.text_metrics(preds, [x.reference or "" for x in examples],
-                                  rouge_tokenizer=cfg.eval.rouge_tokenizer, bleu_tokenize=cfg.eval.bleu_tokenize)
-        rewards = _rewards(cfg, name, sft_dir, rm_dir, prompts, preds)
+        tm, rewards = _text_and_rewards(cfg, name, examples, mine, sft_dir, rm_dir)
         kls = adapt_micro_batch(name, plan.rollout_micro, lambda m: _sample_kls(
             cfg, policy, ref, tok, prompts, samples, dataclasses.replace(plan, rollout_micro=m)), phase="kl")
         _write_eval(stage, examples, mine, tm, rewards, kls, out)
